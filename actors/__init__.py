@@ -1,0 +1,1 @@
+"""Ray actors of the control plane and the gRPC servicers they host."""

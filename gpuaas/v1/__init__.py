@@ -1,0 +1,1 @@
+"""Generated from proto/gpuaas/v1 by gpuaas.codegen. Do not edit."""

@@ -1,0 +1,2 @@
+"""Postgres schemas of every domain (migrations), the append-only ledger,
+metering, rating, verification and DuckDB analytics."""

@@ -1,0 +1,96 @@
+"""Where the database is, and how to reach it.
+
+Default: an embedded PostgreSQL started from the ``pgserver`` package in
+``$GPUAAS_HOME/pg`` (``$GPUAAS_HOME`` defaults to the user's data dir), so one
+command runs everything on a fresh machine. ``GPUAAS_DATABASE_URL`` points at
+any external PostgreSQL instead (what a fleet uses).
+
+Two roles:
+- the *owner* URL runs migrations (the embedded server's superuser, or the
+  user in ``GPUAAS_DATABASE_URL``);
+- the *runtime* URL connects as ``gpuaas_app``, which holds only INSERT and
+  SELECT on ledger tables (see migrations/0009_roles.sql). For an external
+  database set ``GPUAAS_APP_DATABASE_URL``; otherwise the owner URL's user is
+  swapped for ``gpuaas_app`` (password from ``GPUAAS_APP_PASSWORD``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+import urllib.parse
+
+import platformdirs
+
+log = logging.getLogger("gpuaas.db")
+
+APP_ROLE = "gpuaas_app"
+
+
+def gpuaas_home() -> pathlib.Path:
+    home = os.environ.get("GPUAAS_HOME") or platformdirs.user_data_dir("gpuaas")
+    path = pathlib.Path(home).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@dataclasses.dataclass(frozen=True)
+class DatabaseUrls:
+    owner: str
+    app: str
+    embedded: bool
+
+
+def _with_user(url: str, user: str, password: str | None) -> str:
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    netloc = urllib.parse.quote(user)
+    if password:
+        netloc += ":" + urllib.parse.quote(password)
+    netloc += "@" + host
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+_EMBEDDED = {}
+
+
+def start_embedded(data_dir: pathlib.Path | None = None):
+    """Start (or reuse) the embedded server; returns the pgserver handle.
+
+    The server keeps running while any process holding a handle lives; the
+    handle stops it at interpreter exit of the last holder.
+    """
+    import pgserver  # imported lazily: external-database deployments never need it
+
+    # The unix socket lives in the data dir, whose path must stay short.
+    data_dir = (data_dir or gpuaas_home() / "pg").resolve()
+    key = str(data_dir)
+    if key not in _EMBEDDED:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        log.info("starting embedded PostgreSQL in %s", data_dir)
+        _EMBEDDED[key] = pgserver.get_server(data_dir, cleanup_mode="stop")
+    return _EMBEDDED[key]
+
+
+def resolve(data_dir: pathlib.Path | None = None) -> DatabaseUrls:
+    """Find (or start) the database and return its owner and runtime URLs."""
+    external = os.environ.get("GPUAAS_DATABASE_URL")
+    if external:
+        app = os.environ.get("GPUAAS_APP_DATABASE_URL") or _with_user(
+            external, APP_ROLE, os.environ.get("GPUAAS_APP_PASSWORD"))
+        return DatabaseUrls(owner=external, app=app, embedded=False)
+    server = start_embedded(data_dir)
+    owner = server.get_uri()
+    # pgserver answers postgresql://postgres:@/postgres?host=<socket dir>
+    app = owner.replace("postgres:@", f"{APP_ROLE}:@", 1)
+    return DatabaseUrls(owner=owner, app=app, embedded=True)
+
+
+def connect(url: str, **kwargs):
+    import psycopg
+
+    kwargs.setdefault("autocommit", False)
+    return psycopg.connect(url, **kwargs)

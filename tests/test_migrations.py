@@ -1,0 +1,33 @@
+"""Migrations and the append-only guards of the control schema."""
+import psycopg
+import pytest
+
+from ledger.migrate import apply_migrations, migration_files
+
+
+def test_migrations_apply_once_and_are_recorded(fresh_db):
+    """Every migration file is recorded once; re-running applies nothing."""
+    assert apply_migrations(fresh_db.owner) == []
+    with psycopg.connect(fresh_db.owner) as conn:
+        names = [r[0] for r in conn.execute("SELECT name FROM public.schema_migrations ORDER BY name")]
+    assert names == [p.name for p in migration_files()]
+
+
+@pytest.mark.parametrize("table", ["control.allocation_events", "control.node_events", "control.outbox"])
+def test_event_tables_reject_update_delete_truncate(fresh_db, table):
+    """Event and outbox rows cannot be changed or removed, even by the owner."""
+    with psycopg.connect(fresh_db.owner, autocommit=True) as conn:
+        if table == "control.allocation_events":
+            conn.execute("INSERT INTO control.allocation_events (allocation_id, tenant_id, to_state, event, version, at)"
+                         " VALUES (gen_random_uuid(), 't', 'QUEUED', 'accepted', 1, now())")
+        elif table == "control.node_events":
+            conn.execute("INSERT INTO control.node_events (node_id, to_state, event, automatic, at)"
+                         " VALUES ('n', 'READY', 'registered', true, now())")
+        else:
+            conn.execute("INSERT INTO control.outbox (topic, key, payload) VALUES ('t', 'k', '\\x00')")
+        for stmt in (f"UPDATE {table} SET created_at = now()" if table == "control.outbox"
+                     else f"UPDATE {table} SET at = now()",
+                     f"DELETE FROM {table}", f"TRUNCATE {table}"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+                conn.execute(stmt)
+        assert conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 1
