@@ -1,0 +1,346 @@
+"""AllocationShard: drives allocations from PLACED to their end.
+
+Each shard owns the allocations whose id hashes to it (virtual-actor style):
+prepare on the nodes (PLACED → RUNNING, billing starts), release, lease
+expiry, node loss / GPU fault (→ FAILED, billing stops at detection), cleanup
+with exponential backoff + jitter (RELEASING → RELEASED or RELEASE_FAILED),
+and the operator's resolve. Every change goes through store.transition_allocation.
+On restart it resumes in-flight work from Postgres, backoff timers included.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+
+import grpc
+import ray
+
+from actors import runtime, store
+from actors.placement import shard_of
+from actors.store import AllocRow, utcnow
+from gpuaas.config import ControlPlaneConfig
+from gpuaas.errors import FailedPrecondition
+from gpuaas.lifecycle import AllocEvent, AllocState, IllegalTransition
+from gpuaas.v1 import common_pb2, node_pb2
+
+log = logging.getLogger("gpuaas.allocations")
+
+ACTIVE = ("PLACED", "RUNNING", "RELEASING", "FAILED", "RELEASE_FAILED")
+
+
+class AllocationShardCore:
+    def __init__(self, *, index: int, count: int, app_url: str, config: ControlPlaneConfig):
+        self.index, self.count, self.cfg = index, count, config
+        self.db = runtime.DbThread(app_url, f"alloc{index}")
+        self.agents = runtime.AgentStubs()
+        self.rows: dict[str, AllocRow] = {}
+        self.locks: dict[str, asyncio.Lock] = {}
+        self.addresses: dict[str, str] = {}
+        self.nodes_down: set[str] = set()
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.stats = {"prepared": 0, "prepare_failures": 0, "released": 0, "cleanup_failures": 0, "failed": 0,
+                      "lease_expired": 0}
+        self._placement = None
+
+    # ------------------------------------------------------------ plumbing
+
+    def placement(self):
+        if self._placement is None:
+            self._placement = ray.get_actor(runtime.PLACEMENT, namespace=runtime.NAMESPACE)
+        return self._placement
+
+    def node_shard(self, node_id: str):
+        n = self.cfg.node_shards
+        return ray.get_actor(runtime.node_shard_name(shard_of(node_id, n)), namespace=runtime.NAMESPACE)
+
+    def _lock(self, aid: str) -> asyncio.Lock:
+        lk = self.locks.get(aid)
+        if lk is None:
+            lk = self.locks[aid] = asyncio.Lock()
+        return lk
+
+    def _spawn(self, aid: str, coro) -> None:
+        old = self.tasks.get(aid)
+        if old is not None and not old.done():
+            old.cancel()
+        t = asyncio.get_running_loop().create_task(coro)
+        self.tasks[aid] = t
+        t.add_done_callback(lambda _t, a=aid: self.tasks.pop(a, None) if self.tasks.get(a) is _t else None)
+
+    async def _transition(self, aid: str, event: AllocEvent, **kw) -> AllocRow | None:
+        """Apply one edge to the cached row; on a version conflict reload and give up."""
+        row = self.rows.get(aid)
+        if row is None:
+            return None
+        try:
+            new = await self.db.tx(store.transition_allocation, row, event, **kw)
+        except FailedPrecondition:
+            fresh = await self.db.tx(store.load_allocation, aid)
+            if fresh is not None:
+                self.rows[aid] = fresh
+            log.warning("allocation %s moved concurrently; now %s", aid, fresh.state.name if fresh else "gone")
+            return None
+        self.rows[aid] = new
+        if new.state in (AllocState.RELEASED, AllocState.CANCELLED, AllocState.QUEUED):
+            self.rows.pop(aid, None)
+            self.locks.pop(aid, None)
+        return new
+
+    async def _load_addresses(self, conn_fn=None) -> None:
+        rows = await self.db.tx(lambda c: c.execute("SELECT node_id, address, state FROM control.nodes").fetchall())
+        for node_id, address, state in rows:
+            self.addresses[node_id] = address
+            if state == "OFFLINE":
+                self.nodes_down.add(node_id)
+
+    # ------------------------------------------------------------ start / resume
+
+    async def start(self) -> dict:
+        await self._load_addresses()
+        rows = await self.db.tx(store.load_allocations, "state = ANY(%s)", (list(ACTIVE),))
+        mine = [r for r in rows if shard_of(r.allocation_id, self.count) == self.index]
+        for r in mine:
+            self.rows[r.allocation_id] = r
+            if r.state is AllocState.PLACED:
+                self._spawn(r.allocation_id, self._prepare(r.allocation_id))
+            elif r.state is AllocState.RELEASING:
+                self._spawn(r.allocation_id, self._cleanup(r.allocation_id))
+            elif r.state is AllocState.FAILED and not (r.node_ids() & self.nodes_down):
+                self._spawn(r.allocation_id, self._cleanup(r.allocation_id))
+        asyncio.get_running_loop().create_task(self._tick_loop())
+        log.info("allocation shard %d/%d resumed %d allocations", self.index, self.count, len(mine))
+        return {"resumed": len(mine)}
+
+    async def adopt(self, items: list[tuple[str, dict]]) -> int:
+        """Take PLACED allocations from the placement actor and prepare them."""
+        for _, addrs in items:
+            self.addresses.update({k: v for k, v in addrs.items() if v})
+        ids = [aid for aid, _ in items]
+        rows = await self.db.tx(store.load_allocations, "allocation_id = ANY(%s::uuid[])", (ids,))
+        for r in rows:
+            if r.state is AllocState.PLACED:
+                self.rows[r.allocation_id] = r
+                self._spawn(r.allocation_id, self._prepare(r.allocation_id))
+        return len(rows)
+
+    # ------------------------------------------------------------ prepare
+
+    async def _call_prepare(self, row: AllocRow) -> None:
+        calls = []
+        for a in row.assignments:
+            stub = self.agents.get(self.addresses[a["node_id"]])
+            calls.append(stub.Prepare(node_pb2.PrepareRequest(
+                allocation_id=row.allocation_id, gpu_indices=a["gpu_indices"], gpu_milli=a["gpu_milli"],
+                tenant_id=row.tenant_id), timeout=self.cfg.rpc_timeout_s))
+        await asyncio.gather(*calls)
+
+    async def _prepare(self, aid: str) -> None:
+        row = self.rows.get(aid)
+        if row is None or row.state is not AllocState.PLACED:
+            return
+        error = None
+        try:
+            if row.node_ids() & self.nodes_down:
+                raise RuntimeError("node offline")
+            await self._call_prepare(row)
+        except (grpc.RpcError, KeyError, RuntimeError, asyncio.TimeoutError) as exc:
+            error = exc
+        async with self._lock(aid):
+            row = self.rows.get(aid)
+            if row is None or row.state is not AllocState.PLACED:
+                return  # released meanwhile
+            if error is None:
+                at = utcnow()
+                req = common_pb2.PlacementRequest.FromString(row.request)
+                lease = at + dt.timedelta(seconds=req.lease_s) if req.lease_s else None
+                if await self._transition(aid, AllocEvent.PREPARE_OK, at=at, lease_expires_at=lease):
+                    self.stats["prepared"] += 1
+                return
+            self.stats["prepare_failures"] += 1
+            attempts = row.prepare_attempts + 1
+            detail = error.details() if isinstance(error, grpc.RpcError) else str(error)
+            log.warning("prepare of %s failed (attempt %d/%d): %s", aid, attempts, self.cfg.prepare_attempts_max,
+                        detail)
+            if attempts < self.cfg.prepare_attempts_max:
+                # The whole gang rolls back to QUEUED: one allocation holds all replicas.
+                new = await self._transition(aid, AllocEvent.PREPARE_FAILED_RETRY, prepare_attempts=attempts,
+                                             assignments=[], reason=f"prepare failed: {detail}"[:500])
+                if new is not None:
+                    await self._best_effort_cleanup(row)
+                    self.placement().capacity_freed.remote([aid], True)
+            else:
+                new = await self._transition(aid, AllocEvent.PREPARE_FAILED_FINAL, prepare_attempts=attempts,
+                                             reason=f"prepare failed: {detail}"[:500])
+                if new is not None:
+                    self.placement().capacity_freed.remote([aid], False)
+                    self._spawn(aid, self._cleanup(aid))
+
+    async def _best_effort_cleanup(self, row: AllocRow) -> None:
+        for a in row.assignments:
+            addr = self.addresses.get(a["node_id"])
+            if addr and a["node_id"] not in self.nodes_down:
+                try:
+                    await self.agents.get(addr).Cleanup(node_pb2.CleanupRequest(allocation_id=row.allocation_id),
+                                                        timeout=self.cfg.rpc_timeout_s)
+                except grpc.RpcError:
+                    pass
+
+    # ------------------------------------------------------------ release
+
+    async def release(self, aid: str, event_name: str = "release_requested", at_iso: str | None = None) -> str:
+        """RUNNING/PLACED → RELEASING (billing stops at ``at``), then clean up."""
+        event = AllocEvent(event_name)
+        at = dt.datetime.fromisoformat(at_iso) if at_iso else utcnow()
+        async with self._lock(aid):
+            row = self.rows.get(aid)
+            if row is None:
+                row = await self.db.tx(store.load_allocation, aid)
+                if row is None:
+                    raise FailedPrecondition(f"allocation {aid} not found")
+                if row.state in (AllocState.PLACED, AllocState.RUNNING):
+                    self.rows[aid] = row
+            if row.state not in (AllocState.PLACED, AllocState.RUNNING):
+                return row.state.name
+            new = await self._transition(aid, event, at=at, reason=event.value)
+            if new is None:
+                return self.rows[aid].state.name if aid in self.rows else "UNKNOWN"
+            if event is AllocEvent.LEASE_EXPIRED:
+                self.stats["lease_expired"] += 1
+        self._spawn(aid, self._cleanup(aid))
+        return new.state.name
+
+    # ------------------------------------------------------------ cleanup
+
+    async def _cleanup(self, aid: str) -> None:
+        while True:
+            row = self.rows.get(aid)
+            if row is None or row.state not in (AllocState.RELEASING, AllocState.FAILED):
+                return
+            if row.node_ids() & self.nodes_down:
+                return  # deferred until the node is back (node_ready)
+            if row.next_attempt_at and row.state is AllocState.RELEASING:
+                wait = (row.next_attempt_at - utcnow()).total_seconds()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            error = None
+            try:
+                for a in row.assignments:
+                    await self.agents.get(self.addresses[a["node_id"]]).Cleanup(
+                        node_pb2.CleanupRequest(allocation_id=aid), timeout=self.cfg.rpc_timeout_s)
+            except grpc.RpcError as exc:
+                # NOT_FOUND: the node never saw (or already forgot) it — nothing is left behind.
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    error = exc
+            except KeyError as exc:
+                error = exc
+            async with self._lock(aid):
+                row = self.rows.get(aid)
+                if row is None:
+                    return
+                if error is None:
+                    if await self._transition(aid, AllocEvent.CLEANUP_OK, next_attempt_at=None):
+                        self.stats["released"] += 1
+                        self.placement().capacity_freed.remote([aid], False)
+                    return
+                self.stats["cleanup_failures"] += 1
+                detail = error.details() if isinstance(error, grpc.RpcError) else str(error)
+                if row.state is AllocState.FAILED:
+                    log.warning("cleanup of failed allocation %s failed: %s; retrying", aid, detail)
+                    await asyncio.sleep(runtime.backoff_s(1, self.cfg.cleanup_backoff_base_s,
+                                                          self.cfg.cleanup_backoff_max_s))
+                    continue
+                attempts = row.release_attempts + 1
+                if attempts < self.cfg.release_attempts_max:
+                    delay = runtime.backoff_s(attempts, self.cfg.cleanup_backoff_base_s, self.cfg.cleanup_backoff_max_s)
+                    await self._transition(aid, AllocEvent.CLEANUP_FAILED_RETRY, release_attempts=attempts,
+                                           next_attempt_at=utcnow() + dt.timedelta(seconds=delay),
+                                           reason=f"cleanup failed: {detail}"[:500])
+                    continue
+                new = await self._transition(aid, AllocEvent.CLEANUP_FAILED_FINAL, release_attempts=attempts,
+                                             next_attempt_at=None, reason=f"cleanup failed: {detail}"[:500])
+                if new is not None:
+                    log.error("allocation %s RELEASE_FAILED after %d cleanup attempts; GPUs quarantined — "
+                              "resolve with `gpuaas admin allocations resolve %s`", aid, attempts, aid)
+                    for a in new.assignments:
+                        self.node_shard(a["node_id"]).quarantine.remote(a["node_id"], a["gpu_indices"], True,
+                                                                        f"release of {aid} failed")
+                return
+
+    # ------------------------------------------------------------ node events
+
+    async def fail_on_node(self, node_id: str, gpu_index: int | None, event_name: str, at_iso: str) -> list[str]:
+        """Node lost / GPU fault: RUNNING allocations there → FAILED, billing stopped at ``at``."""
+        event = AllocEvent(event_name)
+        at = dt.datetime.fromisoformat(at_iso)
+        if event is AllocEvent.NODE_LOST:
+            self.nodes_down.add(node_id)
+        failed = []
+        for aid, row in list(self.rows.items()):
+            hit = any(a["node_id"] == node_id and (gpu_index is None or gpu_index in a["gpu_indices"])
+                      for a in row.assignments)
+            if not hit or row.state is not AllocState.RUNNING:
+                continue
+            async with self._lock(aid):
+                new = await self._transition(aid, event, at=at,
+                                             reason=f"{event.value} on {node_id}" +
+                                             (f" GPU {gpu_index}" if gpu_index is not None else ""))
+            if new is not None:
+                failed.append(aid)
+                self.stats["failed"] += 1
+                if event is AllocEvent.GPU_FAULT:
+                    self._spawn(aid, self._cleanup(aid))
+        if failed:
+            log.warning("%s on %s: %d allocation(s) FAILED, billing stopped at %s", event.value, node_id,
+                        len(failed), at.isoformat())
+        return failed
+
+    async def node_ready(self, node_id: str, address: str) -> int:
+        """The node is back: run the deferred cleanups of its FAILED allocations."""
+        self.addresses[node_id] = address
+        await self.agents.drop(address)
+        self.nodes_down.discard(node_id)
+        n = 0
+        for aid, row in list(self.rows.items()):
+            if node_id in row.node_ids() and row.state in (AllocState.FAILED, AllocState.RELEASING):
+                self._spawn(aid, self._cleanup(aid))
+                n += 1
+        return n
+
+    async def resolve(self, aid: str, note: str) -> str:
+        async with self._lock(aid):
+            row = self.rows.get(aid) or await self.db.tx(store.load_allocation, aid)
+            if row is None:
+                raise FailedPrecondition(f"allocation {aid} not found")
+            self.rows[aid] = row
+            try:
+                new = await self._transition(aid, AllocEvent.OPERATOR_RESOLVED, reason=note[:500])
+            except IllegalTransition as exc:
+                self.rows.pop(aid, None) if row.state is not AllocState.RELEASE_FAILED else None
+                raise FailedPrecondition(f"{exc}; only RELEASE_FAILED allocations are resolved") from None
+        if new is not None:
+            for a in new.assignments:
+                self.node_shard(a["node_id"]).quarantine.remote(a["node_id"], a["gpu_indices"], False, note)
+            self.placement().capacity_freed.remote([aid], False)
+            return new.state.name
+        return row.state.name
+
+    # ------------------------------------------------------------ tick
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.allocation_tick_s)
+            try:
+                now = utcnow()
+                for aid, row in list(self.rows.items()):
+                    if row.state is AllocState.RUNNING and row.lease_expires_at and row.lease_expires_at <= now:
+                        # Billing stops at the lease's end, not when this tick noticed it.
+                        await self.release(aid, AllocEvent.LEASE_EXPIRED.value, row.lease_expires_at.isoformat())
+            except Exception as exc:  # noqa: BLE001
+                log.warning("allocation tick failed: %s", exc)
+
+    async def snapshot(self) -> dict:
+        by_state: dict[str, int] = {}
+        for r in self.rows.values():
+            by_state[r.state.name] = by_state.get(r.state.name, 0) + 1
+        return {"index": self.index, "by_state": by_state, "stats": dict(self.stats)}

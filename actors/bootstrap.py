@@ -1,0 +1,197 @@
+"""Bring the control plane up (and down): database, migrations, Ray, actors,
+and, for a one-machine run, simulated node daemons.
+
+    ControlPlane.start()
+      1. database: embedded pgserver (or GPUAAS_DATABASE_URL), migrations as owner
+      2. Ray: local, or the cluster at --ray-address
+      3. actors (namespace gpuaas): node shards, allocation shards, ledger, placement (+ gRPC server)
+      4. bootstrap tenant "system" with an admin token and a node token
+      5. N node daemons (gpuaas-node-daemon, simulated backend) that register over gRPC
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import psycopg
+import ray
+
+from actors import runtime
+from gpuaas import auth
+from gpuaas.config import ControlPlaneConfig
+from ledger import db as dbmod
+from ledger.migrate import apply_migrations
+
+log = logging.getLogger("gpuaas.up")
+
+
+@dataclasses.dataclass
+class SimNodes:
+    count: int = 0
+    gpus_per_node: int = 8
+    gpu_model: str = "H100"
+
+
+class ControlPlane:
+    def __init__(self, *, config: ControlPlaneConfig, ray_address: str | None = None,
+                 data_dir: pathlib.Path | None = None, sim: SimNodes | None = None):
+        self.cfg = config
+        self.ray_address = ray_address
+        self.data_dir = data_dir
+        self.sim = sim or SimNodes()
+        self.urls: dbmod.DatabaseUrls | None = None
+        self.placement = None
+        self.alloc_shards: list = []
+        self.node_shards: list = []
+        self.ledger = None
+        self.address = ""
+        self.admin_token = ""
+        self.node_token = ""
+        self.daemons: list[subprocess.Popen] = []
+        self.daemon_dir = pathlib.Path(tempfile.mkdtemp(prefix="gpuaas-nodes-"))
+        self._owns_ray = False
+
+    # ------------------------------------------------------------ start
+
+    def start(self, *, wait_nodes_s: float = 60.0) -> "ControlPlane":
+        t0 = time.perf_counter()
+        self.urls = dbmod.resolve(self.data_dir)
+        applied = apply_migrations(self.urls.owner)
+        log.info("database ready (%s); %d migration(s) applied", "embedded" if self.urls.embedded else "external",
+                 len(applied))
+        self._seed()
+        if not ray.is_initialized():
+            if self.ray_address:
+                ray.init(address=self.ray_address, namespace=runtime.NAMESPACE, log_to_driver=False)
+            else:
+                ray.init(namespace=runtime.NAMESPACE, include_dashboard=False, log_to_driver=False,
+                         num_cpus=max(2, os.cpu_count() or 2))
+                self._owns_ray = True
+        self._start_actors()
+        log.info("control plane up at %s in %.1fs", self.address, time.perf_counter() - t0)
+        if self.sim.count:
+            self.start_sim_nodes(self.sim.count, wait_s=wait_nodes_s)
+        return self
+
+    def _seed(self) -> None:
+        """System tenant + tokens for the operator and the node daemons; default prices."""
+        with psycopg.connect(self.urls.owner, autocommit=True) as conn:
+            auth.create_tenant(conn, "system", "gpuaas operators")
+            with conn.transaction():
+                _, self.admin_token = auth.create_token(conn, "system", ["admin", "placement"], ttl_s=7 * 24 * 3600)
+                _, self.node_token = auth.create_token(conn, "system", ["node"], ttl_s=7 * 24 * 3600)
+        try:
+            from ledger import prices
+            prices.ensure_default_prices(self.urls.owner)
+        except ImportError:
+            log.warning("ledger price book not available in this build")
+
+    def _start_actors(self) -> None:
+        from actors.hosts import AllocationShardActor, NodeShardActor, PlacementActor
+
+        ns = runtime.NAMESPACE
+        app = self.urls.app
+        for name in ([runtime.PLACEMENT, runtime.LEDGER]
+                     + [runtime.alloc_shard_name(i) for i in range(self.cfg.allocation_shards)]
+                     + [runtime.node_shard_name(i) for i in range(self.cfg.node_shards)]):
+            try:
+                ray.kill(ray.get_actor(name, namespace=ns), no_restart=True)
+            except ValueError:
+                pass
+        self.node_shards = [NodeShardActor.options(name=runtime.node_shard_name(i), namespace=ns).remote(
+            i, self.cfg.node_shards, app, self.cfg) for i in range(self.cfg.node_shards)]
+        self.alloc_shards = [AllocationShardActor.options(name=runtime.alloc_shard_name(i), namespace=ns).remote(
+            i, self.cfg.allocation_shards, app, self.cfg) for i in range(self.cfg.allocation_shards)]
+        try:
+            from actors.ledger_actor import LedgerActor
+            self.ledger = LedgerActor.options(name=runtime.LEDGER, namespace=ns, max_restarts=-1).remote(
+                app, meter_interval_s=self.cfg.meter_interval_s)
+        except ImportError:
+            log.warning("ledger actor not available in this build")
+        self.placement = PlacementActor.options(name=runtime.PLACEMENT, namespace=ns).remote(
+            app, self.urls.owner, self.cfg, self.alloc_shards, self.node_shards)
+        self.address = ray.get(self.placement.address.remote(), timeout=120)
+        ray.get([s.start.remote() for s in self.node_shards + self.alloc_shards], timeout=120)
+
+    # ------------------------------------------------------------ simulated nodes
+
+    def daemon_command(self, name: str, gpus: int, model: str, extra: list[str] | None = None) -> list[str]:
+        exe = shutil.which("gpuaas-node-daemon") or ""
+        base = [exe] if exe and os.access(exe, os.X_OK) else [sys.executable, "-m", "node_daemon.main"]
+        return base + ["--name", name, "--listen", "127.0.0.1:0", "--control-plane", self.address,
+                       "--backend", "simulated", "--gpus", str(gpus), "--gpu-model", model,
+                       "--fault-dir", str(self.daemon_dir / name / "faults"),
+                       "--port-file", str(self.daemon_dir / name / "port")] + (extra or [])
+
+    def start_daemon(self, name: str, gpus: int, model: str, extra: list[str] | None = None) -> subprocess.Popen:
+        (self.daemon_dir / name / "faults").mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, GPUAAS_NODE_TOKEN=self.node_token)
+        log_file = open(self.daemon_dir / name / "daemon.log", "ab")
+        proc = subprocess.Popen(self.daemon_command(name, gpus, model, extra), env=env, stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.daemons.append(proc)
+        return proc
+
+    def start_sim_nodes(self, count: int, *, wait_s: float = 60.0, prefix: str = "sim-node") -> list[str]:
+        names = [f"{prefix}-{i}" for i in range(count)]
+        for n in names:
+            self.start_daemon(n, self.sim.gpus_per_node, self.sim.gpu_model)
+        self.wait_nodes(names, wait_s)
+        return names
+
+    def wait_nodes(self, names: list[str], wait_s: float, state: str = "READY") -> None:
+        deadline = time.monotonic() + wait_s
+        with psycopg.connect(self.urls.app, autocommit=True) as conn:
+            while True:
+                rows = dict(conn.execute("SELECT node_id, state FROM control.nodes WHERE node_id = ANY(%s)",
+                                         (names,)).fetchall())
+                if all(rows.get(n) == state for n in names):
+                    return
+                dead = [p for p in self.daemons if p.poll() is not None]
+                if dead:
+                    logs = "".join((self.daemon_dir / n / "daemon.log").read_text(errors="replace")[-1500:]
+                                   for n in names if (self.daemon_dir / n / "daemon.log").exists())
+                    raise RuntimeError(f"a node daemon exited early (code {dead[0].returncode}):\n{logs}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"nodes not {state} after {wait_s}s: {rows}")
+                time.sleep(0.1)
+
+    # ------------------------------------------------------------ stop
+
+    def stop(self) -> None:
+        for p in self.daemons:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.daemons:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.daemons.clear()
+        if self.placement is not None:
+            try:
+                ray.get(self.placement.stop.remote(), timeout=10)
+            except Exception:  # noqa: BLE001
+                pass
+        if self.ledger is not None:
+            try:
+                ray.get(self.ledger.stop.remote(), timeout=10)
+            except Exception:  # noqa: BLE001
+                pass
+        for a in [self.placement, self.ledger] + self.alloc_shards + self.node_shards:
+            if a is not None:
+                try:
+                    ray.kill(a, no_restart=True)
+                except Exception:  # noqa: BLE001
+                    pass
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+        shutil.rmtree(self.daemon_dir, ignore_errors=True)

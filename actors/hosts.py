@@ -1,0 +1,179 @@
+"""The Ray actors: thin hosts around the plain cores.
+
+Every long-lived control-plane component is a named, restartable actor in
+namespace ``gpuaas``. The cores hold the logic; these classes only host them,
+start the gRPC server, and expose the methods other actors call.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+
+import grpc
+import ray
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from gpuaas.config import ControlPlaneConfig
+
+log = logging.getLogger("gpuaas.actors")
+
+
+def _logging():
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=64, num_cpus=0)
+class PlacementActor:
+    """Hosts PlacementCore and the control plane's gRPC server."""
+
+    def __init__(self, app_url: str, owner_url: str | None, config: ControlPlaneConfig, alloc_shards: list,
+                 node_shards: list):
+        _logging()
+        from actors.placement import PlacementCore
+        from actors.servicers import AdminServicer, NodeRegistryServicer, PlacementServicer, WatchHub
+        from gpuaas import auth
+        from gpuaas.v1 import admin_pb2_grpc, node_pb2_grpc, placement_pb2_grpc
+        import psycopg
+
+        self.core = PlacementCore(app_url=app_url, config=config, alloc_shards=alloc_shards, node_shards=node_shards)
+        authn = auth.Authenticator(lambda: psycopg.connect(app_url, autocommit=True, connect_timeout=5))
+        self.hub = WatchHub(self.core)
+        opts = [("grpc.max_receive_message_length", config.grpc_message_bytes_max),
+                ("grpc.max_send_message_length", config.grpc_message_bytes_max),
+                ("grpc.so_reuseport", 0)]
+        self.server = grpc.server(cf.ThreadPoolExecutor(max_workers=config.grpc_workers), options=opts,
+                                  maximum_concurrent_rpcs=config.grpc_workers * 64)
+        placement_pb2_grpc.add_PlacementServiceServicer_to_server(PlacementServicer(self.core, authn, self.hub),
+                                                                  self.server)
+        node_pb2_grpc.add_NodeRegistryServicer_to_server(NodeRegistryServicer(self.core, authn), self.server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.core, authn, owner_url), self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_insecure_port(config.listen)
+        if self.port == 0:
+            raise RuntimeError(f"cannot listen on {config.listen}")
+        self.server.start()
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.health.set("gpuaas.v1.PlacementService", health_pb2.HealthCheckResponse.SERVING)
+        log.info("control plane listening on %s (policy %s)", config.listen, config.policy)
+
+    def address(self) -> str:
+        host = self.core.cfg.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    def capacity_freed(self, allocation_ids: list[str], requeue: bool = False) -> None:
+        self.core.capacity_freed(allocation_ids, requeue)
+
+    def set_node_state(self, node_id: str, state_name: str) -> None:
+        self.core.set_node_state(node_id, state_name)
+
+    def set_gpu_healthy(self, node_id: str, gpu_index: int, healthy: bool) -> None:
+        self.core.set_gpu_healthy(node_id, gpu_index, healthy)
+
+    def stats(self) -> dict:
+        return dict(self.core.stats, queued_now=len(self.core.queued), nodes=len(self.core.nodes))
+
+    def check_invariants(self) -> bool:
+        with self.core.lock:
+            self.core.engine.check_invariants()
+        return True
+
+    def rebuild_stats(self) -> dict:
+        return self.core.rebuild_info if hasattr(self.core, "rebuild_info") else {}
+
+    def stop(self) -> None:
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace=1.0).wait(2.0)
+        self.core.shutdown()
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0, num_cpus=0)
+class AllocationShardActor:
+    def __init__(self, index: int, count: int, app_url: str, config: ControlPlaneConfig):
+        _logging()
+        from actors.allocation_shard import AllocationShardCore
+
+        self.core = AllocationShardCore(index=index, count=count, app_url=app_url, config=config)
+        self._started = False
+
+    async def start(self) -> dict:
+        """Idempotent; also called by the placement actor's supervisor tick, so a
+        restarted shard resumes its in-flight work from Postgres."""
+        if self._started:
+            return {}
+        self._started = True
+        return await self.core.start()
+
+    async def _ensure(self):
+        if not self._started:
+            await self.start()
+
+    async def adopt(self, items):
+        await self._ensure()
+        return await self.core.adopt(items)
+
+    async def release(self, aid: str, event_name: str = "release_requested", at_iso: str | None = None):
+        await self._ensure()
+        return await self.core.release(aid, event_name, at_iso)
+
+    async def fail_on_node(self, node_id, gpu_index, event_name, at_iso):
+        await self._ensure()
+        return await self.core.fail_on_node(node_id, gpu_index, event_name, at_iso)
+
+    async def node_ready(self, node_id, address):
+        await self._ensure()
+        return await self.core.node_ready(node_id, address)
+
+    async def resolve(self, aid, note):
+        await self._ensure()
+        return await self.core.resolve(aid, note)
+
+    async def snapshot(self):
+        await self._ensure()
+        return await self.core.snapshot()
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0, num_cpus=0)
+class NodeShardActor:
+    def __init__(self, index: int, count: int, app_url: str, config: ControlPlaneConfig):
+        _logging()
+        from actors.node_shard import NodeShardCore
+
+        self.core = NodeShardCore(index=index, count=count, app_url=app_url, config=config)
+        self._started = False
+
+    async def start(self) -> dict:
+        """Idempotent; also called by the placement actor's supervisor tick, so a
+        restarted shard resumes its in-flight work from Postgres."""
+        if self._started:
+            return {}
+        self._started = True
+        return await self.core.start()
+
+    async def _ensure(self):
+        if not self._started:
+            await self.start()
+
+    async def register(self, node_id, address, inventory_bytes):
+        await self._ensure()
+        return await self.core.register(node_id, address, inventory_bytes)
+
+    async def deregister(self, node_id, reason):
+        await self._ensure()
+        return await self.core.deregister(node_id, reason)
+
+    async def operator(self, node_id, action, reason):
+        await self._ensure()
+        return await self.core.operator(node_id, action, reason)
+
+    async def clear_gpu(self, node_id, gpu_index, reason):
+        await self._ensure()
+        return await self.core.clear_gpu(node_id, gpu_index, reason)
+
+    async def quarantine(self, node_id, gpu_indices, on, reason):
+        await self._ensure()
+        return await self.core.quarantine(node_id, gpu_indices, on, reason)
+
+    async def telemetry_stats(self):
+        await self._ensure()
+        return await self.core.telemetry_stats()

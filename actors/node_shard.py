@@ -1,0 +1,287 @@
+"""NodeShard: the control side of the nodes it owns.
+
+Consumes each node daemon's telemetry stream (the stream *is* the heartbeat)
+and applies health rules on a tick, never per frame:
+
+    frames ──► last_frame_at, pending XIDs / ECC / lost-GPU flags ──► tick (every health_tick_s)
+                                                                       ├─ silent > grace   → SUSPECT (no new placements)
+                                                                       ├─ silent > offline → OFFLINE, RUNNING allocs → FAILED
+                                                                       ├─ back             → READY
+                                                                       └─ fatal XID / DBE  → GPU UNHEALTHY, its allocs → FAILED
+
+Every change goes through the node/GPU transition tables (actors/store.py);
+the placement actor is told at once so the capacity view stops offering it.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import logging
+import time
+
+import grpc
+import ray
+
+from actors import runtime, store
+from actors.placement import shard_of
+from actors.store import utcnow
+from gpuaas.config import ControlPlaneConfig
+from gpuaas.errors import FailedPrecondition, NotFound
+from gpuaas.lifecycle import GpuEvent, GpuState, IllegalTransition, NodeEvent, NodeState
+from gpuaas.v1 import node_pb2
+
+log = logging.getLogger("gpuaas.nodes")
+
+FRAME_QUEUE_MAX = 1024  # per node: unprocessed health signals are bounded
+
+
+@dataclasses.dataclass
+class NodeWatch:
+    node_id: str
+    address: str
+    state: NodeState
+    last_frame_mono: float
+    task: asyncio.Task | None = None
+    frames: int = 0
+    dropped: int = 0
+    # (gpu_index, cause, detected_at) waiting for the next tick
+    faults: list = dataclasses.field(default_factory=list)
+    gpu_states: dict = dataclasses.field(default_factory=dict)
+    last_ecc: dict = dataclasses.field(default_factory=dict)
+    last_sample: dict = dataclasses.field(default_factory=dict)
+
+
+def _fatal_xid(xid: int) -> bool:
+    """True when the XID catalog says the GPU must leave service."""
+    try:
+        from gpuaas import xid as xidmod
+    except ImportError:  # pragma: no cover - the table ships with the product
+        return xid in (48, 63, 64, 74, 79, 92, 94, 95, 119, 120)
+    return xidmod.takes_gpu_out_of_service(xid)
+
+
+class NodeShardCore:
+    def __init__(self, *, index: int, count: int, app_url: str, config: ControlPlaneConfig):
+        self.index, self.count, self.cfg = index, count, config
+        self.db = runtime.DbThread(app_url, f"node{index}")
+        self.agents = runtime.AgentStubs()
+        self.nodes: dict[str, NodeWatch] = {}
+        self.stats = {"frames": 0, "gpu_samples": 0, "transitions": 0, "faults": 0, "dropped_frames": 0,
+                      "lag_s_max": 0.0}
+        self.lags: list[float] = []
+        self._placement = None
+
+    def placement(self):
+        if self._placement is None:
+            self._placement = ray.get_actor(runtime.PLACEMENT, namespace=runtime.NAMESPACE)
+        return self._placement
+
+    def alloc_shards(self):
+        return [ray.get_actor(runtime.alloc_shard_name(i), namespace=runtime.NAMESPACE)
+                for i in range(self.cfg.allocation_shards)]
+
+    # ------------------------------------------------------------ start
+
+    async def start(self) -> dict:
+        rows = await self.db.tx(lambda c: c.execute(
+            "SELECT node_id, address, state FROM control.nodes WHERE state NOT IN ('DECOMMISSIONED')").fetchall())
+        gpus = await self.db.tx(lambda c: c.execute("SELECT node_id, gpu_index, state FROM control.gpus").fetchall())
+        now = time.monotonic()
+        for node_id, address, state in rows:
+            if shard_of(node_id, self.count) != self.index:
+                continue
+            w = NodeWatch(node_id, address, NodeState[state], now)
+            w.gpu_states = {i: GpuState[s] for n, i, s in gpus if n == node_id}
+            self.nodes[node_id] = w
+            if w.state is not NodeState.OFFLINE:
+                w.task = asyncio.get_running_loop().create_task(self._watch(w))
+        asyncio.get_running_loop().create_task(self._tick_loop())
+        log.info("node shard %d/%d watching %d nodes", self.index, self.count, len(self.nodes))
+        return {"nodes": len(self.nodes)}
+
+    # ------------------------------------------------------------ registry
+
+    async def register(self, node_id: str, address: str, inventory_bytes: bytes):
+        inv = node_pb2.NodeInventory.FromString(inventory_bytes)
+
+        def tx(conn):
+            src, dst = store.register_node(conn, node_id, address, inv, inventory_bytes)
+            orphans = [str(r[0]) for r in conn.execute(
+                "SELECT allocation_id FROM control.allocations WHERE state IN ('FAILED','RELEASING')"
+                " AND assignments @> %s::jsonb", (f'[{{"node_id": "{node_id}"}}]',))]
+            gstates = dict(conn.execute("SELECT gpu_index, state FROM control.gpus WHERE node_id=%s",
+                                        (node_id,)).fetchall())
+            return src, dst, orphans, gstates
+
+        try:
+            src, dst, orphans, gstates = await self.db.tx(tx)
+        except IllegalTransition as exc:
+            raise FailedPrecondition(str(exc)) from None
+        w = self.nodes.get(node_id)
+        if w is None:
+            w = self.nodes[node_id] = NodeWatch(node_id, address, dst, time.monotonic())
+        else:
+            if w.address != address:
+                await self.agents.drop(w.address)
+            w.address, w.state, w.last_frame_mono = address, dst, time.monotonic()
+        w.gpu_states = {i: GpuState[s] for i, s in gstates.items()}
+        if w.task is not None:
+            w.task.cancel()
+        w.task = asyncio.get_running_loop().create_task(self._watch(w))
+        if src in (NodeState.OFFLINE, NodeState.SUSPECT) or orphans:
+            for shard in self.alloc_shards():
+                shard.node_ready.remote(node_id, address)
+        return dst.name, orphans, {i: s for i, s in gstates.items()}
+
+    async def deregister(self, node_id: str, reason: str) -> str:
+        """A daemon going away on purpose: stop offering it now; the heartbeat
+        rules then take it to OFFLINE if it does not come back."""
+        w = self.nodes.get(node_id)
+        if w is None:
+            raise NotFound(f"node {node_id} not found")
+        if w.state is NodeState.READY:
+            await self._node_transition(w, NodeEvent.HEARTBEAT_MISSED, reason)
+        return w.state.name
+
+    # ------------------------------------------------------------ telemetry
+
+    async def _watch(self, w: NodeWatch) -> None:
+        attempt = 0
+        while self.nodes.get(w.node_id) is w and w.state is not NodeState.DECOMMISSIONED:
+            stub = self.agents.get(w.address)
+            try:
+                stream = stub.StreamTelemetry(node_pb2.StreamTelemetryRequest(
+                    interval_ms=self.cfg.telemetry_interval_ms, buffer_frames_max=8))
+                async for frame in stream:
+                    attempt = 0
+                    self._on_frame(w, frame)
+            except asyncio.CancelledError:
+                raise
+            except grpc.RpcError as exc:
+                log.debug("telemetry stream of %s broke: %s", w.node_id, exc.code())
+            except Exception as exc:  # noqa: BLE001
+                log.warning("telemetry stream of %s failed: %s", w.node_id, exc)
+            attempt += 1
+            await asyncio.sleep(runtime.backoff_s(attempt, 0.2, 2.0))
+
+    def _on_frame(self, w: NodeWatch, frame) -> None:
+        now_mono = time.monotonic()
+        w.last_frame_mono = now_mono
+        w.frames += 1
+        w.dropped += frame.dropped_frames
+        self.stats["frames"] += 1
+        self.stats["gpu_samples"] += len(frame.samples)
+        self.stats["dropped_frames"] += frame.dropped_frames
+        if frame.HasField("at"):
+            lag = time.time() - frame.at.ToMicroseconds() / 1e6
+            if len(self.lags) < 100_000:
+                self.lags.append(lag)
+            self.stats["lag_s_max"] = max(self.stats["lag_s_max"], lag)
+        detected = utcnow()
+        if len(w.faults) >= FRAME_QUEUE_MAX:
+            return
+        for x in frame.xid_events:
+            if _fatal_xid(x.xid):
+                w.faults.append((x.gpu_index, f"XID {x.xid}: {x.message}"[:200], detected))
+        for s in frame.samples:
+            w.last_sample[s.index] = (s.gpu_util_pct, s.energy_mj, s.power_mw)
+            prev = w.last_ecc.get(s.index, s.ecc_volatile_uncorrected)
+            w.last_ecc[s.index] = s.ecc_volatile_uncorrected
+            if s.ecc_volatile_uncorrected > prev:
+                w.faults.append((s.index, "uncorrectable ECC error", detected))
+            if s.lost:
+                w.faults.append((s.index, "GPU fell off the bus", detected))
+
+    # ------------------------------------------------------------ health rules
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.health_tick_s)
+            for w in list(self.nodes.values()):
+                try:
+                    await self._apply_rules(w)
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("health rules for %s failed: %s", w.node_id, exc)
+
+    async def _apply_rules(self, w: NodeWatch) -> None:
+        silent_s = time.monotonic() - w.last_frame_mono
+        if w.state is NodeState.READY and silent_s > self.cfg.heartbeat_grace_s:
+            await self._node_transition(w, NodeEvent.HEARTBEAT_MISSED, f"no telemetry for {silent_s:.1f}s")
+        elif w.state is NodeState.SUSPECT and silent_s <= self.cfg.heartbeat_grace_s:
+            await self._node_transition(w, NodeEvent.HEARTBEAT_BACK, "telemetry resumed")
+        elif w.state is NodeState.SUSPECT and silent_s > self.cfg.heartbeat_offline_s:
+            at = utcnow()
+            await self._node_transition(w, NodeEvent.HEARTBEAT_TIMEOUT, f"no telemetry for {silent_s:.1f}s", at)
+            for shard in self.alloc_shards():
+                shard.fail_on_node.remote(w.node_id, None, "node_lost", at.isoformat())
+            if w.task is not None:
+                w.task.cancel()
+                w.task = None
+        faults, w.faults = w.faults, []
+        for gpu_index, cause, detected in faults:
+            if w.gpu_states.get(gpu_index) is not GpuState.READY:
+                continue
+            self.stats["faults"] += 1
+            await self.db.tx(store.transition_gpu, w.node_id, gpu_index, GpuEvent.FATAL_FAULT, reason=cause,
+                             at=detected)
+            w.gpu_states[gpu_index] = GpuState.UNHEALTHY
+            self.placement().set_gpu_healthy.remote(w.node_id, gpu_index, False)
+            for shard in self.alloc_shards():
+                shard.fail_on_node.remote(w.node_id, gpu_index, "gpu_fault", detected.isoformat())
+            log.warning("GPU %s/%d UNHEALTHY: %s", w.node_id, gpu_index, cause)
+
+    async def _node_transition(self, w: NodeWatch, event: NodeEvent, reason: str, at=None) -> None:
+        src, dst = await self.db.tx(store.transition_node, w.node_id, event, reason=reason, at=at)
+        w.state = dst
+        self.stats["transitions"] += 1
+        await self.placement().set_node_state.remote(w.node_id, dst.name)
+        log.info("node %s %s → %s (%s: %s)", w.node_id, src.name, dst.name, event.value, reason)
+
+    # ------------------------------------------------------------ operator
+
+    async def operator(self, node_id: str, action: str, reason: str) -> str:
+        w = self.nodes.get(node_id)
+        if w is None:
+            raise NotFound(f"node {node_id} not found")
+        event = {"cordon": NodeEvent.CORDON, "uncordon": NodeEvent.UNCORDON, "drain": NodeEvent.DRAIN,
+                 "clear": NodeEvent.CLEARED, "decommission": NodeEvent.DECOMMISSION}[action]
+        try:
+            await self._node_transition(w, event, reason)
+        except IllegalTransition as exc:
+            raise FailedPrecondition(str(exc)) from None
+        return w.state.name
+
+    async def clear_gpu(self, node_id: str, gpu_index: int, reason: str) -> str:
+        w = self.nodes.get(node_id)
+        if w is None:
+            raise NotFound(f"node {node_id} not found")
+        try:
+            _, dst = await self.db.tx(store.transition_gpu, node_id, gpu_index, GpuEvent.CLEARED, reason=reason)
+        except IllegalTransition as exc:
+            raise FailedPrecondition(str(exc)) from None
+        w.gpu_states[gpu_index] = dst
+        await self.placement().set_gpu_healthy.remote(node_id, gpu_index, True)
+        return dst.name
+
+    async def quarantine(self, node_id: str, gpu_indices: list[int], on: bool, reason: str) -> None:
+        w = self.nodes.get(node_id)
+        event = GpuEvent.QUARANTINE if on else GpuEvent.RELEASE_RESOLVED
+        for i in gpu_indices:
+            try:
+                _, dst = await self.db.tx(store.transition_gpu, node_id, i, event, reason=reason)
+            except IllegalTransition:
+                continue
+            if w is not None:
+                w.gpu_states[i] = dst
+            await self.placement().set_gpu_healthy.remote(node_id, i, dst is GpuState.READY)
+
+    async def telemetry_stats(self) -> dict:
+        lags = sorted(self.lags)
+        p99 = lags[int(0.99 * (len(lags) - 1))] if lags else 0.0
+        return {**self.stats, "lag_p99_s": p99, "nodes": len(self.nodes),
+                "states": {n: w.state.name for n, w in self.nodes.items()}}
+
+    async def usage_window(self, node_id: str) -> dict:
+        w = self.nodes.get(node_id)
+        return dict(w.last_sample) if w else {}

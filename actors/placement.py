@@ -1,0 +1,449 @@
+"""PlacementActor: the single writer of the capacity view.
+
+It hosts the control plane's gRPC server (PlacementService, NodeRegistry,
+AdminService) and the scheduler engine. Requests from gRPC threads are put on
+one queue; one committer thread takes whatever has arrived (never waiting to
+fill a batch), decides every request in memory, writes all the decisions in
+one Postgres transaction (group commit, COPY) and only then answers. Nothing
+on the decision path crosses a process boundary per request.
+
+        gRPC threads ──put──► queue ──► committer: decide (engine) ─► COPY in 1 txn ─► answer
+                                                   │                        │ fail
+                                                   │                        └─► undo reservations, UNAVAILABLE
+                                                   └─► PLACED rows ─► AllocationShard.adopt (prepare)
+
+Ownership by state: QUEUED allocations belong to this actor (it places or
+cancels them); from PLACED on, an allocation shard drives them and tells this
+actor when capacity comes back (``capacity_freed``).
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import datetime as dt
+import logging
+import queue
+import threading
+import time
+import uuid
+import zlib
+
+import psycopg
+
+from actors import convert, store
+from actors.store import AllocRow, utcnow
+from gpuaas.config import ControlPlaneConfig
+from gpuaas.errors import (AlreadyExists, GpuaasError, InvalidArgument, NotFound, ResourceExhausted, Unavailable)
+from gpuaas.lifecycle import AllocEvent, AllocState, NodeState
+from gpuaas.lifecycle.allocation import HOLDS_CAPACITY
+from gpuaas.v1 import common_pb2
+
+log = logging.getLogger("gpuaas.placement")
+
+SCHEDULABLE_NODE_STATES = frozenset({NodeState.READY})
+
+
+def shard_of(key: str, n: int) -> int:
+    return zlib.crc32(key.encode()) % n
+
+
+@dataclasses.dataclass
+class _Pending:
+    tenant: str
+    request: common_pb2.PlacementRequest
+    future: cf.Future
+    field_prefix: str = "request"
+
+
+@dataclasses.dataclass
+class NodeInfo:
+    node_id: str
+    address: str
+    models: dict[int, str]
+    state: NodeState
+    spec: object = None
+
+
+class PlacementCore:
+    """Everything the actor does, as a plain object (testable without Ray)."""
+
+    def __init__(self, *, app_url: str, config: ControlPlaneConfig, alloc_shards: list, node_shards: list):
+        from scheduler import Engine, PolicyName
+
+        self.cfg = config
+        self.app_url = app_url
+        self.alloc_shards = alloc_shards
+        self.node_shards = node_shards
+        policy = config.policy.upper()
+        self.engine = Engine() if policy == "DEFAULT" else Engine(policy=PolicyName[policy])
+        self.lock = threading.RLock()
+        self.nodes: dict[str, NodeInfo] = {}
+        # (tenant, request_id) → (request hash, allocation id): the idempotency index.
+        self.idem: dict[tuple[str, str], tuple[bytes, str]] = {}
+        self.queued: dict[str, AllocRow] = {}
+        self.owner_tenant: dict[str, str] = {}
+        self._q: queue.Queue[_Pending] = queue.Queue(maxsize=200_000)
+        self._stop = threading.Event()
+        self._conn: psycopg.Connection | None = None
+        self._read_local = threading.local()
+        self.stats = {"placed": 0, "queued": 0, "rejected": 0, "batches": 0, "commit_failures": 0}
+        self.rebuild()
+        self._committer = threading.Thread(target=self._commit_loop, name="placement-committer", daemon=True)
+        self._committer.start()
+        self._ticker = threading.Thread(target=self._tick_loop, name="placement-tick", daemon=True)
+        self._ticker.start()
+
+    # ------------------------------------------------------------ database
+
+    def _writer(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = psycopg.connect(self.app_url, connect_timeout=5)
+        return self._conn
+
+    def reader(self) -> psycopg.Connection:
+        """A per-thread autocommit connection for reads (gRPC handler threads)."""
+        c = getattr(self._read_local, "conn", None)
+        if c is None or c.closed or c.broken:
+            try:
+                c = psycopg.connect(self.app_url, autocommit=True, connect_timeout=5)
+            except psycopg.OperationalError as exc:
+                raise Unavailable(f"database unavailable: {exc.__class__.__name__}") from exc
+            self._read_local.conn = c
+        return c
+
+    # ------------------------------------------------------------ rebuild
+
+    def rebuild(self) -> dict:
+        """Rebuild the capacity view from Postgres (never from memory)."""
+        from scheduler import Assignment
+
+        t0 = time.perf_counter()
+        with psycopg.connect(self.app_url, autocommit=True) as conn:
+            gpus: dict[str, list] = {}
+            for node_id, idx, model, mem, island, state in conn.execute(
+                    "SELECT node_id, gpu_index, model, memory_mib, nvlink_island, state FROM control.gpus"
+                    " ORDER BY node_id, gpu_index"):
+                gpus.setdefault(node_id, []).append((idx, model, mem, island, state))
+            for node_id, address, state, cpu, mem, labels in conn.execute(
+                    "SELECT node_id, address, state, cpu_milli, memory_mib, labels FROM control.nodes"
+                    " WHERE state <> 'DECOMMISSIONED'"):
+                self._add_node_locked(node_id, address, NodeState[state], cpu, mem, labels, gpus.get(node_id, []))
+            n = 0
+            for rec in conn.execute(
+                    f"SELECT {', '.join(store.ALLOC_COLUMNS)} FROM control.allocations WHERE state IN"
+                    " ('QUEUED','PLACED','RUNNING','RELEASING','FAILED','RELEASE_FAILED')"):
+                row = AllocRow.from_db(rec)
+                req = common_pb2.PlacementRequest.FromString(row.request)
+                dom = convert.to_domain(req, key=row.allocation_id, tenant=row.tenant_id)
+                self.owner_tenant[row.allocation_id] = row.tenant_id
+                if row.state is AllocState.QUEUED:
+                    self.queued[row.allocation_id] = row
+                    self.engine.enqueue(dom)
+                elif row.state in HOLDS_CAPACITY and row.assignments:
+                    self.engine.restore(row.allocation_id, dom, tuple(
+                        Assignment(node_id=a["node_id"], gpu_indices=tuple(a["gpu_indices"]), gpu_milli=a["gpu_milli"],
+                                   cpu_milli=a.get("cpu_milli", 0), memory_mib=a.get("memory_mib", 0))
+                        for a in row.assignments))
+                n += 1
+            for tenant, rid, h, aid in conn.execute(
+                    "SELECT tenant_id, request_id, request_hash, allocation_id FROM control.allocations"):
+                self.idem[(tenant, rid)] = (bytes(h), str(aid))
+            for tenant, model, milli in conn.execute("SELECT tenant_id, gpu_model, gpu_milli_max FROM iam.quotas"):
+                self.engine.set_quota(tenant, model, milli)
+        took = time.perf_counter() - t0
+        log.info("capacity view rebuilt: %d nodes, %d active allocations in %.2fs", len(self.nodes), n, took)
+        return {"nodes": len(self.nodes), "allocations": n, "seconds": took}
+
+    def _add_node_locked(self, node_id, address, state, cpu, mem, labels, gpus) -> None:
+        from scheduler import GpuSpec, NodeSpec
+
+        spec = NodeSpec(node_id=node_id, cpu_milli=cpu, memory_mib=mem,
+                        gpus=tuple(GpuSpec(model=m, memory_mib=gm, nvlink_island=isl) for _, m, gm, isl, _ in gpus),
+                        labels=dict(labels or {}))
+        self.engine.add_node(spec)
+        self.nodes[node_id] = NodeInfo(node_id, address, {i: m for i, m, _, _, _ in gpus}, state, spec)
+        self.engine.set_node_schedulable(node_id, state in SCHEDULABLE_NODE_STATES)
+        for i, _, _, _, gstate in gpus:
+            self.engine.set_gpu_healthy(node_id, i, gstate == "READY")
+
+    # ------------------------------------------------------------ capacity facts
+
+    def known_models(self) -> set[str]:
+        return {m for n in self.nodes.values() for m in n.models.values()}
+
+    def gpus_per_node_max(self) -> int:
+        return max((len(n.models) for n in self.nodes.values()), default=0)
+
+    def model_of(self, node_id: str, gpu_index: int) -> str:
+        info = self.nodes.get(node_id)
+        return info.models.get(gpu_index, "") if info else ""
+
+    def address_of(self, node_id: str) -> str:
+        info = self.nodes.get(node_id)
+        return info.address if info else ""
+
+    # ------------------------------------------------------------ place
+
+    def submit(self, tenant: str, requests: list[common_pb2.PlacementRequest]) -> list[cf.Future]:
+        futs = []
+        for i, r in enumerate(requests):
+            f: cf.Future = cf.Future()
+            prefix = "request" if len(requests) == 1 else f"requests[{i}]"
+            try:
+                self._q.put_nowait(_Pending(tenant, r, f, prefix))
+            except queue.Full:
+                f.set_exception(Unavailable("placement queue is full; retry shortly"))
+            futs.append(f)
+        return futs
+
+    def _commit_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self._q.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            batch = [first]
+            while len(batch) < self.cfg.batch_size_max:
+                try:
+                    batch.append(self._q.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._process_batch(batch)
+            except Exception as exc:  # noqa: BLE001 - a bug must not kill the committer
+                log.exception("placement batch failed: %s", exc)
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(Unavailable("placement batch failed; retry"))
+
+    def _process_batch(self, batch: list[_Pending]) -> None:
+        now = utcnow()
+        new: list[tuple[AllocRow, list, _Pending]] = []
+        answers: list[tuple[_Pending, object]] = []
+        placed_keys, queued_keys, batch_keys = [], [], {}
+        with self.lock:
+            models, gmax = self.known_models(), self.gpus_per_node_max()
+            for p in batch:
+                try:
+                    convert.validate_request(p.request, known_models=models, gpus_per_node_max=gmax,
+                                             lease_s_max=self.cfg.lease_s_max, prefix=p.field_prefix)
+                    h = convert.request_hash(p.request)
+                    key = (p.tenant, p.request.request_id)
+                    seen = self.idem.get(key) or batch_keys.get(key)
+                    if seen is not None:
+                        if seen[0] != h:
+                            raise AlreadyExists(f"request_id {p.request.request_id!r} was used before with a "
+                                                "different body")
+                        answers.append((p, ("existing", seen[1])))
+                        continue
+                    aid = str(uuid.uuid4())
+                    dom = convert.to_domain(p.request, key=aid, tenant=p.tenant)
+                    decision = self.engine.place(dom)
+                    row = AllocRow(allocation_id=aid, tenant_id=p.tenant, request_id=p.request.request_id,
+                                   request_hash=h, request=p.request.SerializeToString(), state=AllocState.QUEUED,
+                                   priority=p.request.priority, created_at=now, updated_at=now,
+                                   gpu_model=",".join(p.request.gpu_models))
+                    if decision.placed:
+                        row.assignments = convert.assignments_to_json(decision.assignments, self.model_of)
+                        row.gpu_model = row.assignments[0]["gpu_model"] if row.assignments else row.gpu_model
+                        row.gpu_milli_total = convert.gpu_milli_total(row.assignments)
+                        row.state, row.version, row.reason = AllocState.PLACED, 2, AllocEvent.PLACED.value
+                        events = [(AllocEvent.ACCEPTED, None), (AllocEvent.PLACED, AllocState.QUEUED)]
+                        placed_keys.append(aid)
+                    elif p.request.wait and not _is_quota(decision):
+                        timeout_s = p.request.queue_timeout_s or self.cfg.queue_timeout_default_s
+                        row.queue_deadline = now + dt.timedelta(seconds=timeout_s)
+                        row.reason = AllocEvent.ACCEPTED.value
+                        events = [(AllocEvent.ACCEPTED, None)]
+                        self.engine.enqueue(dom)
+                        queued_keys.append(aid)
+                    else:
+                        raise ResourceExhausted(f"cannot place now: {decision.explanation}")
+                    batch_keys[key] = (h, aid)
+                    new.append((row, events, p))
+                except GpuaasError as err:
+                    answers.append((p, err))
+            if new:
+                try:
+                    conn = self._writer()
+                    with conn.transaction():
+                        store.insert_new_allocations(conn, [(r, e) for r, e, _ in new])
+                except Exception as exc:  # noqa: BLE001 - undo the in-memory reservations, answer UNAVAILABLE
+                    log.error("group commit of %d placements failed: %s", len(new), exc)
+                    self.stats["commit_failures"] += 1
+                    for aid in placed_keys:
+                        self.engine.release(aid)
+                    for aid in queued_keys:
+                        self.engine.dequeue(aid)
+                    self._conn = None
+                    err = Unavailable("could not commit the placement; nothing was booked, retry with the same "
+                                      "request_id")
+                    for _, _, p in new:
+                        answers.append((p, err))
+                    new = []
+            for row, _, p in new:
+                self.idem[(row.tenant_id, row.request_id)] = (row.request_hash, row.allocation_id)
+                self.owner_tenant[row.allocation_id] = row.tenant_id
+                if row.state is AllocState.QUEUED:
+                    self.queued[row.allocation_id] = row
+            self.stats["batches"] += 1
+            self.stats["placed"] += len(placed_keys)
+            self.stats["queued"] += len(queued_keys)
+        for row, _, p in new:
+            p.future.set_result(("new", row))
+        for p, ans in answers:
+            if isinstance(ans, GpuaasError):
+                self.stats["rejected"] += 1
+                p.future.set_exception(ans)
+            else:
+                p.future.set_result(ans)
+        self._dispatch([row for row, _, _ in new if row.state is AllocState.PLACED])
+
+    def _dispatch(self, rows: list[AllocRow]) -> None:
+        """Hand PLACED allocations to their shard, which prepares them on the nodes."""
+        if not rows:
+            return
+        by_shard: dict[int, list] = {}
+        for r in rows:
+            by_shard.setdefault(shard_of(r.allocation_id, len(self.alloc_shards)), []).append(
+                (r.allocation_id, {n: self.address_of(n) for n in r.node_ids()}))
+        for i, items in by_shard.items():
+            self.alloc_shards[i].adopt.remote(items)
+
+    # ------------------------------------------------------------ queue
+
+    def capacity_freed(self, allocation_ids: list[str], requeue: bool = False) -> None:
+        """An allocation shard returned capacity (RELEASED, prepare failed, …)."""
+        with self.lock:
+            for aid in allocation_ids:
+                self.engine.release(aid)
+            if requeue:
+                rows = store.load_allocations(self.reader(), "allocation_id = ANY(%s) AND state = 'QUEUED'",
+                                              ([uuid.UUID(a) for a in allocation_ids],))
+                for row in rows:
+                    req = common_pb2.PlacementRequest.FromString(row.request)
+                    self.engine.enqueue(convert.to_domain(req, key=row.allocation_id, tenant=row.tenant_id))
+                    self.queued[row.allocation_id] = row
+        self.schedule_pending()
+
+    def schedule_pending(self) -> int:
+        """Place what the queue can place now; each placement is its own transition."""
+        placed_rows = []
+        with self.lock:
+            if not self.queued:
+                return 0
+            decisions = self.engine.schedule_pending()
+            for d in decisions:
+                if not d.placed or d.key not in self.queued:
+                    continue
+                row = self.queued[d.key]
+                assignments = convert.assignments_to_json(d.assignments, self.model_of)
+                try:
+                    conn = self._writer()
+                    with conn.transaction():
+                        new = store.transition_allocation(
+                            conn, row, AllocEvent.PLACED, assignments=assignments,
+                            queue_deadline=None)
+                        conn.execute("UPDATE control.allocations SET gpu_milli_total=%s, gpu_model=%s"
+                                     " WHERE allocation_id=%s",
+                                     (convert.gpu_milli_total(assignments),
+                                      assignments[0]["gpu_model"] if assignments else "", row.allocation_id))
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("could not commit queued placement %s: %s", d.key, exc)
+                    self.engine.release(d.key)
+                    self.engine.enqueue(convert.to_domain(common_pb2.PlacementRequest.FromString(row.request),
+                                                          key=row.allocation_id, tenant=row.tenant_id))
+                    self._conn = None
+                    continue
+                self.queued.pop(d.key, None)
+                placed_rows.append(new)
+        self._dispatch(placed_rows)
+        return len(placed_rows)
+
+    def cancel_queued(self, allocation_id: str, event: AllocEvent = AllocEvent.CANCELLED) -> AllocRow | None:
+        with self.lock:
+            row = self.queued.get(allocation_id)
+            if row is None:
+                return None
+            conn = self._writer()
+            with conn.transaction():
+                new = store.transition_allocation(conn, row, event, queue_deadline=None)
+            self.engine.dequeue(allocation_id)
+            self.queued.pop(allocation_id, None)
+            return new
+
+    def _tick_loop(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                # Supervisor: a restarted shard resumes its work from Postgres on start().
+                for shard in list(self.alloc_shards) + list(self.node_shards):
+                    shard.start.remote()
+                now = utcnow()
+                expired = [a for a, r in list(self.queued.items()) if r.queue_deadline and r.queue_deadline <= now]
+                for aid in expired:
+                    self.cancel_queued(aid, AllocEvent.QUEUE_TIMEOUT)
+                if self.queued:
+                    self.schedule_pending()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("placement tick failed: %s", exc)
+                self._conn = None
+
+    # ------------------------------------------------------------ nodes
+
+    def node_registered(self, node_id: str, address: str, state_name: str, cpu: int, mem: int, labels: dict,
+                        gpus: list[tuple]) -> None:
+        with self.lock:
+            info = self.nodes.get(node_id)
+            if info is None:
+                self._add_node_locked(node_id, address, NodeState[state_name], cpu, mem, labels, gpus)
+            else:
+                info.address = address
+                info.state = NodeState[state_name]
+                self.engine.set_node_schedulable(node_id, info.state in SCHEDULABLE_NODE_STATES)
+        self.schedule_pending()
+
+    def set_node_state(self, node_id: str, state_name: str) -> None:
+        with self.lock:
+            info = self.nodes.get(node_id)
+            if info is None:
+                return
+            info.state = NodeState[state_name]
+            self.engine.set_node_schedulable(node_id, info.state in SCHEDULABLE_NODE_STATES)
+        if info.state in SCHEDULABLE_NODE_STATES:
+            self.schedule_pending()
+
+    def set_gpu_healthy(self, node_id: str, gpu_index: int, healthy: bool) -> None:
+        with self.lock:
+            if node_id in self.nodes:
+                self.engine.set_gpu_healthy(node_id, gpu_index, healthy)
+        if healthy:
+            self.schedule_pending()
+
+    def set_quota(self, tenant: str, model: str, milli: int) -> None:
+        with self.lock:
+            self.engine.set_quota(tenant, model, milli)
+
+    def node_free(self) -> dict:
+        with self.lock:
+            return self.engine.snapshot_free()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+
+
+def _is_quota(decision) -> bool:
+    return any(getattr(r, "name", "").upper().startswith("QUOTA") for r in (decision.reasons or {}))
+
+
+def allocation_pb(row: AllocRow, address_of=lambda n: "", explanation: str = "") -> common_pb2.Allocation:
+    a = common_pb2.Allocation(
+        allocation_id=row.allocation_id, tenant_id=row.tenant_id, request_id=row.request_id,
+        state=row.state.value, request=common_pb2.PlacementRequest.FromString(row.request),
+        assignments=[store.assignment_pb(x, address_of(x["node_id"])) for x in row.assignments],
+        reason=row.reason, prepare_attempts=row.prepare_attempts, version=row.version,
+        pending_explanation=explanation)
+    for name in ("created_at", "updated_at", "running_since", "stopped_at", "lease_expires_at"):
+        value = getattr(row, name)
+        if value is not None:
+            getattr(a, name).FromDatetime(value)
+    return a

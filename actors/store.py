@@ -1,0 +1,297 @@
+"""Persistence of the `control` schema (owned by actors/).
+
+The one place that changes allocation, node and GPU state in Postgres. Each
+transition is looked up in the lifecycle table, then written as a
+version-checked UPDATE, an event row and an outbox row in the caller's
+transaction, so the three can never disagree. Handlers never run
+``UPDATE … SET state`` themselves.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import io
+import json
+import uuid
+from typing import Iterable, Sequence
+
+from google.protobuf import timestamp_pb2
+
+from gpuaas.errors import FailedPrecondition
+from gpuaas.lifecycle import (ALLOCATION_TABLE, GPU_TABLE, NODE_TABLE, AllocEvent, AllocState, Billing, GpuEvent,
+                              GpuState, NodeEvent, NodeState)
+from gpuaas.v1 import common_pb2, events_pb2
+
+TOPIC_ALLOC = "allocation.transitioned"
+TOPIC_NODE = "node.transitioned"
+
+ALLOC_COLUMNS = ("allocation_id", "tenant_id", "request_id", "request_hash", "request", "state", "reason", "version",
+                 "priority", "gpu_model", "gpu_milli_total", "assignments", "prepare_attempts", "release_attempts",
+                 "created_at", "updated_at", "running_since", "stopped_at", "lease_expires_at", "queue_deadline",
+                 "next_attempt_at")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def ts(value: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    t = timestamp_pb2.Timestamp()
+    t.FromDatetime(value)
+    return t
+
+
+@dataclasses.dataclass
+class AllocRow:
+    allocation_id: str
+    tenant_id: str
+    request_id: str
+    request_hash: bytes
+    request: bytes
+    state: AllocState
+    reason: str = ""
+    version: int = 1
+    priority: int = 0
+    gpu_model: str = ""
+    gpu_milli_total: int = 0
+    assignments: list = dataclasses.field(default_factory=list)
+    prepare_attempts: int = 0
+    release_attempts: int = 0
+    created_at: dt.datetime = dataclasses.field(default_factory=utcnow)
+    updated_at: dt.datetime = dataclasses.field(default_factory=utcnow)
+    running_since: dt.datetime | None = None
+    stopped_at: dt.datetime | None = None
+    lease_expires_at: dt.datetime | None = None
+    queue_deadline: dt.datetime | None = None
+    next_attempt_at: dt.datetime | None = None
+
+    @classmethod
+    def from_db(cls, rec: Sequence) -> "AllocRow":
+        d = dict(zip(ALLOC_COLUMNS, rec))
+        d["allocation_id"] = str(d["allocation_id"])
+        d["state"] = AllocState[d["state"]]
+        d["request_hash"] = bytes(d["request_hash"])
+        d["request"] = bytes(d["request"])
+        if isinstance(d["assignments"], str):
+            d["assignments"] = json.loads(d["assignments"])
+        return cls(**d)
+
+    def db_values(self) -> tuple:
+        return (self.allocation_id, self.tenant_id, self.request_id, self.request_hash, self.request, self.state.name,
+                self.reason, self.version, self.priority, self.gpu_model, self.gpu_milli_total,
+                json.dumps(self.assignments), self.prepare_attempts, self.release_attempts, self.created_at,
+                self.updated_at, self.running_since, self.stopped_at, self.lease_expires_at, self.queue_deadline,
+                self.next_attempt_at)
+
+    def node_ids(self) -> set[str]:
+        return {a["node_id"] for a in self.assignments}
+
+
+def assignment_pb(a: dict, node_address: str = "") -> common_pb2.GpuAssignment:
+    return common_pb2.GpuAssignment(node_id=a["node_id"], gpu_indices=a["gpu_indices"], gpu_milli=a["gpu_milli"],
+                                    gpu_model=a.get("gpu_model", ""), node_address=node_address,
+                                    cpu_milli=a.get("cpu_milli", 0), memory_mib=a.get("memory_mib", 0))
+
+
+def _transition_payload(row: AllocRow, src: AllocState | None, event: AllocEvent, event_id: int,
+                        at: dt.datetime) -> bytes:
+    return events_pb2.AllocationTransitioned(
+        event_id=event_id, allocation_id=row.allocation_id, tenant_id=row.tenant_id,
+        from_state=src.value if src else 0, to_state=row.state.value, event=event.value, reason=row.reason,
+        at=ts(at), assignments=[assignment_pb(a) for a in row.assignments], version=row.version,
+    ).SerializeToString()
+
+
+def _next_event_ids(conn, n: int) -> list[int]:
+    if n == 0:
+        return []
+    return [r[0] for r in conn.execute(
+        "SELECT nextval('control.allocation_events_event_id_seq') FROM generate_series(1, %s)", (n,))]
+
+
+def insert_new_allocations(conn, items: Iterable[tuple[AllocRow, list[tuple[AllocEvent, AllocState | None]]]]):
+    """Insert brand-new allocations in their first committed state.
+
+    ``items``: (row in its final state, [(event, from_state), …] in order) —
+    e.g. [(ACCEPTED, None), (PLACED, QUEUED)] for a request placed at once.
+    Uses COPY: one round trip per table for the whole batch (group commit).
+    Returns the event ids written, per item.
+    """
+    items = list(items)
+    n_events = sum(len(evs) for _, evs in items)
+    ids = iter(_next_event_ids(conn, n_events))
+    alloc_buf, event_rows, outbox_rows, per_item = [], [], [], []
+    for row, evs in items:
+        alloc_buf.append(row.db_values())
+        mine = []
+        final_state, final_version = row.state, row.version
+        version = final_version - len(evs)
+        state = None
+        for event, src in evs:
+            t = ALLOCATION_TABLE.transition(src, event)
+            version += 1
+            eid = next(ids)
+            mine.append(eid)
+            event_rows.append((eid, row.allocation_id, row.tenant_id, src.name if src else None, t.dst.name,
+                               event.value, row.reason, version, row.updated_at))
+            snap = dataclasses.replace(row, state=t.dst, version=version)
+            outbox_rows.append((TOPIC_ALLOC, row.allocation_id,
+                                _transition_payload(snap, src, event, eid, row.updated_at)))
+            state = t.dst
+        assert state == final_state and version == final_version, "event chain must end in the row's state"
+        per_item.append(mine)
+    cur = conn.cursor()
+    with cur.copy(f"COPY control.allocations ({', '.join(ALLOC_COLUMNS)}) FROM STDIN") as cp:
+        for values in alloc_buf:
+            cp.write_row(values)
+    with cur.copy("COPY control.allocation_events (event_id, allocation_id, tenant_id, from_state, to_state, event,"
+                  " reason, version, at) FROM STDIN") as cp:
+        for values in event_rows:
+            cp.write_row(values)
+    with cur.copy("COPY control.outbox (topic, key, payload) FROM STDIN") as cp:
+        for values in outbox_rows:
+            cp.write_row(values)
+    return per_item
+
+
+def transition_allocation(conn, row: AllocRow, event: AllocEvent, *, at: dt.datetime | None = None,
+                          reason: str | None = None, **changes) -> AllocRow:
+    """Apply one table edge to ``row`` (version-checked) and write event + outbox.
+
+    Raises IllegalTransition when the table has no such edge, and
+    FailedPrecondition when someone else moved the row first.
+    """
+    at = at or utcnow()
+    t = ALLOCATION_TABLE.transition(row.state, event)
+    new = dataclasses.replace(row, state=t.dst, version=row.version + 1, updated_at=at,
+                              reason=reason if reason is not None else event.value, **changes)
+    if t.billing is Billing.START:
+        new.running_since = at
+    elif t.billing is Billing.STOP:
+        new.stopped_at = at
+    cur = conn.execute(
+        "UPDATE control.allocations SET state=%s, reason=%s, version=%s, updated_at=%s, running_since=%s,"
+        " stopped_at=%s, assignments=%s, prepare_attempts=%s, release_attempts=%s, lease_expires_at=%s,"
+        " queue_deadline=%s, next_attempt_at=%s WHERE allocation_id=%s AND version=%s",
+        (new.state.name, new.reason, new.version, new.updated_at, new.running_since, new.stopped_at,
+         json.dumps(new.assignments), new.prepare_attempts, new.release_attempts, new.lease_expires_at,
+         new.queue_deadline, new.next_attempt_at, row.allocation_id, row.version))
+    if cur.rowcount != 1:
+        raise FailedPrecondition(f"allocation {row.allocation_id} changed concurrently (expected version "
+                                 f"{row.version})")
+    eid = conn.execute(
+        "INSERT INTO control.allocation_events (allocation_id, tenant_id, from_state, to_state, event, reason,"
+        " version, at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING event_id",
+        (row.allocation_id, row.tenant_id, row.state.name, new.state.name, event.value, new.reason, new.version,
+         at)).fetchone()[0]
+    conn.execute("INSERT INTO control.outbox (topic, key, payload) VALUES (%s, %s, %s)",
+                 (TOPIC_ALLOC, row.allocation_id, _transition_payload(new, row.state, event, eid, at)))
+    return new
+
+
+def load_allocation(conn, allocation_id: str, *, for_update: bool = False) -> AllocRow | None:
+    try:
+        uuid.UUID(allocation_id)
+    except (ValueError, TypeError, AttributeError):
+        return None
+    rec = conn.execute(f"SELECT {', '.join(ALLOC_COLUMNS)} FROM control.allocations WHERE allocation_id = %s"
+                       + (" FOR UPDATE" if for_update else ""), (allocation_id,)).fetchone()
+    return AllocRow.from_db(rec) if rec else None
+
+
+def load_allocations(conn, where: str = "", params: tuple = ()) -> list[AllocRow]:
+    sql = f"SELECT {', '.join(ALLOC_COLUMNS)} FROM control.allocations"
+    if where:
+        sql += " WHERE " + where
+    return [AllocRow.from_db(r) for r in conn.execute(sql, params)]
+
+
+# ---------------------------------------------------------------- nodes
+
+
+def _node_event(conn, node_id: str, gpu_index: int | None, src, dst, event, reason: str, automatic: bool,
+                at: dt.datetime) -> None:
+    eid = conn.execute(
+        "INSERT INTO control.node_events (node_id, gpu_index, from_state, to_state, event, reason, automatic, at)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING event_id",
+        (node_id, gpu_index, src.name if src else None, dst.name, event.value, reason, automatic, at)).fetchone()[0]
+    payload = events_pb2.NodeTransitioned(
+        event_id=eid, node_id=node_id, from_state=src.value if (src and gpu_index is None) else 0,
+        to_state=dst.value if gpu_index is None else 0, event=event.value, reason=reason, at=ts(at),
+        gpu_index=gpu_index if gpu_index is not None else -1, automatic=automatic)
+    conn.execute("INSERT INTO control.outbox (topic, key, payload) VALUES (%s, %s, %s)",
+                 (TOPIC_NODE, node_id, payload.SerializeToString()))
+
+
+def node_state(conn, node_id: str) -> NodeState | None:
+    r = conn.execute("SELECT state FROM control.nodes WHERE node_id = %s FOR UPDATE", (node_id,)).fetchone()
+    return NodeState[r[0]] if r else None
+
+
+def register_node(conn, node_id: str, address: str, inventory, inventory_bytes: bytes,
+                  at: dt.datetime | None = None) -> tuple[NodeState | None, NodeState]:
+    """Insert or refresh a node from its inventory; applies REGISTERED. Returns (from, to)."""
+    at = at or utcnow()
+    src = node_state(conn, node_id)
+    t = NODE_TABLE.transition(src, NodeEvent.REGISTERED)
+    labels = json.dumps(dict(inventory.labels))
+    if src is None:
+        conn.execute(
+            "INSERT INTO control.nodes (node_id, address, state, backend, simulated, cpu_milli, memory_mib, labels,"
+            " inventory, registered_at, last_seen_at, updated_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+            (node_id, address, t.dst.name, inventory.backend, inventory.simulated, inventory.cpu_milli,
+             inventory.memory_mib, labels, inventory_bytes, at, at, at))
+    else:
+        conn.execute(
+            "UPDATE control.nodes SET address=%s, state=%s, version=version+1, backend=%s, simulated=%s,"
+            " cpu_milli=%s, memory_mib=%s, labels=%s, inventory=%s, last_seen_at=%s, updated_at=%s"
+            " WHERE node_id=%s",
+            (address, t.dst.name, inventory.backend, inventory.simulated, inventory.cpu_milli, inventory.memory_mib,
+             labels, inventory_bytes, at, at, node_id))
+    existing = {r[0] for r in conn.execute("SELECT gpu_index FROM control.gpus WHERE node_id=%s", (node_id,))}
+    for g in inventory.gpus:
+        if g.index in existing:
+            conn.execute("UPDATE control.gpus SET uuid=%s, model=%s, memory_mib=%s, nvlink_island=%s, updated_at=%s"
+                         " WHERE node_id=%s AND gpu_index=%s",
+                         (g.uuid, g.model, g.memory_mib, g.nvlink_island, at, node_id, g.index))
+        else:
+            gt = GPU_TABLE.transition(None, GpuEvent.DISCOVERED)
+            conn.execute("INSERT INTO control.gpus (node_id, gpu_index, uuid, model, memory_mib, nvlink_island,"
+                         " state, updated_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
+                         (node_id, g.index, g.uuid, g.model, g.memory_mib, g.nvlink_island, gt.dst.name, at))
+            _node_event(conn, node_id, g.index, None, gt.dst, GpuEvent.DISCOVERED, "", True, at)
+    if src != t.dst:
+        _node_event(conn, node_id, None, src, t.dst, NodeEvent.REGISTERED, "", True, at)
+    return src, t.dst
+
+
+def transition_node(conn, node_id: str, event: NodeEvent, *, reason: str = "", at: dt.datetime | None = None
+                    ) -> tuple[NodeState, NodeState]:
+    at = at or utcnow()
+    src = node_state(conn, node_id)
+    if src is None:
+        from gpuaas.errors import NotFound
+        raise NotFound(f"node {node_id} not found")
+    t = NODE_TABLE.transition(src, event)
+    conn.execute("UPDATE control.nodes SET state=%s, version=version+1, updated_at=%s WHERE node_id=%s",
+                 (t.dst.name, at, node_id))
+    _node_event(conn, node_id, None, src, t.dst, event, reason, t.automatic, at)
+    return src, t.dst
+
+
+def transition_gpu(conn, node_id: str, gpu_index: int, event: GpuEvent, *, reason: str = "",
+                   at: dt.datetime | None = None) -> tuple[GpuState, GpuState]:
+    at = at or utcnow()
+    r = conn.execute("SELECT state FROM control.gpus WHERE node_id=%s AND gpu_index=%s FOR UPDATE",
+                     (node_id, gpu_index)).fetchone()
+    if r is None:
+        from gpuaas.errors import NotFound
+        raise NotFound(f"GPU {node_id}/{gpu_index} not found")
+    src = GpuState[r[0]]
+    t = GPU_TABLE.transition(src, event)
+    conn.execute("UPDATE control.gpus SET state=%s, reason=%s, version=version+1, updated_at=%s"
+                 " WHERE node_id=%s AND gpu_index=%s", (t.dst.name, reason, at, node_id, gpu_index))
+    _node_event(conn, node_id, gpu_index, src, t.dst, event, reason, t.automatic, at)
+    return src, t.dst

@@ -1,0 +1,33 @@
+"""Control-plane configuration: one typed, keyword-only object, units last."""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ControlPlaneConfig:
+    listen: str = "127.0.0.1:50051"
+    # Placement policy name (scheduler.PolicyName member name, case-insensitive).
+    policy: str = "default"
+    node_shards: int = 1
+    allocation_shards: int = 2
+    # Group commit: the placement actor decides and commits up to this many
+    # requests per transaction; it never waits to fill a batch.
+    batch_size_max: int = 4096
+    place_batch_items_max: int = 10_000
+    grpc_workers: int = 32
+    grpc_message_bytes_max: int = 32 * 1024 * 1024
+    telemetry_interval_ms: int = 1000
+    # Node heartbeat = telemetry. Silent past grace → SUSPECT; past offline → OFFLINE.
+    heartbeat_grace_s: float = 3.0
+    heartbeat_offline_s: float = 10.0
+    health_tick_s: float = 0.25
+    prepare_attempts_max: int = 3
+    release_attempts_max: int = 5
+    cleanup_backoff_base_s: float = 0.2
+    cleanup_backoff_max_s: float = 10.0
+    rpc_timeout_s: float = 5.0
+    queue_timeout_default_s: int = 3600
+    lease_s_max: int = 30 * 24 * 3600
+    meter_interval_s: float = 60.0
+    allocation_tick_s: float = 0.2

@@ -1,0 +1,83 @@
+"""actors/store.py against real Postgres: state, event and outbox move together."""
+import datetime as dt
+import uuid
+
+import psycopg
+import pytest
+
+from actors import store
+from actors.store import AllocRow
+from gpuaas.errors import FailedPrecondition
+from gpuaas.lifecycle import AllocEvent, AllocState, IllegalTransition
+from gpuaas.v1 import common_pb2, events_pb2
+
+
+def _row(state=AllocState.PLACED, version=2):
+    req = common_pb2.PlacementRequest(request_id="r-" + uuid.uuid4().hex[:6], gpu_count=2)
+    now = store.utcnow()
+    return AllocRow(allocation_id=str(uuid.uuid4()), tenant_id="acme", request_id=req.request_id,
+                    request_hash=b"h", request=req.SerializeToString(), state=state, version=version,
+                    assignments=[{"node_id": "n1", "gpu_indices": [0, 1], "gpu_milli": 1000, "gpu_model": "H100"}],
+                    created_at=now, updated_at=now)
+
+
+def _counts(conn, aid):
+    ev = conn.execute("SELECT count(*) FROM control.allocation_events WHERE allocation_id=%s", (aid,)).fetchone()[0]
+    ob = conn.execute("SELECT count(*) FROM control.outbox WHERE key=%s", (aid,)).fetchone()[0]
+    return ev, ob
+
+
+def test_new_allocation_and_transitions_write_event_and_outbox(fresh_db):
+    """Each committed transition adds exactly one event row and one outbox row; billing times are set."""
+    with psycopg.connect(fresh_db.app) as conn:
+        row = _row()
+        with conn.transaction():
+            store.insert_new_allocations(conn, [(row, [(AllocEvent.ACCEPTED, None),
+                                                       (AllocEvent.PLACED, AllocState.QUEUED)])])
+        assert _counts(conn, row.allocation_id) == (2, 2)
+        t_run = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
+        with conn.transaction():
+            row = store.transition_allocation(conn, row, AllocEvent.PREPARE_OK, at=t_run)
+        with conn.transaction():
+            row = store.transition_allocation(conn, row, AllocEvent.RELEASE_REQUESTED,
+                                              at=t_run + dt.timedelta(seconds=90))
+        assert _counts(conn, row.allocation_id) == (4, 4)
+        back = store.load_allocation(conn, row.allocation_id)
+        assert back.state is AllocState.RELEASING and back.version == 4
+        assert back.running_since == t_run and back.stopped_at == t_run + dt.timedelta(seconds=90)
+        payloads = [events_pb2.AllocationTransitioned.FromString(p) for (p,) in conn.execute(
+            "SELECT payload FROM control.outbox WHERE key=%s ORDER BY id", (row.allocation_id,))]
+        assert [p.to_state for p in payloads] == [1, 2, 3, 4]
+        assert payloads[2].at.ToDatetime(tzinfo=dt.timezone.utc) == t_run
+        ev_ids = [r[0] for r in conn.execute("SELECT event_id FROM control.allocation_events WHERE allocation_id=%s"
+                                            " ORDER BY event_id", (row.allocation_id,))]
+        assert [p.event_id for p in payloads] == ev_ids
+
+
+def test_illegal_transition_writes_nothing(fresh_db):
+    """An edge missing from the table raises and leaves row, events and outbox untouched."""
+    with psycopg.connect(fresh_db.app) as conn:
+        row = _row()
+        with conn.transaction():
+            store.insert_new_allocations(conn, [(row, [(AllocEvent.ACCEPTED, None),
+                                                       (AllocEvent.PLACED, AllocState.QUEUED)])])
+        with pytest.raises(IllegalTransition):
+            with conn.transaction():
+                store.transition_allocation(conn, row, AllocEvent.CLEANUP_OK)
+        assert _counts(conn, row.allocation_id) == (2, 2)
+        assert store.load_allocation(conn, row.allocation_id).state is AllocState.PLACED
+
+
+def test_stale_version_is_refused_and_rolls_back(fresh_db):
+    """Two writers racing on one allocation: the second (stale version) fails and writes nothing."""
+    with psycopg.connect(fresh_db.app) as conn:
+        row = _row()
+        with conn.transaction():
+            store.insert_new_allocations(conn, [(row, [(AllocEvent.ACCEPTED, None),
+                                                       (AllocEvent.PLACED, AllocState.QUEUED)])])
+        with conn.transaction():
+            store.transition_allocation(conn, row, AllocEvent.PREPARE_OK)
+        with pytest.raises(FailedPrecondition):
+            with conn.transaction():
+                store.transition_allocation(conn, row, AllocEvent.RELEASE_REQUESTED)
+        assert _counts(conn, row.allocation_id) == (3, 3)
