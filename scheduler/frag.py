@@ -1,0 +1,84 @@
+"""Expected GPU fragmentation of a node, measured against a workload's typical tasks.
+
+From the FGD paper (Weng et al., USENIX ATC'23): for every typical task t
+(frequency p_t) a node's free GPU milli counts as fragmented when t could not
+use it: all of it when t cannot run on the node at all (model, CPU, too few
+GPUs), otherwise the free milli of the GPUs too small for t's share.
+
+We use the equivalent form  F = total_free − Σ_t p_t·ok_t·usable_t,  grouped
+by the distinct per-GPU demand u of the typical tasks, so that one pass over
+each u serves every task with that u:
+
+    F = total − Σ_u usable_u · W[model, u, min(count_u, G), cpu_idx(cpu_left)]
+
+with count_u / usable_u the number / free milli of GPUs with ≥ u free, and W
+the summed frequency of tasks with demand u that need ≤ count_u GPUs and
+≤ cpu_left CPU on a node of that model.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import numpy as np
+
+from scheduler.types import MILLI
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskShape:
+    cpu_milli: int
+    num_gpu: int
+    gpu_milli: int            # per GPU
+    models: tuple[str, ...] = ()
+
+
+def typical_shapes(shapes: list[TaskShape], *, coverage: float = 0.95) -> list[tuple[TaskShape, float]]:
+    """The most frequent GPU task shapes covering ``coverage`` of GPU tasks, with normalised frequencies."""
+    counts = Counter(s for s in shapes if s.num_gpu > 0 and s.gpu_milli > 0)
+    total = sum(counts.values())
+    if not total:
+        return []
+    ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0].cpu_milli, kv[0].gpu_milli, kv[0].num_gpu,
+                                                      kv[0].models))
+    out, cum = [], 0
+    for shape, c in ordered:
+        if cum >= coverage * total:
+            break
+        out.append((shape, c))
+        cum += c
+    return [(s, c / cum) for s, c in out]
+
+
+class FragModel:
+    def __init__(self, typical: list[tuple[TaskShape, float]], model_id: dict[str, int], gpus_max: int):
+        self.typical = typical
+        self.G = max(1, gpus_max)
+        self.u_vals = np.array(sorted({s.gpu_milli for s, _ in typical}) or [MILLI], dtype=np.int64)
+        self.cpu_thr = np.array(sorted({s.cpu_milli for s, _ in typical}) or [0], dtype=np.int64)
+        typed = any(s.models for s, _ in typical)
+        M = max(1, len(model_id)) if typed else 1
+        self.typed = typed
+        W = np.zeros((M, len(self.u_vals), self.G + 1, len(self.cpu_thr) + 1))
+        for s, p in typical:
+            ui = int(np.searchsorted(self.u_vals, s.gpu_milli))
+            ci = int(np.searchsorted(self.cpu_thr, s.cpu_milli)) + 1
+            ms = range(M) if not s.models else [model_id[m] for m in s.models if m in model_id]
+            if s.num_gpu > self.G:
+                continue  # never fits a node of this cluster: it only ever sees fragments
+            for m in ms:
+                W[m, ui, s.num_gpu:, ci:] += p
+        self.W = W
+
+    def frag(self, cpu_left: np.ndarray, gfree: np.ndarray, model: np.ndarray) -> np.ndarray:
+        """Expected fragmented GPU milli of each node state (rows of ``gfree``, unusable GPUs as 0)."""
+        total = gfree.sum(axis=1).astype(float)
+        ci = np.searchsorted(self.cpu_thr, cpu_left, side="right")
+        m = model if self.typed else 0
+        F = total
+        for ui in range(len(self.u_vals)):
+            ge = gfree >= self.u_vals[ui]
+            cnt = np.minimum(ge.sum(axis=1), self.G)
+            usable = (gfree * ge).sum(axis=1)
+            F = F - usable * self.W[m, ui, cnt, ci]
+        return F

@@ -1,0 +1,189 @@
+"""The fast policy's index: buckets of nodes by free whole GPUs and of GPUs by free share.
+
+    whole[model][k]   nodes with exactly k entirely free, healthy GPUs of that model
+    share[model][b]   partly used healthy GPUs whose free milli lies in [b·50, b·50+50)
+
+Best fit without scanning the cluster: a k-GPU request looks at buckets
+k, k+1, …; a share looks at the share buckets from its size upwards and then
+at a free GPU on the node with the fewest free GPUs. Each reservation and
+release moves a node or a GPU between buckets in O(1). The scan is bounded
+(``SCAN_MAX``); past it, or when the request needs the general pipeline
+(selectors on every node, topology, CPU-only), the engine falls back to the
+exhaustive filter → score path, which is also what explains a failure.
+Nodes with GPUs of several models are left to that path.
+"""
+from __future__ import annotations
+
+from scheduler.types import MILLI, Assignment
+
+SHARE_BUCKET_MILLI = 50
+SHARE_BUCKETS = MILLI // SHARE_BUCKET_MILLI
+SCAN_MAX = 512
+GPU_BITS = 8
+
+
+class FastIndex:
+    def __init__(self, engine):
+        self.engine = engine
+        self.c = engine.cluster
+        self.whole: list[list[dict]] = []    # [model][k] → {node: None}
+        self.share: list[list[dict]] = []    # [model][bucket] → {node<<8|gpu: None}
+        self.full: dict[int, int] = {}       # node → its k (indexed nodes only)
+        self.model: dict[int, int] = {}      # node → its single model
+
+    # ------------------------------------------------------------ maintenance
+
+    def _grow(self, mid: int) -> None:
+        G = max(self.c.gpus_max, 1)
+        while len(self.whole) <= mid:
+            self.whole.append([{} for _ in range(G + 1)])
+            self.share.append([{} for _ in range(SHARE_BUCKETS)])
+        for lst in self.whole:
+            while len(lst) <= G:
+                lst.append({})
+
+    def node_gone(self, n: int) -> None:
+        m = self.model.pop(n, None)
+        if m is None:
+            return
+        k = self.full.pop(n)
+        self.whole[m][k].pop(n, None)
+        for g, f in enumerate(self.c.gpu_free[n]):
+            if 0 < f < MILLI:
+                self.share[m][f // SHARE_BUCKET_MILLI].pop(n << GPU_BITS | g, None)
+
+    def node_changed(self, n: int) -> None:
+        self.node_gone(n)
+        c = self.c
+        if not (c.alive[n] and c.schedulable[n]) or not c.gpu_free[n]:
+            return
+        models = set(c.gpu_model[n])
+        if len(models) != 1:
+            return
+        (m,) = models
+        self._grow(m)
+        healthy = c.gpu_healthy[n]
+        k = 0
+        for g, f in enumerate(c.gpu_free[n]):
+            if not healthy[g]:
+                continue
+            if f == MILLI:
+                k += 1
+            elif f > 0:
+                self.share[m][f // SHARE_BUCKET_MILLI][n << GPU_BITS | g] = None
+        self.model[n] = m
+        self.full[n] = k
+        self.whole[m][k][n] = None
+
+    def gpus_changed(self, n: int, gpus, delta: int) -> None:
+        m = self.model.get(n)
+        if m is None:
+            return
+        row = self.c.gpu_free[n]
+        healthy = self.c.gpu_healthy[n]
+        share = self.share[m]
+        k = k0 = self.full[n]
+        for g in gpus:
+            if not healthy[g]:
+                continue
+            new = row[g]
+            old = new - delta
+            if old == MILLI:
+                k -= 1
+            elif old > 0:
+                share[old // SHARE_BUCKET_MILLI].pop(n << GPU_BITS | g, None)
+            if new == MILLI:
+                k += 1
+            elif new > 0:
+                share[new // SHARE_BUCKET_MILLI][n << GPU_BITS | g] = None
+        if k != k0:
+            w = self.whole[m]
+            del w[k0][n]
+            w[k][n] = None
+            self.full[n] = k
+
+    def check(self) -> None:
+        """Rebuild from scratch and compare (invariant check)."""
+        shadow = FastIndex(self.engine)
+        for n in range(len(self.c.ids)):
+            shadow.node_changed(n)
+        assert shadow.full == self.full, "fast index: whole-GPU buckets drifted"
+        mine = [[set(b) for b in bs] for bs in self.share]
+        theirs = [[set(b) for b in bs] for bs in shadow.share]
+        assert mine[:len(theirs)] == theirs and all(not any(bs) for bs in mine[len(theirs):]), \
+            "fast index: share buckets drifted"
+
+    # ------------------------------------------------------------ placement
+
+    def place(self, req) -> Assignment | None:
+        """Best fit through the buckets; reserves and returns the assignment, or None to fall back."""
+        milli = req.gpu_milli
+        if 0 < milli < MILLI:
+            num = 1
+        elif req.num_gpu > 0:
+            num, milli = req.num_gpu, MILLI
+        else:
+            return None
+        eng = self.engine
+        if req.gpu_models:
+            mids = [eng.cluster.model_id[x] for x in req.gpu_models if x in eng.cluster.model_id]
+        else:
+            mids = range(len(self.whole))
+        if eng.quota and eng._has_quota(req.tenant):
+            demand = num * milli
+            mids = [m for m in mids if eng._quota_left(req.tenant, m) >= demand]
+        mids = [m for m in mids if m < len(self.whole)]
+        if not mids:
+            return None
+        c = self.c
+        cpu_free, mem_free = c.cpu_free, c.mem_free
+        cpu, mem, sel = req.cpu_milli, req.memory_mib, req.node_selector
+        budget = SCAN_MAX
+        if milli < MILLI:
+            gpu_free = c.gpu_free
+            for b in range(milli // SHARE_BUCKET_MILLI, SHARE_BUCKETS):
+                for m in mids:
+                    for key in self.share[m][b]:
+                        n = key >> GPU_BITS
+                        g = key & 0xFF
+                        if gpu_free[n][g] >= milli and cpu_free[n] >= cpu and mem_free[n] >= mem and (
+                                not sel or _match(c.labels[n], sel)):
+                            return self._take(n, (g,), milli, req)
+                        budget -= 1
+                        if budget <= 0:
+                            return None
+        G = len(self.whole[mids[0]]) - 1
+        for k in range(num, G + 1):
+            for m in mids:
+                for n in self.whole[m][k]:
+                    if cpu_free[n] >= cpu and mem_free[n] >= mem and (not sel or _match(c.labels[n], sel)):
+                        return self._take(n, self._pick(n, num), milli, req)
+                    budget -= 1
+                    if budget <= 0:
+                        return None
+        return None
+
+    def _pick(self, n: int, num: int) -> tuple[int, ...]:
+        c = self.c
+        row, healthy, isl = c.gpu_free[n], c.gpu_healthy[n], c.gpu_island[n]
+        gs = [g for g in range(len(row)) if row[g] == MILLI and healthy[g]]
+        if num == len(gs):
+            return tuple(gs)
+        if isl[0] == isl[-1] and len(set(isl)) == 1:
+            return tuple(gs[:num])
+        from scheduler.engine import pick_islands
+
+        return pick_islands(gs, isl, num, False)
+
+    def _take(self, n: int, gpus: tuple[int, ...], milli: int, req) -> Assignment:
+        c = self.c
+        a = Assignment(c.ids[n], gpus, milli, req.cpu_milli, req.memory_mib)
+        self.engine._take_raw(n, a, req.tenant)
+        return a
+
+
+def _match(labels: dict, sel) -> bool:
+    for k, v in sel.items():
+        if labels.get(k) != v:
+            return False
+    return True

@@ -1,0 +1,48 @@
+"""Score: fragmentation gradient descent, the FGD paper's policy.
+
+Score = ⌊100·sigmoid((F_before − F_after)/1000)⌋ where F is the node's expected
+fragmentation against the typical tasks (scheduler/frag.py). A share picks,
+on each node, the GPU with the best score (lowest index on ties); whole GPUs
+take the lowest-indexed free ones, as in the paper's simulator.
+"""
+import numpy as np
+
+from scheduler.types import MILLI, PolicyName
+
+NAME = "FGD"
+POLICY = PolicyName.FGD
+
+
+def deltas(a, need, cand, ctx):
+    """(F_before − F_after) per candidate (whole) or per candidate × GPU (share; −inf where it cannot go)."""
+    fm = ctx.frag_model()
+    usable = a["gusable"][cand]
+    gfree = a["gfree"][cand] * usable
+    cpu = a["cpu_free"][cand]
+    model = a["gmodel"][cand, 0]
+    before = fm.frag(cpu, gfree, model)
+    if need.milli <= 0:
+        return before - fm.frag(cpu - need.cpu, gfree, model)
+    if need.milli >= MILLI:
+        full = (gfree == MILLI) & ctx.model_ok(a, need)[cand]
+        take = full & (np.cumsum(full, axis=1) <= need.num)
+        return before - fm.frag(cpu - need.cpu, np.where(take, 0, gfree), model)
+    C, G = gfree.shape
+    fits = (gfree >= need.milli) & ctx.model_ok(a, need)[cand] & usable
+    after = np.repeat(gfree[:, None, :], G, axis=1) - need.milli * np.eye(G, dtype=np.int64)[None, :, :]
+    fa = fm.frag(np.repeat(cpu - need.cpu, G), after.reshape(C * G, G), np.repeat(model, G)).reshape(C, G)
+    return np.where(fits, before[:, None] - fa, -np.inf)
+
+
+def quantise(d):
+    with np.errstate(over="ignore"):
+        return np.floor(100.0 / (1.0 + np.exp(-d / 1000.0))).astype(np.int64)
+
+
+def score(a, need, cand, ctx):
+    d = deltas(a, need, cand, ctx)
+    if d.ndim == 1:
+        return quantise(d)
+    q = np.where(np.isfinite(d), quantise(np.where(np.isfinite(d), d, 0.0)), -1)
+    ctx.gpu_hint = q.argmax(axis=1)  # first GPU with the best integer score, per candidate
+    return q.max(axis=1)
