@@ -1,0 +1,84 @@
+"""Telemetry streams: bounded per-stream buffers, drop-oldest with a count, faults never dropped."""
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from gpuaas.v1 import node_pb2, node_pb2_grpc
+from node_daemon.backend import GpuSample, XidRecord
+from node_daemon.telemetry import Frame, StreamBuffer
+from tests.node_daemon.conftest import drop_fault
+
+# A client whose HTTP/2 window is tiny, so the transport cannot hide a slow reader.
+SLOW_CLIENT = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
+
+
+def _frame(seq, xids=()):
+    return Frame(seq, float(seq), [GpuSample(index=0, uuid="u")], list(xids))
+
+
+def test_buffer_drops_oldest_and_counts():
+    """A full buffer drops its oldest frame; the next delivered frame carries how many were dropped."""
+    b = StreamBuffer(3)
+    for s in range(1, 11):
+        b.put(_frame(s))
+    assert len(b) == 3
+    got = [b.get(0) for _ in range(3)]
+    assert [f.seq for f in got] == [8, 9, 10]
+    assert [f.dropped_frames for f in got] == [7, 0, 0]
+    assert b.get(0) is None and b.dropped_total == 7
+
+
+def test_buffer_carries_xids_of_dropped_frames_forward():
+    """XID events in a dropped frame move to the next frame: a slow consumer loses samples, never faults."""
+    b = StreamBuffer(2)
+    b.put(_frame(1, [XidRecord(0, 79, 1.0)]))
+    b.put(_frame(2))
+    b.put(_frame(3, [XidRecord(1, 48, 3.0)]))  # drops 1 → its XID moves into 2
+    b.put(_frame(4))  # drops 2 → XIDs 79 move into 3
+    f3, f4 = b.get(0), b.get(0)
+    assert f3.seq == 3 and [x.xid for x in f3.xids] == [79, 48] and f3.dropped_frames == 2
+    assert f4.xids == []
+
+
+def test_slow_consumer_drops_frames_and_memory_stays_bounded(daemon_factory):
+    """A consumer that stops reading makes the daemon drop old frames (counted in dropped_frames, seq gaps match)
+    while its buffer never exceeds buffer_frames_max; an XID injected meanwhile still arrives."""
+    d = daemon_factory(gpus=64)
+    stub = node_pb2_grpc.NodeAgentStub(grpc.insecure_channel(d.address, options=SLOW_CLIENT))
+    call = stub.StreamTelemetry(node_pb2.StreamTelemetryRequest(interval_ms=50, buffer_frames_max=4), timeout=30)
+    it = iter(call)
+    frames = [next(it)]
+    lengths = []
+    drop_fault(d, {"fault": "xid", "gpu": 5, "xid": 94})
+    for _ in range(25):  # 2.5 s without reading: ~50 frames produced
+        time.sleep(0.1)
+        lengths += [len(b) for b in d.servicer.buffers]
+    assert lengths and max(lengths) <= 4
+    frames += [next(it) for _ in range(12)]
+    call.cancel()
+    assert sum(f.dropped_frames for f in frames) >= 20
+    for a, b in zip(frames, frames[1:]):
+        assert b.seq - a.seq - 1 == b.dropped_frames, (a.seq, b.seq, b.dropped_frames)
+    xids = [(x.gpu_index, x.xid) for f in frames for x in f.xid_events]
+    assert xids == [(5, 94)]
+
+
+def test_many_streams_share_one_sampler(daemon_factory):
+    """Several concurrent streams at 50 ms do not multiply backend sampling (the hub caches a snapshot)."""
+    d = daemon_factory(gpus=8)
+    stub = node_pb2_grpc.NodeAgentStub(grpc.insecure_channel(d.address))
+    calls = [stub.StreamTelemetry(node_pb2.StreamTelemetryRequest(interval_ms=50), timeout=10) for _ in range(4)]
+    its = [iter(c) for c in calls]
+    before = d.hub.stats["samples"]
+    t0 = time.monotonic()
+    for _ in range(10):
+        for it in its:
+            next(it)
+    elapsed = time.monotonic() - t0
+    for c in calls:
+        c.cancel()
+    samples = d.hub.stats["samples"] - before
+    # 4 streams × 10 frames = 40 frames, sampled from about elapsed/25ms snapshots at most, not 40 × 4
+    assert samples <= elapsed / 0.025 + 4 and samples < 40, (samples, elapsed)
