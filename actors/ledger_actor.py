@@ -1,0 +1,101 @@
+"""LedgerActor: the Ray host of ledger.consumer.LedgerConsumer.
+
+A thin shell: a background thread polls the outbox every ``poll_interval_s``
+(bounded batches) and closes metering intervals as they come due (lagging
+the wall clock by ``close_lag_s`` so a stop committed a little late rarely
+needs a correction). Every call and the loop share one lock, because the
+consumer owns one connection. All logic and its tests live in ledger/.
+
+    LedgerActor.options(name="ledger", namespace="gpuaas", max_restarts=-1).remote(app_url, meter_interval_s=60.0)
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import threading
+import time
+
+import ray
+
+from ledger.consumer import LedgerConsumer, now_us
+from ledger.store import to_us
+
+log = logging.getLogger("gpuaas.ledger.actor")
+
+polls_per_wake_max = 20
+backoff_s_max = 5.0
+
+
+def _as_us(t) -> int | None:
+    """datetime | seconds (float) | microseconds (int, > 1e14) | None → µs since the epoch."""
+    if t is None:
+        return None
+    if isinstance(t, dt.datetime):
+        return to_us(t)
+    if isinstance(t, int) and t > 10**14:
+        return t
+    return int(round(float(t) * 1_000_000))
+
+
+@ray.remote(num_cpus=0)
+class LedgerActor:
+    def __init__(self, app_url: str, meter_interval_s: float = 60.0, *, poll_interval_s: float = 0.2,
+                 batch_size_max: int = 1000, close_lag_s: float = 2.0):
+        logging.basicConfig(level=logging.INFO)
+        self._consumer = LedgerConsumer(app_url, meter_interval_s=meter_interval_s, batch_size_max=batch_size_max)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._poll_interval_s = poll_interval_s
+        self._close_lag_us = int(close_lag_s * 1_000_000)
+        self._loop_errors = 0
+        with self._lock:
+            self._consumer.open()  # recovery: cursor + open meters from the ledger
+        self._thread = threading.Thread(target=self._run, name="ledger-poll", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        backoff_s = self._poll_interval_s
+        while not self._stop.wait(backoff_s):
+            try:
+                with self._lock:
+                    for _ in range(polls_per_wake_max):
+                        if self._consumer.poll_once() < self._consumer.batch_size_max:
+                            break
+                    horizon = now_us() - self._close_lag_us
+                    due = self._consumer.next_close_due_us()
+                    if due is not None and due <= horizon:
+                        self._consumer.close_intervals(horizon)
+                backoff_s = self._poll_interval_s
+            except Exception:  # noqa: BLE001 — the loop must survive a bad moment of the database
+                self._loop_errors += 1
+                log.exception("ledger poll failed; retrying in %.1fs", backoff_s)
+                backoff_s = min(backoff_s_max, backoff_s * 2)
+
+    def _locked(self, fn, *args):
+        with self._lock:
+            return fn(*args)
+
+    async def flush(self, timeout_s: float = 10.0) -> dict:
+        """Deliver every outbox row up to the current max id; does not close running intervals."""
+        return await asyncio.to_thread(self._locked, self._consumer.flush, timeout_s)
+
+    async def close_intervals(self, now=None) -> int:
+        """Close every running allocation's full intervals ending at or before ``now`` (default: the clock)."""
+        return await asyncio.to_thread(self._locked, self._consumer.close_intervals, _as_us(now))
+
+    async def record_telemetry(self, allocation_id: str, util_pct_avg: float, energy_j: float, window_start,
+                               window_end) -> None:
+        """One telemetry window of an allocation (datetimes, epoch seconds or µs)."""
+        await asyncio.to_thread(self._locked, self._consumer.record_telemetry, allocation_id, util_pct_avg,
+                                energy_j, _as_us(window_start), _as_us(window_end))
+
+    async def stats(self) -> dict:
+        out = await asyncio.to_thread(self._locked, self._consumer.stats)
+        out["loop_errors"] = self._loop_errors
+        return out
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.to_thread(self._thread.join, 10)
+        await asyncio.to_thread(self._locked, self._consumer.close)

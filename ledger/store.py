@@ -1,0 +1,488 @@
+"""The single write path of the ledger: batched, hash-chained, idempotent.
+
+    caller transaction ─► lock() ─► append_usage(rows) ─┬─► validate every row (nothing written on error)
+                                                        ├─► encode + chain + COPY binary usage_entries
+                                                        └─► rate + chain + COPY binary billing_entries
+                          COMMIT (one per batch; an error anywhere rolls back all of it)
+
+One writer at a time: ``lock()`` takes a transaction-scoped advisory lock, so
+the chain head read under it stays the head until COMMIT and ids stay
+contiguous. Idempotency keys: usage (allocation_id, seq, replica, kind), billing
+(usage_entry_id, side), meter events (event_id), prices (gpu_model,
+effective_from). A replayed entry with the same body is counted as ``exists``;
+a different body raises ``IdempotencyConflict`` naming the field.
+
+Times are integers: microseconds since the Unix epoch (``*_us``). Money is
+integer micro-units. Quantities are gpu-milli-microseconds.
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+from typing import NamedTuple, Sequence
+
+import psycopg
+
+from ledger import chain
+from ledger.chain import (BILLING_ENTRIES, BILLING_FIXED, I64_FIELD, METER_EVENTS, NULL_FIELD,
+                          PG_EPOCH_OFFSET_US, PRICE_BOOK, USAGE_ENTRIES, USAGE_FIXED, ChainedTable)
+from ledger.errors import IdempotencyConflict, InvalidEntry
+
+log = logging.getLogger("gpuaas.ledger.store")
+
+WRITER_LOCK = 0x6C656467  # "ledg"
+USAGE, REVERSAL, CORRECTION = 0, 1, 2
+DEBIT, CREDIT = 1, 2
+START, STOP = 1, 2
+MILLI_US_PER_GPU_HOUR = 1000 * 3600 * 1_000_000
+batch_rows_max = 100_000
+
+
+class UsageRow(NamedTuple):
+    """One metered interval of one allocation replica (input of append_usage)."""
+    allocation_id: str
+    seq: int
+    replica: int
+    kind: int           # USAGE or CORRECTION (reversals go through reverse_usage)
+    start_us: int
+    end_us: int
+    gpu_count: int
+    gpu_milli: int      # share of each GPU, 1..1000
+    tenant_id: str
+    node_id: str
+    gpu_model: str
+    util_bp: int = 0    # average utilization, basis points (0..10000)
+    energy_mj: int = 0  # millijoules
+
+    @property
+    def key(self) -> str:
+        return f"{self.allocation_id}/{self.seq}/{self.replica}/{self.kind}"
+
+
+class MeterEvent(NamedTuple):
+    event_id: int
+    allocation_id: str
+    kind: int           # START or STOP
+    at_us: int
+    outbox_id: int
+    tenant_id: str
+    event: str
+    replicas: tuple     # ((node_id, gpu_model, gpu_count, gpu_milli), ...) for START, () for STOP
+
+
+class Price(NamedTuple):
+    price_id: int
+    gpu_model: str
+    currency: str
+    micros_per_gpu_hour: int
+    effective_from_us: int
+
+
+@dataclasses.dataclass
+class AppendResult:
+    written: int = 0
+    exists: int = 0
+    billing_written: int = 0
+
+    def __iadd__(self, other: "AppendResult") -> "AppendResult":
+        self.written += other.written
+        self.exists += other.exists
+        self.billing_written += other.billing_written
+        return self
+
+
+def to_us(t: dt.datetime) -> int:
+    if t.tzinfo is None:
+        raise ValueError("naive datetime: ledger times are timezone-aware")
+    d = t - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+    return (d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds
+
+
+def from_us(us: int) -> dt.datetime:
+    return dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=us)
+
+
+def rate(gpu_milli_us: int, micros_per_gpu_hour: int) -> int:
+    """Amount in micro-units, rounded half up (exact integer arithmetic)."""
+    return (gpu_milli_us * micros_per_gpu_hour + MILLI_US_PER_GPU_HOUR // 2) // MILLI_US_PER_GPU_HOUR
+
+
+def tenant_account(tenant_id: str, currency: str) -> str:
+    return f"tenant:{tenant_id}:{currency}"
+
+
+def revenue_account(currency: str) -> str:
+    return f"revenue:{currency}"
+
+
+def replicas_json(replicas) -> str:
+    return json.dumps([list(r) for r in replicas], separators=(",", ":"))
+
+
+class LedgerStore:
+    """Writes ledger rows on one connection, inside the caller's transaction."""
+
+    def __init__(self, conn: psycopg.Connection):
+        self.conn = conn
+        self._tenants: set[str] = set()
+        self._prices: dict[str, list[Price]] = {}
+        self._accounts: set[str] = set()
+        self._text_cache: dict[str, bytes] = {}
+
+    # ------------------------------------------------------------ reference data
+
+    def lock(self) -> None:
+        """Serialize ledger writers until this transaction ends."""
+        self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITER_LOCK,))
+
+    def head(self, table: ChainedTable) -> tuple[int, bytes]:
+        r = self.conn.execute(f"SELECT id, hash FROM {table.qualified} ORDER BY id DESC LIMIT 1").fetchone()
+        return (r[0], bytes(r[1])) if r else (0, table.genesis)
+
+    def tenant_known(self, tenant_id: str) -> bool:
+        if tenant_id not in self._tenants:
+            self._tenants = {r[0] for r in self.conn.execute("SELECT tenant_id FROM iam.tenants")}
+        return tenant_id in self._tenants
+
+    def reload_prices(self) -> None:
+        prices: dict[str, list[Price]] = {}
+        for pid, model, cur, micros, eff in self.conn.execute(
+                "SELECT id, gpu_model, currency, micros_per_gpu_hour, effective_from FROM ledger.price_book"
+                " ORDER BY gpu_model, effective_from"):
+            prices.setdefault(model, []).append(Price(pid, model, cur, micros, to_us(eff)))
+        self._prices = prices
+
+    def price_at(self, gpu_model: str, at_us: int) -> Price | None:
+        """The price version in force at ``at_us`` (latest effective_from <= at)."""
+        for attempt in (0, 1):
+            versions = self._prices.get(gpu_model)
+            if versions:
+                i = bisect.bisect_right([p.effective_from_us for p in versions], at_us) - 1
+                if i >= 0:
+                    return versions[i]
+            if attempt == 0:
+                self.reload_prices()
+        return None
+
+    def _ensure_accounts(self, tenants_currencies: set[tuple[str, str]]) -> None:
+        want = []
+        for tenant, cur in tenants_currencies:
+            for acc, kind, t in ((tenant_account(tenant, cur), "tenant", tenant), (revenue_account(cur), "revenue", None)):
+                if acc not in self._accounts:
+                    want.append((acc, kind, t, cur))
+        if not want:
+            return
+        with self.conn.cursor() as cur:
+            cur.executemany("INSERT INTO ledger.accounts (account_id, kind, tenant_id, currency) VALUES (%s, %s, %s, %s)"
+                            " ON CONFLICT (account_id) DO NOTHING", want)
+        self._accounts.update(a for a, *_ in want)
+
+    def _text(self, s: str) -> bytes:
+        b = self._text_cache.get(s)
+        if b is None:
+            if len(self._text_cache) > 100_000:
+                self._text_cache.clear()
+            b = self._text_cache[s] = chain.text_field(s)
+        return b
+
+    def _copy(self, table: ChainedTable, payload: bytes) -> None:
+        with self.conn.cursor() as cur:
+            with cur.copy(f"COPY {table.qualified} ({table.column_list()}) FROM STDIN (FORMAT binary)") as cp:
+                cp.write(payload)
+
+    # ------------------------------------------------------------ usage + billing
+
+    def validate_usage(self, rows: Sequence[UsageRow]) -> list[Price]:
+        """Check every row; returns the price of each. Raises InvalidEntry naming row and field."""
+        prices = []
+        for i, r in enumerate(rows):
+            where = f"usage row {i} ({r.allocation_id} seq {r.seq})"
+            if r.kind not in (USAGE, CORRECTION):
+                raise InvalidEntry(f"{where}: kind must be usage or correction, got {r.kind}", field="kind")
+            if r.end_us < r.start_us:
+                raise InvalidEntry(f"{where}: interval ends before it starts", field="interval_end")
+            if r.end_us == r.start_us:
+                raise InvalidEntry(f"{where}: empty interval (zero duration)", field="interval_end")
+            if not (1 <= r.gpu_milli <= 1000):
+                raise InvalidEntry(f"{where}: gpu_milli must be 1..1000, got {r.gpu_milli}", field="gpu_milli")
+            if r.gpu_count <= 0:
+                raise InvalidEntry(f"{where}: gpu_count must be positive, got {r.gpu_count}", field="gpu_count")
+            if r.seq < 0 or r.replica < 0:
+                raise InvalidEntry(f"{where}: seq and replica must be >= 0", field="seq")
+            if not (0 <= r.util_bp <= 10_000) or r.energy_mj < 0:
+                raise InvalidEntry(f"{where}: utilization must be 0..10000 bp and energy >= 0", field="util_bp")
+            if not self.tenant_known(r.tenant_id):
+                raise InvalidEntry(f"{where}: unknown tenant {r.tenant_id!r}", field="tenant_id")
+            p = self.price_at(r.gpu_model, r.start_us)
+            if p is None:
+                raise InvalidEntry(f"{where}: no price for GPU model {r.gpu_model!r} at "
+                                   f"{from_us(r.start_us).isoformat()}", field="gpu_model")
+            prices.append(p)
+        return prices
+
+    def append_usage(self, rows: Sequence[UsageRow], *, bill: bool = True) -> AppendResult:
+        """Append usage rows (and, with ``bill``, their two billing lines each).
+
+        Must run inside a transaction after ``lock()``. Validates everything
+        first; replays with the same body are skipped and counted as exists.
+        """
+        if len(rows) > batch_rows_max:
+            raise InvalidEntry(f"batch of {len(rows)} rows exceeds batch_rows_max={batch_rows_max}", field="rows")
+        prices = self.validate_usage(rows)
+        res = AppendResult()
+        if not rows:
+            return res
+        # Fast path: no key exists yet (the common case). A unique violation
+        # sends us to the slow path, which compares bodies.
+        try:
+            with self.conn.transaction():
+                self._write_usage(rows, prices, bill)
+                res.written = len(rows)
+                res.billing_written = 2 * len(rows) if bill else 0
+                return res
+        except psycopg.errors.UniqueViolation:
+            self._accounts = set()  # the savepoint took any accounts it created with it
+        keep, keep_prices, seen = [], [], {}
+        existing = self._existing_usage(rows)
+        for r, p in zip(rows, prices):
+            k = (r.allocation_id, r.seq, r.replica, r.kind)
+            other = existing.get(k) or seen.get(k)
+            if other is not None:
+                _compare_usage(r, other)
+                res.exists += 1
+                continue
+            seen[k] = r
+            keep.append(r)
+            keep_prices.append(p)
+        if keep:
+            self._write_usage(keep, keep_prices, bill)
+            res.written = len(keep)
+            res.billing_written = 2 * len(keep) if bill else 0
+        return res
+
+    def _existing_usage(self, rows: Sequence[UsageRow]) -> dict[tuple, UsageRow]:
+        cols = ([], [], [], [])
+        for r in rows:
+            cols[0].append(r.allocation_id)
+            cols[1].append(r.seq)
+            cols[2].append(r.replica)
+            cols[3].append(r.kind)
+        out = {}
+        for rec in self.conn.execute(
+                "SELECT u.allocation_id::text, u.seq, u.replica, u.kind, u.interval_start, u.interval_end,"
+                " u.gpu_count, u.gpu_milli, u.tenant_id, u.node_id, u.gpu_model, u.util_bp, u.energy_mj"
+                " FROM ledger.usage_entries u"
+                " JOIN unnest(%s::uuid[], %s::int[], %s::int2[], %s::int2[]) AS k(a, s, r, kd)"
+                "   ON u.allocation_id = k.a AND u.seq = k.s AND u.replica = k.r AND u.kind = k.kd", cols):
+            r = UsageRow(rec[0], rec[1], rec[2], rec[3], to_us(rec[4]), to_us(rec[5]), *rec[6:])
+            out[(r.allocation_id, r.seq, r.replica, r.kind)] = r
+        return out
+
+    def _write_usage(self, rows: Sequence[UsageRow], prices: Sequence[Price], bill: bool) -> int:
+        last_id, h = self.head(USAGE_ENTRIES)
+        first_id = last_id + 1
+        sha = hashlib.sha256
+        pack = USAGE_FIXED.pack
+        text = self._text
+        nf = b"\x00\x11"  # 17 fields: 16 content + hash
+        hl = b"\x00\x00\x00\x20"
+        off = PG_EPOCH_OFFSET_US
+        out = [chain.COPY_HEADER]
+        uuid_cache: dict[str, bytes] = {}
+        amounts = []
+        i = last_id
+        for r in rows:
+            i += 1
+            ab = uuid_cache.get(r.allocation_id)
+            if ab is None:
+                ab = uuid_cache[r.allocation_id] = chain.uuid_bytes(r.allocation_id)
+            mus = r.gpu_count * r.gpu_milli * (r.end_us - r.start_us)
+            content = (pack(8, i, 16, ab, 4, r.seq, 2, r.replica, 2, r.kind, 8, r.start_us - off, 8, r.end_us - off,
+                            4, r.gpu_count, 4, r.gpu_milli, 8, mus, 4, r.util_bp, 8, r.energy_mj)
+                       + NULL_FIELD + text(r.tenant_id) + text(r.node_id) + text(r.gpu_model))
+            h = sha(h + content).digest()
+            out.append(nf + content + hl + h)
+            if bill:
+                amounts.append(mus)
+        out.append(chain.COPY_TRAILER)
+        self._copy(USAGE_ENTRIES, b"".join(out))
+        if bill:
+            lines = []
+            for uid, (r, p, mus) in enumerate(zip(rows, prices, amounts), start=first_id):
+                amount = rate(mus, p.micros_per_gpu_hour)
+                lines.append((uid, DEBIT, amount, p.price_id, r.end_us, None,
+                              tenant_account(r.tenant_id, p.currency), p.currency))
+                lines.append((uid, CREDIT, amount, p.price_id, r.end_us, None, revenue_account(p.currency),
+                               p.currency))
+            self._ensure_accounts({(r.tenant_id, p.currency) for r, p in zip(rows, prices)})
+            self._write_billing(lines)
+        return first_id
+
+    def _write_billing(self, lines: list[tuple]) -> None:
+        """lines: (usage_entry_id, side, amount, price_id, at_us, reverses_id, account_id, currency)."""
+        last_id, h = self.head(BILLING_ENTRIES)
+        sha = hashlib.sha256
+        pack = BILLING_FIXED.pack
+        text = self._text
+        nf = b"\x00\x0a"  # 10 fields: 9 content + hash
+        hl = b"\x00\x00\x00\x20"
+        off = PG_EPOCH_OFFSET_US
+        out = [chain.COPY_HEADER]
+        i = last_id
+        for uid, side, amount, pid, at_us, rev, acc, cur in lines:
+            i += 1
+            content = (pack(8, i, 8, uid, 2, side, 8, amount, 8, pid, 8, at_us - off)
+                       + (NULL_FIELD if rev is None else I64_FIELD.pack(8, rev)) + text(acc) + text(cur))
+            h = sha(h + content).digest()
+            out.append(nf + content + hl + h)
+        out.append(chain.COPY_TRAILER)
+        self._copy(BILLING_ENTRIES, b"".join(out))
+
+    def reverse_usage(self, entry_ids: Sequence[int]) -> AppendResult:
+        """Reverse usage entries (and their billing lines) by id: new entries, never edits.
+
+        The reversal of entry E has key (E.allocation, E.seq, E.replica, REVERSAL),
+        the negated quantity and energy, and billing lines that swap E's
+        sides, each referencing the line it reverses. Replays are ``exists``.
+        """
+        res = AppendResult()
+        if not entry_ids:
+            return res
+        originals = self.conn.execute(
+            "SELECT id, allocation_id::text, seq, replica, kind, interval_start, interval_end, gpu_count, gpu_milli,"
+            " gpu_milli_us, util_bp, energy_mj, tenant_id, node_id, gpu_model FROM ledger.usage_entries"
+            " WHERE id = ANY(%s) ORDER BY id", (list(entry_ids),)).fetchall()
+        found = {r[0] for r in originals}
+        missing = [e for e in entry_ids if e not in found]
+        if missing:
+            raise InvalidEntry(f"cannot reverse unknown usage entries {missing[:5]}", field="entry_id")
+        already = {r[0] for r in self.conn.execute(
+            "SELECT reverses_id FROM ledger.usage_entries WHERE reverses_id = ANY(%s)", (list(entry_ids),))}
+        todo = []
+        for rec in originals:
+            if rec[4] == REVERSAL:
+                raise InvalidEntry(f"usage entry {rec[0]} is itself a reversal", field="entry_id")
+            if rec[0] in already:
+                res.exists += 1
+            else:
+                todo.append(rec)
+        if not todo:
+            return res
+        lines_by_usage: dict[int, list] = {}
+        for rec in self.conn.execute(
+                "SELECT id, usage_entry_id, side, amount_micros, price_id, account_id, currency"
+                " FROM ledger.billing_entries WHERE usage_entry_id = ANY(%s) ORDER BY id", ([r[0] for r in todo],)):
+            lines_by_usage.setdefault(rec[1], []).append(rec)
+        last_id, h = self.head(USAGE_ENTRIES)
+        contents, new_lines = [], []
+        i = last_id
+        for (oid, alloc, seq, rep, _k, start, end, cnt, milli, mus, util, energy, tenant, node, model) in todo:
+            i += 1
+            end_us = to_us(end)
+            contents.append(USAGE_ENTRIES.encode((i, chain.uuid_bytes(alloc), seq, rep, REVERSAL, to_us(start), end_us,
+                                                  cnt, milli, -mus, util, -energy, oid, tenant, node, model)))
+            for lid, _u, side, amount, pid, acc, cur in lines_by_usage.get(oid, []):
+                new_lines.append((i, CREDIT if side == DEBIT else DEBIT, amount, pid, end_us, lid, acc, cur))
+        payload, _ = chain.chain_rows(USAGE_ENTRIES, contents, h)
+        self._copy(USAGE_ENTRIES, payload)
+        if new_lines:
+            self._write_billing(new_lines)
+        res.written = len(todo)
+        res.billing_written = len(new_lines)
+        return res
+
+    # ------------------------------------------------------------ meter events, prices
+
+    def append_meter_events(self, events: Sequence[MeterEvent]) -> AppendResult:
+        res = AppendResult()
+        if not events:
+            return res
+        stored = {r[0]: r for r in self.conn.execute(
+            "SELECT event_id, allocation_id::text, kind, at, tenant_id, replicas FROM ledger.meter_events"
+            " WHERE event_id = ANY(%s)", ([e.event_id for e in events],))}
+        todo, seen = [], set()
+        for e in events:
+            s = stored.get(e.event_id)
+            if s is not None or e.event_id in seen:
+                if s is not None:
+                    for name, a, b in (("allocation_id", s[1], e.allocation_id), ("kind", s[2], e.kind),
+                                       ("at", to_us(s[3]), e.at_us), ("tenant_id", s[4], e.tenant_id),
+                                       ("replicas", s[5], replicas_json(e.replicas))):
+                        if a != b:
+                            raise IdempotencyConflict(f"meter event {e.event_id}", name, a, b)
+                res.exists += 1
+                continue
+            seen.add(e.event_id)
+            todo.append(e)
+        if todo:
+            last_id, h = self.head(METER_EVENTS)
+            contents = [METER_EVENTS.encode((last_id + n, e.event_id, chain.uuid_bytes(e.allocation_id), e.kind, e.at_us,
+                                             e.outbox_id, e.tenant_id, e.event, replicas_json(e.replicas)))
+                        for n, e in enumerate(todo, start=1)]
+            payload, _ = chain.chain_rows(METER_EVENTS, contents, h)
+            self._copy(METER_EVENTS, payload)
+            res.written = len(todo)
+        return res
+
+    def append_prices(self, prices: Sequence[tuple[str, str, int, int]]) -> AppendResult:
+        """prices: (gpu_model, currency, micros_per_gpu_hour, effective_from_us)."""
+        res = AppendResult()
+        stored = {(m, to_us(e)): (c, p) for m, e, c, p in self.conn.execute(
+            "SELECT gpu_model, effective_from, currency, micros_per_gpu_hour FROM ledger.price_book")}
+        todo = []
+        for model, cur, micros, eff in prices:
+            if not model:
+                raise InvalidEntry("price with an empty GPU model", field="gpu_model")
+            if micros <= 0:
+                raise InvalidEntry(f"price for {model} must be positive, got {micros}", field="micros_per_gpu_hour")
+            s = stored.get((model, eff))
+            if s is not None:
+                if s[0] != cur:
+                    raise IdempotencyConflict(f"price {model}@{from_us(eff).isoformat()}", "currency", s[0], cur)
+                if s[1] != micros:
+                    raise IdempotencyConflict(f"price {model}@{from_us(eff).isoformat()}", "micros_per_gpu_hour",
+                                              s[1], micros)
+                res.exists += 1
+                continue
+            stored[(model, eff)] = (cur, micros)
+            todo.append((model, cur, micros, eff))
+        if todo:
+            last_id, h = self.head(PRICE_BOOK)
+            contents = [PRICE_BOOK.encode((last_id + n, m, c, p, e)) for n, (m, c, p, e) in enumerate(todo, start=1)]
+            payload, _ = chain.chain_rows(PRICE_BOOK, contents, h)
+            self._copy(PRICE_BOOK, payload)
+            res.written = len(todo)
+            self._prices = {}
+        return res
+
+    def dead_letter(self, outbox_id: int, topic: str, key: str, event_id: int | None, allocation_id: str | None,
+                    reason: str, payload: bytes) -> None:
+        self.conn.execute(
+            "INSERT INTO ledger.dead_letters (outbox_id, topic, key, event_id, allocation_id, reason, payload)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (outbox_id) DO NOTHING",
+            (outbox_id, topic, key, event_id, allocation_id, reason, payload))
+
+
+_COMPARED = ("start_us", "end_us", "gpu_count", "gpu_milli", "tenant_id", "node_id", "gpu_model", "util_bp",
+             "energy_mj")
+
+
+def _compare_usage(new: UsageRow, stored: UsageRow) -> None:
+    for name in _COMPARED:
+        a, b = getattr(stored, name), getattr(new, name)
+        if a != b:
+            field = {"start_us": "interval_start", "end_us": "interval_end"}.get(name, name)
+            raise IdempotencyConflict(f"usage entry {new.key}", field, a, b)
+
+
+def write_usage_batch(url: str, rows: Sequence[UsageRow], *, bill: bool = True) -> AppendResult:
+    """Open a connection, write one batch in one transaction, commit."""
+    with psycopg.connect(url) as conn:
+        store = LedgerStore(conn)
+        with conn.transaction():
+            store.lock()
+            return store.append_usage(rows, bill=bill)
