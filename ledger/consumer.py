@@ -84,7 +84,7 @@ class LedgerConsumer:
 
     def open(self) -> "LedgerConsumer":
         if self.conn is None or self.conn.closed:
-            self.conn = psycopg.connect(self.url)
+            self.conn = psycopg.connect(self.url, autocommit=True)  # every write is an explicit transaction()
             self.store = LedgerStore(self.conn)
             with self.conn.transaction():
                 self.conn.execute("INSERT INTO control.outbox_cursors (consumer, last_id) VALUES (%s, 0)"

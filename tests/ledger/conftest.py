@@ -70,8 +70,8 @@ class Outbox:
         return alloc
 
     def stop(self, alloc: str, tenant: str, stop_s: float, event: str = "release_requested",
-             dst=S.ALLOCATION_STATE_RELEASING) -> None:
-        self.emit(alloc, tenant, S.ALLOCATION_STATE_RUNNING, dst, event, at(stop_s))
+             dst=S.ALLOCATION_STATE_RELEASING, conn=None) -> None:
+        self.emit(alloc, tenant, S.ALLOCATION_STATE_RUNNING, dst, event, at(stop_s), conn=conn)
 
 
 @pytest.fixture
