@@ -22,7 +22,7 @@ from scheduler import plugins as _plugins
 from scheduler.cluster import Cluster
 from scheduler.need import Need, combined_need, model_mask, replica_need
 from scheduler.plugins import filter_gpu_fit, filter_nvlink_island
-from scheduler.queue import PendingQueue
+from scheduler.pending import PendingQueue
 from scheduler.types import (DEFAULT_POLICY, MILLI, Assignment, Decision, NodeSpec, PolicyName, Reason, Request,
                              SchedulerError, Topology)
 
@@ -183,9 +183,10 @@ class Engine:
             return Decision(req.key, False, (), f"invalid request: {bad}", {Reason.INVALID_REQUEST: 1})
         if req.key in self.allocs:
             return Decision(req.key, False, (), f"allocation {req.key!r} already exists", {Reason.DUPLICATE_KEY: 1})
-        if req.key in self.holds:
+        if self.holds and req.key in self.holds:
             self._drop_hold(req.key)  # the preemptor consumes the capacity held for it
-        self.queue.remove(req.key)
+        if len(self.queue):
+            self.queue.remove(req.key)
         if self.index is not None and req.replicas == 1 and req.topology is not Topology.SAME_NVLINK_ISLAND:
             hit = self.index.place(req)
             if hit is not None:
@@ -379,6 +380,14 @@ class Engine:
 
     def _record(self, req: Request, assignments: tuple[Assignment, ...], now_s) -> _Alloc:
         c = self.cluster
+        if len(assignments) == 1:  # the hot path: one replica
+            a = assignments[0]
+            n = c.index[a.node_id]
+            gi = a.gpu_indices
+            al = _Alloc(req, assignments, (n,), (c.gpu_model[n][gi[0]] if gi else -1,),
+                        0.0 if now_s is None else float(now_s), a.gpu_milli * len(gi))
+            self.allocs[req.key] = al
+            return al
         nodes = tuple(c.index[a.node_id] for a in assignments)
         models = tuple(c.gpu_model[n][a.gpu_indices[0]] if a.gpu_indices else -1 for n, a in zip(nodes, assignments))
         al = _Alloc(req, assignments, nodes, models, 0.0 if now_s is None else float(now_s),
@@ -657,7 +666,15 @@ class Engine:
 
     # ------------------------------------------------------------ FGD support
 
-    def frag_model(self):
+    def frag_model(self, weighting: str = "count"):
+        """The fragmentation model; ``weighting='demand'`` weighs typical tasks by their GPU demand."""
+        if weighting == "demand":
+            if getattr(self, "_frag_demand", None) is None:
+                from scheduler.frag import FragModel, demand_weighted
+
+                self._frag_demand = FragModel(demand_weighted(self.frag_model().typical_all),
+                                              self.cluster.model_id, self.cluster.gpus_max)
+            return self._frag_demand
         if self._frag is None:
             from scheduler.frag import FragModel, TaskShape, typical_shapes
 
@@ -671,12 +688,14 @@ class Engine:
             elif shapes and not isinstance(shapes[0], tuple):
                 shapes = typical_shapes(list(shapes))
             self._frag = FragModel(shapes, self.cluster.model_id, self.cluster.gpus_max)
+            self._frag_demand = None
         return self._frag
 
     def set_workload(self, shapes) -> None:
         """Give fragmentation-aware policies a sample of the workload (TaskShape list or (shape, p) pairs)."""
         self._typical_shapes = list(shapes)
         self._frag = None
+        self._frag_demand = None
 
 
 def pick_islands(gpus: list[int], island: list[int], k: int, same_island: bool) -> tuple[int, ...]:

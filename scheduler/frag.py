@@ -33,9 +33,14 @@ class TaskShape:
     models: tuple[str, ...] = ()
 
 
-def typical_shapes(shapes: list[TaskShape], *, coverage: float = 0.95) -> list[tuple[TaskShape, float]]:
-    """The most frequent GPU task shapes covering ``coverage`` of GPU tasks, with normalised frequencies."""
-    counts = Counter(s for s in shapes if s.num_gpu > 0 and s.gpu_milli > 0)
+def typical_shapes(shapes: list[TaskShape], *, coverage: float = 0.95,
+                   include_cpu: bool = True) -> list[tuple[TaskShape, float]]:
+    """The most frequent task shapes covering ``coverage`` of all tasks, with normalised frequencies.
+
+    CPU-only tasks take part (as in the paper's runs): they cannot use any GPU,
+    so for them every free GPU milli counts as fragment.
+    """
+    counts = Counter(s for s in shapes if include_cpu or (s.num_gpu > 0 and s.gpu_milli > 0))
     total = sum(counts.values())
     if not total:
         return []
@@ -54,6 +59,9 @@ class FragModel:
     def __init__(self, typical: list[tuple[TaskShape, float]], model_id: dict[str, int], gpus_max: int):
         self.typical = typical
         self.G = max(1, gpus_max)
+        self.typical_all = list(typical)
+        # CPU-only typical tasks never use a GPU: they add p·total to F and need no term below
+        typical = [(s, p) for s, p in typical if s.num_gpu > 0 and s.gpu_milli > 0]
         self.u_vals = np.array(sorted({s.gpu_milli for s, _ in typical}) or [MILLI], dtype=np.int64)
         self.cpu_thr = np.array(sorted({s.cpu_milli for s, _ in typical}) or [0], dtype=np.int64)
         typed = any(s.models for s, _ in typical)
@@ -82,3 +90,15 @@ class FragModel:
             usable = (gfree * ge).sum(axis=1)
             F = F - usable * self.W[m, ui, cnt, ci]
         return F
+
+
+def demand_weighted(typical: list[tuple[TaskShape, float]]) -> list[tuple[TaskShape, float]]:
+    """Re-weigh typical tasks by frequency × GPU demand: a GPU left unusable for an 8-GPU task costs
+    eight times what it costs a 1-GPU task, and unallocated GPU is what we minimise."""
+    w = [(s, p * (s.num_gpu * s.gpu_milli / MILLI if s.num_gpu > 0 and s.gpu_milli > 0 else 0.0))
+         for s, p in typical]
+    tot = sum(p for _, p in w) or 1.0
+    gpu_share = sum(p for s, p in typical if s.num_gpu > 0 and s.gpu_milli > 0)
+    # keep the CPU-only tasks' share of probability mass (they only add a constant fragment term)
+    return [(s, p / tot * gpu_share) for s, p in w if p > 0] + [(s, p) for s, p in typical
+                                                                 if not (s.num_gpu > 0 and s.gpu_milli > 0)]

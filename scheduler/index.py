@@ -127,12 +127,12 @@ class FastIndex:
         eng = self.engine
         if req.gpu_models:
             mids = [eng.cluster.model_id[x] for x in req.gpu_models if x in eng.cluster.model_id]
+            mids = [m for m in mids if m < len(self.whole)]
         else:
             mids = range(len(self.whole))
         if eng.quota and eng._has_quota(req.tenant):
             demand = num * milli
             mids = [m for m in mids if eng._quota_left(req.tenant, m) >= demand]
-        mids = [m for m in mids if m < len(self.whole)]
         if not mids:
             return None
         c = self.c

@@ -13,9 +13,9 @@ NAME = "FGD"
 POLICY = PolicyName.FGD
 
 
-def deltas(a, need, cand, ctx):
+def deltas(a, need, cand, ctx, fm=None):
     """(F_before − F_after) per candidate (whole) or per candidate × GPU (share; −inf where it cannot go)."""
-    fm = ctx.frag_model()
+    fm = fm or ctx.frag_model()
     usable = a["gusable"][cand]
     gfree = a["gfree"][cand] * usable
     cpu = a["cpu_free"][cand]
@@ -29,10 +29,17 @@ def deltas(a, need, cand, ctx):
         return before - fm.frag(cpu - need.cpu, np.where(take, 0, gfree), model)
     C, G = gfree.shape
     fits = (gfree >= need.milli) & ctx.model_ok(a, need)[cand] & usable
-    after = np.repeat(gfree[:, None, :], G, axis=1) - need.milli * np.eye(G, dtype=np.int64)[None, :, :]
-    fa = fm.frag(np.repeat(cpu - need.cpu, G), after.reshape(C * G, G), np.repeat(model, G)).reshape(C, G)
-    return np.where(fits, before[:, None] - fa, -np.inf)
-
+    # GPUs of one node with the same free milli lead to the same state: score the first of each value only
+    same_before = np.triu(np.ones((G, G), dtype=bool), 1)  # [h, g]: h < g
+    dup = ((gfree[:, :, None] == gfree[:, None, :]) & fits[:, :, None] & same_before[None, :, :]).any(axis=1)
+    first = fits & ~dup
+    rows, cols = np.nonzero(first)
+    after = gfree[rows].copy()
+    after[np.arange(len(rows)), cols] -= need.milli
+    fa = fm.frag(cpu[rows] - need.cpu, after, model[rows])
+    out = np.full((C, G), -np.inf)
+    out[rows, cols] = before[rows] - fa
+    return out
 
 def quantise(d):
     with np.errstate(over="ignore"):
