@@ -39,7 +39,10 @@ def test_sigterm_shuts_down_gracefully(tmp_path, registry_factory):
     """SIGTERM mid-stream: the daemon deregisters, ends the stream, removes its port file and exits 0;
     a fault file written by another process reached the stream first."""
     peer, cp, _ = registry_factory(RegistryPeer())
-    proc, addr, port_file = _start(tmp_path, "--control-plane", cp, "--backend", "auto",
+    # auto exercises the NVML → simulated fallback where there is no GPU; with a GPU, force the
+    # simulated backend so the GPU fault can be injected.
+    backend = "simulated" if nvml_available() else "auto"
+    proc, addr, port_file = _start(tmp_path, "--control-plane", cp, "--backend", backend,
                                    env_extra={"GPUAAS_NODE_TOKEN": "tok"})
     try:
         wait_for(lambda: peer.registers, 10)
