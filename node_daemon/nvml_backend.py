@@ -28,6 +28,10 @@ log = logging.getLogger("gpuaas.node_daemon.nvml")
 
 NVLINK_LINKS_MAX = 36
 P2P_STATUS_OK = 0
+# ECC counters, retired pages and remapped rows change rarely and are costly to
+# read on GSP-based GPUs; they are re-read at most this often (the urgent case,
+# an uncorrectable error, also arrives at once as XID 48/94/95/63).
+SLOW_FIELDS_REFRESH_S = 5.0
 
 
 class NvmlUnavailable(RuntimeError):
@@ -81,6 +85,7 @@ class NvmlBackend(GpuBackend):
         self._lost: set[int] = set()
         self._warned: set[str] = set()
         self._closed = False
+        self._slow: dict[int, tuple[float, dict]] = {}
         self._static = self.read_static()
         self._inventory = tr.inventory_from_readings(self._static)
         self._events = None
@@ -152,13 +157,9 @@ class NvmlBackend(GpuBackend):
                 "nvml_version": _s(self._call("nvmlSystemGetNVMLVersion") or ""),
                 "devices": devices, "topology": {"common_ancestor": ancestor, "p2p_nvlink": p2p}}
 
-    def read_dynamic(self, i: int) -> dict:
+    def read_slow(self, i: int) -> dict:
+        """ECC counters, retired pages, remapped rows of GPU ``i``."""
         nv, h = self.nv, self._handles[i]
-        util = self._call("nvmlDeviceGetUtilizationRates", h)
-        mem = self._call("nvmlDeviceGetMemoryInfo", h)
-        reasons = self._call("nvmlDeviceGetCurrentClocksEventReasons", h)
-        if reasons is None:
-            reasons = self._call("nvmlDeviceGetCurrentClocksThrottleReasons", h)
         unc, cor = getattr(nv, "NVML_MEMORY_ERROR_TYPE_UNCORRECTED", 1), getattr(nv, "NVML_MEMORY_ERROR_TYPE_CORRECTED", 0)
         vol, agg = getattr(nv, "NVML_VOLATILE_ECC", 0), getattr(nv, "NVML_AGGREGATE_ECC", 1)
         ecc = {"volatile_corrected": self._call("nvmlDeviceGetTotalEccErrors", h, cor, vol),
@@ -170,19 +171,34 @@ class NvmlBackend(GpuBackend):
         pending = self._call("nvmlDeviceGetRetiredPagesPendingStatus", h)
         rows = self._call("nvmlDeviceGetRemappedRows", h)
         return {
-            "index": i, "uuid": self._inventory.gpus[i].uuid if hasattr(self, "_inventory") else "",
-            "utilization": {"gpu": util.gpu, "memory": util.memory} if util is not None else None,
-            "memory_info": {"total": mem.total, "free": mem.free, "used": mem.used} if mem is not None else None,
-            "temperature_c": self._call("nvmlDeviceGetTemperature", h, getattr(nv, "NVML_TEMPERATURE_GPU", 0)),
-            "power_usage_mw": self._call("nvmlDeviceGetPowerUsage", h),
-            "clock_sm_mhz": self._call("nvmlDeviceGetClockInfo", h, getattr(nv, "NVML_CLOCK_SM", 1)),
-            "throttle_reasons": int(reasons) if reasons is not None else None,
             "ecc": {k: (int(v) if v is not None else None) for k, v in ecc.items()},
             "retired_pages": ({"single_bit": len(sbe or []), "double_bit": len(dbe or []),
                                "pending": bool(pending) if pending is not None else False}
                               if sbe is not None or dbe is not None else None),
             "remapped_rows": ({"correctable": int(rows[0]), "uncorrectable": int(rows[1]), "pending": bool(rows[2]),
                                "failure": bool(rows[3])} if rows is not None else None),
+        }
+
+    def read_dynamic(self, i: int, *, slow_max_age_s: float = 0.0) -> dict:
+        nv, h = self.nv, self._handles[i]
+        util = self._call("nvmlDeviceGetUtilizationRates", h)
+        mem = self._call("nvmlDeviceGetMemoryInfo", h)
+        reasons = self._call("nvmlDeviceGetCurrentClocksEventReasons", h)
+        if reasons is None:
+            reasons = self._call("nvmlDeviceGetCurrentClocksThrottleReasons", h)
+        now = time.monotonic()
+        cached = self._slow.get(i)
+        if cached is None or now - cached[0] > slow_max_age_s:
+            cached = self._slow[i] = (now, self.read_slow(i))
+        return {
+            "index": i, "uuid": self._inventory.gpus[i].uuid if hasattr(self, "_inventory") else "",
+            **cached[1],
+            "utilization": {"gpu": util.gpu, "memory": util.memory} if util is not None else None,
+            "memory_info": {"total": mem.total, "free": mem.free, "used": mem.used} if mem is not None else None,
+            "temperature_c": self._call("nvmlDeviceGetTemperature", h, getattr(nv, "NVML_TEMPERATURE_GPU", 0)),
+            "power_usage_mw": self._call("nvmlDeviceGetPowerUsage", h),
+            "clock_sm_mhz": self._call("nvmlDeviceGetClockInfo", h, getattr(nv, "NVML_CLOCK_SM", 1)),
+            "throttle_reasons": int(reasons) if reasons is not None else None,
             "total_energy_mj": self._call("nvmlDeviceGetTotalEnergyConsumption", h),
             "processes": [{"pid": p.pid, "used_gpu_memory": p.used_gpu_memory, "name": p.name}
                           for p in self.processes(i, raw=True)],
@@ -215,7 +231,7 @@ class NvmlBackend(GpuBackend):
                     out.append(GpuSample(index=g.index, uuid=g.uuid, lost=True))
                     continue
                 try:
-                    out.append(tr.sample_from_readings(self.read_dynamic(i)))
+                    out.append(tr.sample_from_readings(self.read_dynamic(i, slow_max_age_s=SLOW_FIELDS_REFRESH_S)))
                 except _Lost:
                     self._lost.add(i)
                     log.error("GPU %d (%s) is lost: NVML says it fell off the bus", i, g.uuid)
@@ -328,6 +344,13 @@ def _signal(pid: int, sig: int) -> None:
 
 
 def _exists(pid: int) -> bool:
+    """True while the process runs. A zombie (ended, not yet reaped by its parent) has ended."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except (OSError, IndexError):
+        pass
     try:
         os.kill(pid, 0)
         return True

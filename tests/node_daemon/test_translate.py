@@ -85,3 +85,19 @@ def test_translated_samples_drive_health_rules():
 def test_pci_id_normalisation(a, b, same):
     """PCI bus ids compare equal across NVML's 8- and 4-digit domain spellings and letter case."""
     assert (tr.normalize_pci(a) == tr.normalize_pci(b)) is same
+
+
+def test_recorded_h100_readings():
+    """Readings recorded by gpu_check.py on a real H100 (under a matmul load) translate to the expected values."""
+    r = _load("nvml_readings_recorded_h100.json")
+    assert r["source"] == "recorded" and r["driver_version"] == "580.159.04"
+    inv = tr.inventory_from_readings(r)
+    (g,) = inv.gpus
+    assert (g.name, g.model, g.memory_mib, g.nvlink_island) == ("NVIDIA H100 80GB HBM3", "H100", 81559, 0)
+    assert g.uuid == "GPU-5e7ca3a8-f164-7e43-79c1-539f08503f7c" and not g.mig_enabled
+    (s,) = tr.samples_from_readings(r)
+    assert (s.gpu_util_pct, s.temperature_c, s.power_mw, s.sm_clock_mhz) == (100, 58, 695_419, 1290)
+    assert s.throttle_reasons == 0x4  # SW power cap while the matmul loop runs
+    assert s.memory_used_mib == 1_697_447_936 // 2**20 and s.energy_mj == 6_081_775
+    assert (s.ecc_volatile_uncorrected, s.retired_pages) == (0, 0)
+    assert [(p.pid, p.name) for p in s.processes] == [(493, "python3")]
