@@ -32,6 +32,11 @@ P2P_STATUS_OK = 0
 # read on GSP-based GPUs; they are re-read at most this often (the urgent case,
 # an uncorrectable error, also arrives at once as XID 48/94/95/63).
 SLOW_FIELDS_REFRESH_S = 5.0
+# nvmlDeviceGetTotalEnergyConsumption costs ~4.5 ms of CPU per call on an H100
+# (measured by benchmarks/gpu_check.py's host; every other reading is 5-130 µs).
+# It is read at most this often; between reads the energy is extrapolated from
+# the power reading, and the reported counter never goes backwards.
+ENERGY_REFRESH_S = 1.0
 
 
 class NvmlUnavailable(RuntimeError):
@@ -86,6 +91,8 @@ class NvmlBackend(GpuBackend):
         self._warned: set[str] = set()
         self._closed = False
         self._slow: dict[int, tuple[float, dict]] = {}
+        # gpu → [monotonic of the last real read, reported mJ, monotonic of the last report]
+        self._energy: dict[int, list] = {}
         self._static = self.read_static()
         self._inventory = tr.inventory_from_readings(self._static)
         self._events = None
@@ -179,7 +186,20 @@ class NvmlBackend(GpuBackend):
                                "failure": bool(rows[3])} if rows is not None else None),
         }
 
-    def read_dynamic(self, i: int, *, slow_max_age_s: float = 0.0) -> dict:
+    def _energy_mj(self, i: int, h, power_mw, now: float, max_age_s: float):
+        e = self._energy.get(i)
+        if e is None or max_age_s <= 0 or now - e[0] > max_age_s or power_mw is None:
+            real = self._call("nvmlDeviceGetTotalEnergyConsumption", h)
+            if real is None:
+                return None
+            reported = max(int(real), e[1] if e else 0)
+            self._energy[i] = [now, reported, now]
+            return reported
+        e[1] = int(e[1] + power_mw * max(0.0, now - e[2]))  # mW × s = mJ
+        e[2] = now
+        return e[1]
+
+    def read_dynamic(self, i: int, *, slow_max_age_s: float = 0.0, energy_max_age_s: float = 0.0) -> dict:
         nv, h = self.nv, self._handles[i]
         util = self._call("nvmlDeviceGetUtilizationRates", h)
         mem = self._call("nvmlDeviceGetMemoryInfo", h)
@@ -187,6 +207,7 @@ class NvmlBackend(GpuBackend):
         if reasons is None:
             reasons = self._call("nvmlDeviceGetCurrentClocksThrottleReasons", h)
         now = time.monotonic()
+        power = self._call("nvmlDeviceGetPowerUsage", h)
         cached = self._slow.get(i)
         if cached is None or now - cached[0] > slow_max_age_s:
             cached = self._slow[i] = (now, self.read_slow(i))
@@ -196,10 +217,10 @@ class NvmlBackend(GpuBackend):
             "utilization": {"gpu": util.gpu, "memory": util.memory} if util is not None else None,
             "memory_info": {"total": mem.total, "free": mem.free, "used": mem.used} if mem is not None else None,
             "temperature_c": self._call("nvmlDeviceGetTemperature", h, getattr(nv, "NVML_TEMPERATURE_GPU", 0)),
-            "power_usage_mw": self._call("nvmlDeviceGetPowerUsage", h),
+            "power_usage_mw": power,
             "clock_sm_mhz": self._call("nvmlDeviceGetClockInfo", h, getattr(nv, "NVML_CLOCK_SM", 1)),
             "throttle_reasons": int(reasons) if reasons is not None else None,
-            "total_energy_mj": self._call("nvmlDeviceGetTotalEnergyConsumption", h),
+            "total_energy_mj": self._energy_mj(i, h, power, now, energy_max_age_s),
             "processes": [{"pid": p.pid, "used_gpu_memory": p.used_gpu_memory, "name": p.name}
                           for p in self.processes(i, raw=True)],
         }
@@ -231,7 +252,8 @@ class NvmlBackend(GpuBackend):
                     out.append(GpuSample(index=g.index, uuid=g.uuid, lost=True))
                     continue
                 try:
-                    out.append(tr.sample_from_readings(self.read_dynamic(i, slow_max_age_s=SLOW_FIELDS_REFRESH_S)))
+                    out.append(tr.sample_from_readings(self.read_dynamic(
+                        i, slow_max_age_s=SLOW_FIELDS_REFRESH_S, energy_max_age_s=ENERGY_REFRESH_S)))
                 except _Lost:
                     self._lost.add(i)
                     log.error("GPU %d (%s) is lost: NVML says it fell off the bus", i, g.uuid)

@@ -18,10 +18,14 @@ from tests.node_daemon.conftest import RegistryPeer, nvml_available, stub_for, w
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
+def _pythonpath() -> str:
+    return os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
+
+
 def _start(tmp_path, *extra, env_extra=None):
     port_file = tmp_path / "port"
     log = open(tmp_path / "daemon.log", "wb")
-    env = dict(os.environ, PYTHONPATH=str(REPO), **(env_extra or {}))
+    env = dict(os.environ, PYTHONPATH=_pythonpath(), **(env_extra or {}))
     proc = subprocess.Popen([sys.executable, "-m", "node_daemon.main", "--name", "proc-node", "--listen",
                              "127.0.0.1:0", "--port-file", str(port_file), "--fault-dir", str(tmp_path / "faults"),
                              "--gpus", "4", "--grace-s", "2", *extra], stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -78,7 +82,7 @@ def test_bad_cli_arguments_exit_nonzero(tmp_path):
     """Nonsense flags (too many GPUs, bad labels) stop the daemon at start with a message, not a traceback."""
     for args in (["--gpus", "65"], ["--labels", "novalue"]):
         r = subprocess.run([sys.executable, "-m", "node_daemon.main", "--no-register", *args], capture_output=True,
-                           text=True, timeout=30, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+                           text=True, timeout=30, cwd=REPO, env=dict(os.environ, PYTHONPATH=_pythonpath()))
         assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
 
 
@@ -99,5 +103,5 @@ def test_forced_nvml_without_nvml_fails_clearly(tmp_path):
     if nvml_available():
         pytest.skip("NVML works here")
     r = subprocess.run([sys.executable, "-m", "node_daemon.main", "--no-register", "--backend", "nvml"],
-                       capture_output=True, text=True, timeout=30, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+                       capture_output=True, text=True, timeout=30, cwd=REPO, env=dict(os.environ, PYTHONPATH=_pythonpath()))
     assert r.returncode == 2 and "cannot start" in r.stderr and "nvmlInit" in r.stderr
