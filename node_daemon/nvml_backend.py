@@ -36,7 +36,7 @@ SLOW_FIELDS_REFRESH_S = 5.0
 # (measured by benchmarks/gpu_check.py's host; every other reading is 5-130 µs).
 # It is read at most this often; between reads the energy is extrapolated from
 # the power reading, and the reported counter never goes backwards.
-ENERGY_REFRESH_S = 1.0
+ENERGY_REFRESH_S = 5.0
 
 
 class NvmlUnavailable(RuntimeError):
