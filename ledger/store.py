@@ -40,6 +40,7 @@ DEBIT, CREDIT = 1, 2
 START, STOP = 1, 2
 MILLI_US_PER_GPU_HOUR = 1000 * 3600 * 1_000_000
 batch_rows_max = 100_000
+copy_chunk_rows = 2_000
 
 
 class UsageRow(NamedTuple):
@@ -130,6 +131,7 @@ class LedgerStore:
         self.conn = conn
         self._tenants: set[str] = set()
         self._prices: dict[str, list[Price]] = {}
+        self._price_times: dict[str, list[int]] = {}
         self._accounts: set[str] = set()
         self._text_cache: dict[str, bytes] = {}
 
@@ -143,8 +145,8 @@ class LedgerStore:
         r = self.conn.execute(f"SELECT id, hash FROM {table.qualified} ORDER BY id DESC LIMIT 1").fetchone()
         return (r[0], bytes(r[1])) if r else (0, table.genesis)
 
-    def tenant_known(self, tenant_id: str) -> bool:
-        if tenant_id not in self._tenants:
+    def tenant_known(self, tenant_id: str, *, refresh: bool = True) -> bool:
+        if tenant_id not in self._tenants and refresh:
             self._tenants = {r[0] for r in self.conn.execute("SELECT tenant_id FROM iam.tenants")}
         return tenant_id in self._tenants
 
@@ -155,16 +157,20 @@ class LedgerStore:
                 " ORDER BY gpu_model, effective_from"):
             prices.setdefault(model, []).append(Price(pid, model, cur, micros, to_us(eff)))
         self._prices = prices
+        self._price_times = {m: [p.effective_from_us for p in v] for m, v in prices.items()}
 
-    def price_at(self, gpu_model: str, at_us: int) -> Price | None:
+    def price_at(self, gpu_model: str, at_us: int, *, refresh: bool = True) -> Price | None:
         """The price version in force at ``at_us`` (latest effective_from <= at)."""
         for attempt in (0, 1):
             versions = self._prices.get(gpu_model)
             if versions:
-                i = bisect.bisect_right([p.effective_from_us for p in versions], at_us) - 1
+                last = versions[-1]
+                if at_us >= last.effective_from_us:
+                    return last
+                i = bisect.bisect_right(self._price_times[gpu_model], at_us) - 1
                 if i >= 0:
                     return versions[i]
-            if attempt == 0:
+            if attempt == 0 and refresh:
                 self.reload_prices()
         return None
 
@@ -196,10 +202,20 @@ class LedgerStore:
 
     # ------------------------------------------------------------ usage + billing
 
-    def validate_usage(self, rows: Sequence[UsageRow]) -> list[Price]:
-        """Check every row; returns the price of each. Raises InvalidEntry naming row and field."""
+    def prefetch(self, rows: Sequence[UsageRow]) -> None:
+        """Refresh the tenant and price caches once if a row names something not cached yet."""
+        if not {r.tenant_id for r in rows} <= self._tenants:
+            self._tenants = {r[0] for r in self.conn.execute("SELECT tenant_id FROM iam.tenants")}
+        if not {r.gpu_model for r in rows} <= self._prices.keys():
+            self.reload_prices()
+
+    def validate_usage(self, rows: Sequence[UsageRow], offset: int = 0, *, refresh: bool = True) -> list[Price]:
+        """Check every row; returns the price of each. Raises InvalidEntry naming row and field.
+
+        With ``refresh=False`` only the caches are consulted (no query: used
+        while a COPY is in progress; call prefetch() first)."""
         prices = []
-        for i, r in enumerate(rows):
+        for i, r in enumerate(rows, start=offset):
             where = f"usage row {i} ({r.allocation_id} seq {r.seq})"
             if r.kind not in (USAGE, CORRECTION):
                 raise InvalidEntry(f"{where}: kind must be usage or correction, got {r.kind}", field="kind")
@@ -215,9 +231,9 @@ class LedgerStore:
                 raise InvalidEntry(f"{where}: seq and replica must be >= 0", field="seq")
             if not (0 <= r.util_bp <= 10_000) or r.energy_mj < 0:
                 raise InvalidEntry(f"{where}: utilization must be 0..10000 bp and energy >= 0", field="util_bp")
-            if not self.tenant_known(r.tenant_id):
+            if not self.tenant_known(r.tenant_id, refresh=refresh):
                 raise InvalidEntry(f"{where}: unknown tenant {r.tenant_id!r}", field="tenant_id")
-            p = self.price_at(r.gpu_model, r.start_us)
+            p = self.price_at(r.gpu_model, r.start_us, refresh=refresh)
             if p is None:
                 raise InvalidEntry(f"{where}: no price for GPU model {r.gpu_model!r} at "
                                    f"{from_us(r.start_us).isoformat()}", field="gpu_model")
@@ -232,7 +248,6 @@ class LedgerStore:
         """
         if len(rows) > batch_rows_max:
             raise InvalidEntry(f"batch of {len(rows)} rows exceeds batch_rows_max={batch_rows_max}", field="rows")
-        prices = self.validate_usage(rows)
         res = AppendResult()
         if not rows:
             return res
@@ -240,15 +255,16 @@ class LedgerStore:
         # sends us to the slow path, which compares bodies.
         try:
             with self.conn.transaction():
-                self._write_usage(rows, prices, bill)
+                self._write_usage(rows, bill)
                 res.written = len(rows)
                 res.billing_written = 2 * len(rows) if bill else 0
                 return res
         except psycopg.errors.UniqueViolation:
             self._accounts = set()  # the savepoint took any accounts it created with it
-        keep, keep_prices, seen = [], [], {}
+        self.validate_usage(rows)
+        keep, seen = [], {}
         existing = self._existing_usage(rows)
-        for r, p in zip(rows, prices):
+        for r in rows:
             k = (r.allocation_id, r.seq, r.replica, r.kind)
             other = existing.get(k) or seen.get(k)
             if other is not None:
@@ -257,9 +273,8 @@ class LedgerStore:
                 continue
             seen[k] = r
             keep.append(r)
-            keep_prices.append(p)
         if keep:
-            self._write_usage(keep, keep_prices, bill)
+            self._write_usage(keep, bill)
             res.written = len(keep)
             res.billing_written = 2 * len(keep) if bill else 0
         return res
@@ -282,19 +297,24 @@ class LedgerStore:
             out[(r.allocation_id, r.seq, r.replica, r.kind)] = r
         return out
 
-    def _write_usage(self, rows: Sequence[UsageRow], prices: Sequence[Price], bill: bool) -> int:
-        last_id, h = self.head(USAGE_ENTRIES)
-        first_id = last_id + 1
+    def encode_usage(self, rows: Sequence[UsageRow], first_id: int, prev_hash: bytes,
+                     framed: bool = True) -> tuple[bytes, bytes, list[int]]:
+        """Binary COPY payload of ``rows`` with ids from ``first_id``, chained onto ``prev_hash``.
+
+        Returns (payload, last hash, gpu_milli_us per row). The canonical
+        content of a row is exactly its COPY tuple minus the trailing hash.
+        """
+        h = prev_hash
         sha = hashlib.sha256
         pack = USAGE_FIXED.pack
         text = self._text
         nf = b"\x00\x11"  # 17 fields: 16 content + hash
         hl = b"\x00\x00\x00\x20"
         off = PG_EPOCH_OFFSET_US
-        out = [chain.COPY_HEADER]
+        out = [chain.COPY_HEADER] if framed else []
         uuid_cache: dict[str, bytes] = {}
         amounts = []
-        i = last_id
+        i = first_id - 1
         for r in rows:
             i += 1
             ab = uuid_cache.get(r.allocation_id)
@@ -306,25 +326,52 @@ class LedgerStore:
                        + NULL_FIELD + text(r.tenant_id) + text(r.node_id) + text(r.gpu_model))
             h = sha(h + content).digest()
             out.append(nf + content + hl + h)
-            if bill:
-                amounts.append(mus)
-        out.append(chain.COPY_TRAILER)
-        self._copy(USAGE_ENTRIES, b"".join(out))
+            amounts.append(mus)
+        if framed:
+            out.append(chain.COPY_TRAILER)
+        return b"".join(out), h, amounts
+
+    def _write_usage(self, rows: Sequence[UsageRow], bill: bool) -> int:
+        """Validate, encode and COPY in chunks, so PostgreSQL ingests chunk k while we encode k+1.
+
+        A validation error in any chunk aborts the COPY (and the caller's
+        savepoint): nothing of the batch is written.
+        """
+        self.prefetch(rows)
+        last_id, h = self.head(USAGE_ENTRIES)
+        first_id = last_id + 1
+        prices: list[Price] = []
+        amounts: list[int] = []
+        with self.conn.cursor() as cur:
+            with cur.copy(f"COPY {USAGE_ENTRIES.qualified} ({USAGE_ENTRIES.column_list()}) FROM STDIN (FORMAT binary)") as cp:
+                cp.write(chain.COPY_HEADER)
+                for lo in range(0, len(rows), copy_chunk_rows):
+                    chunk = rows[lo:lo + copy_chunk_rows]
+                    prices += self.validate_usage(chunk, lo, refresh=False)
+                    payload, h, am = self.encode_usage(chunk, first_id + lo, h, framed=False)
+                    amounts += am
+                    cp.write(payload)
+                cp.write(chain.COPY_TRAILER)
         if bill:
-            lines = []
-            for uid, (r, p, mus) in enumerate(zip(rows, prices, amounts), start=first_id):
-                amount = rate(mus, p.micros_per_gpu_hour)
-                lines.append((uid, DEBIT, amount, p.price_id, r.end_us, None,
-                              tenant_account(r.tenant_id, p.currency), p.currency))
-                lines.append((uid, CREDIT, amount, p.price_id, r.end_us, None, revenue_account(p.currency),
-                               p.currency))
-            self._ensure_accounts({(r.tenant_id, p.currency) for r, p in zip(rows, prices)})
-            self._write_billing(lines)
+            self._bill(rows, prices, amounts, first_id)
         return first_id
 
-    def _write_billing(self, lines: list[tuple]) -> None:
+    def billing_lines(self, rows, prices, amounts, first_id) -> list[tuple]:
+        lines = []
+        for uid, (r, p, mus) in enumerate(zip(rows, prices, amounts), start=first_id):
+            amount = rate(mus, p.micros_per_gpu_hour)
+            lines.append((uid, DEBIT, amount, p.price_id, r.end_us, None,
+                          tenant_account(r.tenant_id, p.currency), p.currency))
+            lines.append((uid, CREDIT, amount, p.price_id, r.end_us, None, revenue_account(p.currency), p.currency))
+        return lines
+
+    def _bill(self, rows, prices, amounts, first_id) -> None:
+        self._ensure_accounts({(r.tenant_id, p.currency) for r, p in zip(rows, prices)})
+        self._write_billing(self.billing_lines(rows, prices, amounts, first_id))
+
+    def encode_billing(self, lines: list[tuple], first_id: int, prev_hash: bytes) -> tuple[bytes, bytes]:
         """lines: (usage_entry_id, side, amount, price_id, at_us, reverses_id, account_id, currency)."""
-        last_id, h = self.head(BILLING_ENTRIES)
+        h = prev_hash
         sha = hashlib.sha256
         pack = BILLING_FIXED.pack
         text = self._text
@@ -332,7 +379,7 @@ class LedgerStore:
         hl = b"\x00\x00\x00\x20"
         off = PG_EPOCH_OFFSET_US
         out = [chain.COPY_HEADER]
-        i = last_id
+        i = first_id - 1
         for uid, side, amount, pid, at_us, rev, acc, cur in lines:
             i += 1
             content = (pack(8, i, 8, uid, 2, side, 8, amount, 8, pid, 8, at_us - off)
@@ -340,7 +387,12 @@ class LedgerStore:
             h = sha(h + content).digest()
             out.append(nf + content + hl + h)
         out.append(chain.COPY_TRAILER)
-        self._copy(BILLING_ENTRIES, b"".join(out))
+        return b"".join(out), h
+
+    def _write_billing(self, lines: list[tuple]) -> None:
+        last_id, h = self.head(BILLING_ENTRIES)
+        payload, _ = self.encode_billing(lines, last_id + 1, h)
+        self._copy(BILLING_ENTRIES, payload)
 
     def reverse_usage(self, entry_ids: Sequence[int]) -> AppendResult:
         """Reverse usage entries (and their billing lines) by id: new entries, never edits.
