@@ -1,0 +1,112 @@
+"""What the demo does, against real Postgres, Ray, gRPC and node daemons."""
+from __future__ import annotations
+
+import psycopg
+import ray
+
+from gpuaas import sdk
+from gpuaas.client import Client
+from gpuaas.v1 import common_pb2 as pb
+
+from tests.integration.conftest import GPUS, rid
+
+RUNNING, RELEASED = pb.ALLOCATION_STATE_RUNNING, pb.ALLOCATION_STATE_RELEASED
+
+
+def _job():
+    import os
+    return os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("GPUAAS_NODE_ID")
+
+
+def test_place_batch_gang_job_release_and_bill(control_plane, tenant):
+    """Singles, a batch, a 2-node gang and a Ray job run, release, and are billed exactly once in the ledger."""
+    one = tenant.place(rid(), gpu_count=2, topology=pb.TOPOLOGY_SAME_NVLINK_ISLAND, cpu_milli=1000)
+    frac = tenant.place(rid(), gpu_milli=300)
+    batch = tenant.place_batch([Client.request(rid(), gpu_milli=200) for _ in range(5)])
+    assert all(r.HasField("allocation") for r in batch.results), batch
+    gang = tenant.place(rid(), gpu_count=GPUS // 2, replicas=2, topology=pb.TOPOLOGY_SPREAD)
+    assert len({a.node_id for a in gang.assignments}) == 2, "spread gang must land on two nodes"
+    allocs = [one, frac, gang] + [r.allocation for r in batch.results]
+    for a in allocs:
+        assert tenant.wait_state(a.allocation_id, {RUNNING}, 30).running_since.seconds > 0
+
+    cuda, node = sdk.run(one, _job)
+    assert cuda == ",".join(map(str, one.assignments[0].gpu_indices))
+    assert node == one.assignments[0].node_id
+    seen = sdk.run_gang(gang, _job)
+    assert [s[1] for s in seen] == [a.node_id for a in gang.assignments]
+
+    for a in allocs:
+        tenant.release(a.allocation_id)
+    final = [tenant.wait_state(a.allocation_id, {RELEASED}, 30) for a in allocs]
+    ray.get(control_plane.ledger.flush.remote(timeout_s=30), timeout=40)
+
+    with psycopg.connect(control_plane.urls.app) as conn:
+        states = dict(conn.execute("SELECT state, count(*) FROM control.allocations WHERE tenant_id=%s GROUP BY 1",
+                                   (tenant.tenant_id,)).fetchall())
+        assert states == {"RELEASED": len(allocs)}
+        # Billed quantity equals Σ gpu_milli × RUNNING interval, exactly, per allocation.
+        expected = 0
+        for a in final:
+            dur_us = (a.stopped_at.ToMicroseconds() - a.running_since.ToMicroseconds())
+            expected += sum(len(x.gpu_indices) * x.gpu_milli for x in a.assignments) * dur_us
+        billed = conn.execute("SELECT coalesce(sum(gpu_milli_us), 0) FROM ledger.usage_entries WHERE tenant_id=%s",
+                              (tenant.tenant_id,)).fetchone()[0]
+        assert billed == expected
+    from ledger import reports
+    mine = [r for r in reports.usage_by_tenant(control_plane.urls.app) if r["tenant_id"] == tenant.tenant_id]
+    assert mine and mine[0]["cost_micros"] > 0 and abs(mine[0]["gpu_seconds"] - expected / 1e9) < 1e-6
+
+
+def test_idempotent_replay_and_conflicting_body(tenant):
+    """Same request_id + same body → the same allocation; a different body → ALREADY_EXISTS."""
+    import grpc
+    import pytest
+
+    key = rid()
+    a = tenant.place(key, gpu_milli=100)
+    b = tenant.place(key, gpu_milli=100)
+    assert a.allocation_id == b.allocation_id
+    with pytest.raises(grpc.RpcError) as err:
+        tenant.place(key, gpu_milli=200)
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_watch_streams_committed_transitions(tenant):
+    """WatchAllocations delivers QUEUED→PLACED→RUNNING→RELEASING→RELEASED for an allocation, in order."""
+    a = tenant.place(rid(), gpu_milli=100)
+    tenant.wait_state(a.allocation_id, {RUNNING}, 30)
+    tenant.release(a.allocation_id)
+    tenant.wait_state(a.allocation_id, {RELEASED}, 30)
+    stream = tenant.watch([a.allocation_id], after_event_id=1, timeout_s=10)
+    got = []
+    for ev in stream:
+        got.append(ev.to_state)
+        if ev.to_state == RELEASED:
+            break
+    stream.cancel()
+    assert got == [pb.ALLOCATION_STATE_QUEUED, pb.ALLOCATION_STATE_PLACED, RUNNING,
+                   pb.ALLOCATION_STATE_RELEASING, RELEASED]
+
+
+def test_list_is_paged_and_tenant_scoped(tenant, admin):
+    """ListAllocations pages through exactly the caller's allocations."""
+    ids = {tenant.place(rid(), gpu_milli=10).allocation_id for _ in range(5)}
+    listed = [a.allocation_id for a in tenant.list(page_size=2)]
+    assert set(listed) == ids and len(listed) == 5
+    assert not ids & {a.allocation_id for a in admin.list()}
+
+
+def test_queue_waits_then_places_when_capacity_frees(tenant, control_plane):
+    """wait=true queues a request no node can take now, and places it when capacity is released."""
+    from tests.integration.conftest import NODES
+    big = [tenant.place(rid(), gpu_count=GPUS) for _ in range(NODES)]
+    for a in big:
+        tenant.wait_state(a.allocation_id, {RUNNING}, 30)
+    waiting = tenant.place(rid(), gpu_count=GPUS, wait=True, queue_timeout_s=60)
+    assert waiting.state == pb.ALLOCATION_STATE_QUEUED
+    explained = tenant.get(waiting.allocation_id)
+    assert explained.pending_explanation
+    tenant.release(big[0].allocation_id)
+    done = tenant.wait_state(waiting.allocation_id, {RUNNING}, 30)
+    assert done.assignments[0].node_id == big[0].assignments[0].node_id
