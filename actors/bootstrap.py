@@ -142,8 +142,12 @@ class ControlPlane:
 
     def start_sim_nodes(self, count: int, *, wait_s: float = 60.0, prefix: str = "sim-node") -> list[str]:
         names = [f"{prefix}-{i}" for i in range(count)]
-        for n in names:
-            self.start_daemon(n, self.sim.gpus_per_node, self.sim.gpu_model)
+        g = self.sim.gpus_per_node
+        for i, n in enumerate(names):
+            # A simulated node looks like a GPU server: 16 cores and 128 GiB per GPU, two nodes per rack.
+            self.start_daemon(n, g, self.sim.gpu_model,
+                              ["--cpu-milli", str(16000 * g), "--memory-mib", str(131072 * g),
+                               "--labels", f"zone=sim-a,rack=rack-{i // 2}"])
         self.wait_nodes(names, wait_s)
         return names
 
