@@ -49,3 +49,14 @@ def fresh_db(pg_server):
     yield urls
     with psycopg.connect(pg_server.owner, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session (starting Ray costs seconds on 2 cores)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="gpuaas")
+    yield ray
+    ray.shutdown()

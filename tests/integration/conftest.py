@@ -18,9 +18,7 @@ GPUS = 4
 
 
 @pytest.fixture(scope="session")
-def control_plane():
-    import ray
-
+def control_plane(ray_session):
     from actors.bootstrap import ControlPlane, SimNodes
 
     data = pathlib.Path("/tmp") / f"gpuaas-it-{os.getpid()}"
@@ -28,12 +26,10 @@ def control_plane():
     cfg = ControlPlaneConfig(listen="127.0.0.1:0", meter_interval_s=1.0, heartbeat_grace_s=2.0,
                              heartbeat_offline_s=4.0, telemetry_interval_ms=250, cleanup_backoff_base_s=0.05,
                              cleanup_backoff_max_s=0.2, allocation_shards=2)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="gpuaas")
     cp = ControlPlane(config=cfg, data_dir=data / "pg", sim=SimNodes(NODES, GPUS, "H100"))
     cp.start(wait_nodes_s=90)
     yield cp
     cp.stop()
-    ray.shutdown()
     shutil.rmtree(data, ignore_errors=True)
 
 

@@ -13,11 +13,6 @@ from tests.integration.conftest import GPUS, rid
 RUNNING, RELEASED = pb.ALLOCATION_STATE_RUNNING, pb.ALLOCATION_STATE_RELEASED
 
 
-def _job():
-    import os
-    return os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("GPUAAS_NODE_ID")
-
-
 def test_place_batch_gang_job_release_and_bill(control_plane, tenant):
     """Singles, a batch, a 2-node gang and a Ray job run, release, and are billed exactly once in the ledger."""
     one = tenant.place(rid(), gpu_count=2, topology=pb.TOPOLOGY_SAME_NVLINK_ISLAND, cpu_milli=1000)
@@ -30,11 +25,13 @@ def test_place_batch_gang_job_release_and_bill(control_plane, tenant):
     for a in allocs:
         assert tenant.wait_state(a.allocation_id, {RUNNING}, 30).running_since.seconds > 0
 
-    cuda, node = sdk.run(one, _job)
-    assert cuda == ",".join(map(str, one.assignments[0].gpu_indices))
-    assert node == one.assignments[0].node_id
-    seen = sdk.run_gang(gang, _job)
-    assert [s[1] for s in seen] == [a.node_id for a in gang.assignments]
+    seen = sdk.run(one, sdk.describe_worker)
+    assert seen["cuda_visible_devices"] == ",".join(map(str, one.assignments[0].gpu_indices))
+    assert seen["node_id"] == one.assignments[0].node_id
+    gang_seen = sdk.run_gang(gang, sdk.describe_worker)
+    assert [s["node_id"] for s in gang_seen] == [a.node_id for a in gang.assignments]
+    assert [s["cuda_visible_devices"] for s in gang_seen] == [
+        ",".join(map(str, a.gpu_indices)) for a in gang.assignments]
 
     for a in allocs:
         tenant.release(a.allocation_id)

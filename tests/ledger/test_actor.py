@@ -10,16 +10,14 @@ from tests.ledger.conftest import T0, net_milli_us, us
 
 
 @pytest.fixture
-def ray_local():
-    ray.init(num_cpus=1, include_dashboard=False, namespace="gpuaas-ledger-test", log_to_driver=False)
+def ray_local(ray_session):
     yield
-    ray.shutdown()
 
 
 def test_ledger_actor_meters_outbox_events_in_the_background(ledger_db, outbox, ray_local):
     """The actor's poll loop consumes the outbox on its own; flush and close_intervals work over Ray."""
     from actors.ledger_actor import LedgerActor
-    actor = LedgerActor.remote(ledger_db.app, meter_interval_s=60.0)
+    actor = LedgerActor.options(name=None).remote(ledger_db.app, meter_interval_s=60.0)
     t = (dt.datetime.now(dt.timezone.utc) - T0).total_seconds()  # wall-clock times: the loop ticks on its own
     a = outbox.run("acme", t, [("n1", [0], 500, "H100")])
     deadline = time.monotonic() + 30
