@@ -151,13 +151,17 @@ class Cluster:
 
     def give(self, n: int, gpus: tuple[int, ...], milli: int, cpu: int, mem: int) -> None:
         row = self.gpu_free[n]
-        self.cpu_free[n] += cpu
-        self.mem_free[n] += mem
+        cf = self.cpu_free[n] + cpu
+        mf = self.mem_free[n] + mem
+        if cf > self.cpu_cap[n] or mf > self.mem_cap[n]:
+            raise SchedulerError(f"release returned more than capacity on {self.ids[n]}")
+        for g in gpus:
+            if row[g] + milli > MILLI:
+                raise SchedulerError(f"release returned more than capacity on {self.ids[n]}")
+        self.cpu_free[n] = cf
+        self.mem_free[n] = mf
         for g in gpus:
             row[g] += milli
-        if self.cpu_free[n] > self.cpu_cap[n] or self.mem_free[n] > self.mem_cap[n] or any(
-                row[g] > MILLI for g in gpus):
-            raise SchedulerError(f"release returned more than capacity on {self.ids[n]}")
         a = self._np
         if a is not None:
             a["cpu_free"][n] += cpu

@@ -190,7 +190,7 @@ class Engine:
         if self.index is not None and req.replicas == 1 and req.topology is not Topology.SAME_NVLINK_ISLAND:
             hit = self.index.place(req)
             if hit is not None:
-                return self._commit(req, (hit,), now_s)
+                return self._commit_one(req, hit, now_s)
         placed, reasons, facts = self._plan(req)
         if placed is not None:
             return self._commit(req, placed, now_s)
@@ -244,6 +244,17 @@ class Engine:
         if al is None:
             return False
         tenant = al.req.tenant
+        if not self.victim_of and len(al.nodes) == 1:  # the hot path: one replica, no preemption pending
+            a = al.assignments[0]
+            n = al.nodes[0]
+            gi = a.gpu_indices
+            self.cluster.give(n, gi, a.gpu_milli, a.cpu_milli, a.memory_mib)
+            d = a.gpu_milli * len(gi)
+            if d:
+                k = (tenant, al.models[0])
+                self.used[k] -= d
+                self.used_total[tenant] -= d
+            return True
         preemptor = self.victim_of.pop(key, None)
         hold = self.holds.get(preemptor) if preemptor is not None else None
         if hold is not None:
@@ -399,6 +410,15 @@ class Engine:
         assignments = tuple(assignments)
         self._record(req, assignments, now_s)
         return Decision(req.key, True, assignments, "", {})
+
+    def _commit_one(self, req: Request, a: Assignment, now_s) -> Decision:
+        """_commit for one replica placed on an indexed node (its model is the index's)."""
+        asg = (a,)
+        gi = a.gpu_indices
+        n = self.cluster.index[a.node_id]
+        self.allocs[req.key] = _Alloc(req, asg, (n,), (self.index.model[n] if gi else -1,),
+                                      0.0 if now_s is None else float(now_s), a.gpu_milli * len(gi))
+        return Decision(req.key, True, asg, "", {})
 
     # ------------------------------------------------------------ internals: planning
 

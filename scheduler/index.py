@@ -30,6 +30,7 @@ class FastIndex:
         self.share: list[list[dict]] = []    # [model][bucket] → {node<<8|gpu: None}
         self.full: dict[int, int] = {}       # node → its k (indexed nodes only)
         self.model: dict[int, int] = {}      # node → its single model
+        self.sick: set[int] = set()          # indexed nodes with an unhealthy GPU (slow bucket moves)
 
     # ------------------------------------------------------------ maintenance
 
@@ -47,6 +48,7 @@ class FastIndex:
         if m is None:
             return
         k = self.full.pop(n)
+        self.sick.discard(n)
         self.whole[m][k].pop(n, None)
         for g, f in enumerate(self.c.gpu_free[n]):
             if 0 < f < MILLI:
@@ -73,11 +75,22 @@ class FastIndex:
                 self.share[m][f // SHARE_BUCKET_MILLI][n << GPU_BITS | g] = None
         self.model[n] = m
         self.full[n] = k
+        if not all(healthy):
+            self.sick.add(n)
         self.whole[m][k][n] = None
 
     def gpus_changed(self, n: int, gpus, delta: int) -> None:
         m = self.model.get(n)
         if m is None:
+            return
+        if (delta == MILLI or delta == -MILLI) and n not in self.sick:
+            # whole GPUs: each went 1000 → 0 or 0 → 1000, no share bucket moves
+            k0 = self.full[n]
+            k = k0 + len(gpus) if delta > 0 else k0 - len(gpus)
+            w = self.whole[m]
+            del w[k0][n]
+            w[k][n] = None
+            self.full[n] = k
             return
         row = self.c.gpu_free[n]
         healthy = self.c.gpu_healthy[n]
@@ -176,9 +189,27 @@ class FastIndex:
         return pick_islands(gs, isl, num, False)
 
     def _take(self, n: int, gpus: tuple[int, ...], milli: int, req) -> Assignment:
+        """Reserve what ``place`` found (its fit is already checked) and charge the tenant."""
         c = self.c
-        a = Assignment(c.ids[n], gpus, milli, req.cpu_milli, req.memory_mib)
-        self.engine._take_raw(n, a, req.tenant)
+        cpu, mem = req.cpu_milli, req.memory_mib
+        a = Assignment(c.ids[n], gpus, milli, cpu, mem)
+        if c._np is not None or len(c.listeners) != 1:
+            self.engine._take_raw(n, a, req.tenant)
+            return a
+        c.cpu_free[n] -= cpu
+        c.mem_free[n] -= mem
+        row = c.gpu_free[n]
+        for g in gpus:
+            row[g] -= milli
+        self.gpus_changed(n, gpus, -milli)
+        eng = self.engine
+        d = milli * len(gpus)
+        t = req.tenant
+        k = (t, self.model[n])
+        used = eng.used
+        used[k] = used.get(k, 0) + d
+        ut = eng.used_total
+        ut[t] = ut.get(t, 0) + d
         return a
 
 
