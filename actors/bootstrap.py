@@ -56,6 +56,7 @@ class ControlPlane:
         self.admin_token = ""
         self.node_token = ""
         self.daemons: list[subprocess.Popen] = []
+        self.daemon_by_name: dict[str, subprocess.Popen] = {}
         self.daemon_dir = pathlib.Path(tempfile.mkdtemp(prefix="gpuaas-nodes-"))
         self._owns_ray = False
 
@@ -138,6 +139,7 @@ class ControlPlane:
         proc = subprocess.Popen(self.daemon_command(name, gpus, model, extra), env=env, stdout=log_file,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         self.daemons.append(proc)
+        self.daemon_by_name[name] = proc
         return proc
 
     def start_sim_nodes(self, count: int, *, wait_s: float = 60.0, prefix: str = "sim-node") -> list[str]:
@@ -159,7 +161,8 @@ class ControlPlane:
                                          (names,)).fetchall())
                 if all(rows.get(n) == state for n in names):
                     return
-                dead = [p for p in self.daemons if p.poll() is not None]
+                dead = [self.daemon_by_name[n] for n in names
+                        if n in self.daemon_by_name and self.daemon_by_name[n].poll() is not None]
                 if dead:
                     logs = "".join((self.daemon_dir / n / "daemon.log").read_text(errors="replace")[-1500:]
                                    for n in names if (self.daemon_dir / n / "daemon.log").exists())

@@ -26,6 +26,7 @@ import ray
 from actors import runtime, store
 from actors.placement import shard_of
 from actors.store import utcnow
+from gpuaas import xid as xidmod
 from gpuaas.config import ControlPlaneConfig
 from gpuaas.errors import FailedPrecondition, NotFound
 from gpuaas.lifecycle import GpuEvent, GpuState, IllegalTransition, NodeEvent, NodeState
@@ -52,13 +53,9 @@ class NodeWatch:
     last_sample: dict = dataclasses.field(default_factory=dict)
 
 
-def _fatal_xid(xid: int) -> bool:
-    """True when the XID catalog says the GPU must leave service."""
-    try:
-        from gpuaas import xid as xidmod
-    except ImportError:  # pragma: no cover - the table ships with the product
-        return xid in (48, 63, 64, 74, 79, 92, 94, 95, 119, 120)
-    return xidmod.takes_gpu_out_of_service(xid)
+# Hardware thermal slowdown bit of NVML's clocks-throttle reasons.
+THROTTLE_HW_THERMAL = 0x40
+ALL_GPUS = -1  # a fault that takes every GPU of the node out (XID catalog: drain the node)
 
 
 class NodeShardCore:
@@ -182,7 +179,10 @@ class NodeShardCore:
         if len(w.faults) >= FRAME_QUEUE_MAX:
             return
         for x in frame.xid_events:
-            if _fatal_xid(x.xid):
+            # The XID catalog decides: application errors never take a GPU out of service.
+            if xidmod.affects_node(x.xid):
+                w.faults.append((ALL_GPUS, f"XID {x.xid} (node-wide): {x.message}"[:200], detected))
+            elif xidmod.takes_gpu_out_of_service(x.xid):
                 w.faults.append((x.gpu_index, f"XID {x.xid}: {x.message}"[:200], detected))
         for s in frame.samples:
             w.last_sample[s.index] = (s.gpu_util_pct, s.energy_mj, s.power_mw)
@@ -192,6 +192,8 @@ class NodeShardCore:
                 w.faults.append((s.index, "uncorrectable ECC error", detected))
             if s.lost:
                 w.faults.append((s.index, "GPU fell off the bus", detected))
+            if s.temperature_c >= self.cfg.thermal_trip_c or s.throttle_reasons & THROTTLE_HW_THERMAL:
+                w.faults.append((s.index, f"thermal trip ({s.temperature_c} °C)", detected))
 
     # ------------------------------------------------------------ health rules
 
@@ -219,6 +221,8 @@ class NodeShardCore:
                 w.task.cancel()
                 w.task = None
         faults, w.faults = w.faults, []
+        faults = [(g, cause, at) for gi, cause, at in faults
+                  for g in (sorted(w.gpu_states) if gi == ALL_GPUS else [gi])]
         for gpu_index, cause, detected in faults:
             if w.gpu_states.get(gpu_index) is not GpuState.READY:
                 continue

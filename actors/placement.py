@@ -372,9 +372,45 @@ class PlacementCore:
             self.queued.pop(allocation_id, None)
             return new
 
+    def capacity_samples(self) -> list[tuple]:
+        """Per GPU model: (model, total, healthy, allocated milli, free milli, stranded milli, queue depth).
+
+        Stranded = free share left on partly used GPUs: capacity that only a
+        sharing task can still use."""
+        with self.lock:
+            free = self.engine.snapshot_free()
+            queue_depth = len(self.queued)
+        per: dict[str, list[int]] = {}
+        for node_id, f in free.items():
+            info = self.nodes.get(node_id)
+            if info is None:
+                continue
+            for i, milli in enumerate(f["gpu_milli"]):
+                model = info.models.get(i, "")
+                acc = per.setdefault(model, [0, 0, 0, 0, 0])
+                acc[0] += 1
+                if f["gpu_healthy"][i] and f["schedulable"]:
+                    acc[1] += 1
+                    acc[3] += milli
+                    if 0 < milli < 1000:
+                        acc[4] += milli
+                acc[2] += 1000 - milli
+        return [(m, t, h, a, fr, st, queue_depth) for m, (t, h, a, fr, st) in sorted(per.items())]
+
+    def _record_capacity(self) -> None:
+        from ledger import capacity
+
+        samples = self.capacity_samples()
+        if samples:
+            capacity.record_samples(self.reader(), samples)
+
     def _tick_loop(self) -> None:
+        last_sample = 0.0
         while not self._stop.wait(1.0):
             try:
+                if time.monotonic() - last_sample >= self.cfg.capacity_sample_s:
+                    last_sample = time.monotonic()
+                    self._record_capacity()
                 # Supervisor: a restarted shard resumes its work from Postgres on start().
                 for shard in list(self.alloc_shards) + list(self.node_shards):
                     shard.start.remote()

@@ -337,7 +337,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         if r[4]:
             st.last_seen.FromDatetime(r[4])
         free = self.core.node_free().get(node_id, {})
-        gfree = free.get("gpu_free_milli", []) if isinstance(free, dict) else []
+        gfree = free.get("gpu_milli", []) if isinstance(free, dict) else []
         for idx, model, state in conn.execute("SELECT gpu_index, model, state FROM control.gpus WHERE node_id=%s"
                                               " ORDER BY gpu_index", (node_id,)):
             st.gpus.add(index=idx, model=model, state=GpuState[state].value,

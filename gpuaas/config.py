@@ -31,3 +31,7 @@ class ControlPlaneConfig:
     lease_s_max: int = 30 * 24 * 3600
     meter_interval_s: float = 60.0
     allocation_tick_s: float = 0.2
+    # How often the placement actor appends a capacity snapshot (ledger.capacity_samples) for analytics.
+    capacity_sample_s: float = 10.0
+    # A GPU at or above this temperature, or in hardware thermal slowdown, is a thermal trip.
+    thermal_trip_c: int = 92

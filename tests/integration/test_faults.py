@@ -1,0 +1,123 @@
+"""The loop from GPU health to scheduling and billing, with real daemons and injected faults."""
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+
+import psycopg
+import pytest
+import ray
+
+from gpuaas.v1 import common_pb2 as pb
+
+from tests.integration.conftest import rid
+
+RUNNING, FAILED, RELEASED = pb.ALLOCATION_STATE_RUNNING, pb.ALLOCATION_STATE_FAILED, pb.ALLOCATION_STATE_RELEASED
+
+
+def inject(cp, node: str, command: dict) -> None:
+    """Drop a fault command into the daemon's fault folder (atomic rename), and wait until it is applied."""
+    folder = cp.daemon_dir / node / "faults"
+    name = uuid.uuid4().hex[:8]
+    (folder / f".{name}.tmp").write_text(json.dumps(command))
+    os.rename(folder / f".{name}.tmp", folder / f"{name}.json")
+    deadline = time.monotonic() + 10
+    while (folder / f"{name}.json").exists():
+        assert time.monotonic() < deadline, "daemon did not apply the fault"
+        time.sleep(0.05)
+    assert not (folder / f"{name}.json.rejected").exists()
+
+
+@pytest.fixture
+def pool_node(control_plane):
+    """A dedicated simulated node (label pool=<name>) so faults never touch other tests' GPUs.
+
+    Request it before `tenant`, so the tenant releases its allocations while the node still lives."""
+    name = "fault-" + uuid.uuid4().hex[:6]
+    proc = control_plane.start_daemon(name, 4, "H100", ["--cpu-milli", "64000", "--memory-mib", "262144",
+                                                        "--labels", f"pool={name}"])
+    control_plane.wait_nodes([name], 60)
+    yield name, proc
+    if proc.poll() is None:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _db(cp, sql, *params):
+    with psycopg.connect(cp.urls.app) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def _wait(pred, timeout_s=15.0, what=""):
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_fatal_xid_fails_allocation_stops_billing_and_withdraws_gpu(control_plane, pool_node, tenant):
+    """XID 79 on a GPU → that GPU UNHEALTHY, its allocation FAILED with billing stopped, GPU never offered again."""
+    node, _ = pool_node
+    a = tenant.place(rid(), gpu_count=1, node_selector={"pool": node})
+    a = tenant.wait_state(a.allocation_id, {RUNNING}, 30)
+    gpu = a.assignments[0].gpu_indices[0]
+    t_inject = time.time()
+    inject(control_plane, node, {"fault": "xid", "gpu": gpu, "xid": 79, "message": "fell off the bus"})
+    failed = tenant.wait_state(a.allocation_id, {FAILED, RELEASED}, 15)
+    stop = failed.stopped_at.ToMicroseconds() / 1e6
+    assert t_inject - 0.5 <= stop <= t_inject + 3.0, "billing stops at detection"
+    assert _db(control_plane, "SELECT state FROM control.gpus WHERE node_id=%s AND gpu_index=%s", node, gpu) == \
+        [("UNHEALTHY",)]
+    # The remaining 3 GPUs are offered; the bad one is not.
+    others = [tenant.place(rid(), gpu_count=1, node_selector={"pool": node}) for _ in range(3)]
+    assert gpu not in {o.assignments[0].gpu_indices[0] for o in others}
+    import grpc
+    with pytest.raises(grpc.RpcError) as err:
+        tenant.place(rid(), gpu_count=1, node_selector={"pool": node})
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # Billing: the ledger bills exactly [running_since, stopped_at] and nothing after.
+    ray.get(control_plane.ledger.flush.remote(timeout_s=30), timeout=40)
+    billed = _db(control_plane, "SELECT coalesce(sum(gpu_milli_us), 0) FROM ledger.usage_entries"
+                 " WHERE allocation_id = %s", a.allocation_id)[0][0]
+    expected = 1000 * (failed.stopped_at.ToMicroseconds() - failed.running_since.ToMicroseconds())
+    assert billed == expected
+
+
+def test_application_xid_keeps_the_gpu_in_service(control_plane, pool_node, tenant):
+    """XID 13 (an application error) leaves the GPU READY and the allocation RUNNING."""
+    node, _ = pool_node
+    a = tenant.place(rid(), gpu_count=1, node_selector={"pool": node})
+    a = tenant.wait_state(a.allocation_id, {RUNNING}, 30)
+    inject(control_plane, node, {"fault": "xid", "gpu": a.assignments[0].gpu_indices[0], "xid": 13,
+                                 "message": "graphics engine exception"})
+    time.sleep(3 * control_plane.cfg.health_tick_s + control_plane.cfg.telemetry_interval_ms / 1000)
+    assert tenant.get(a.allocation_id).state == RUNNING
+    assert {s for (s,) in _db(control_plane, "SELECT state FROM control.gpus WHERE node_id=%s", node)} == {"READY"}
+
+
+def test_killed_daemon_goes_suspect_offline_then_back_after_orphan_cleanup(control_plane, pool_node, tenant):
+    """SIGKILL a daemon: node SUSPECT → OFFLINE, allocation FAILED (billing stopped); restart: READY, RELEASED."""
+    node, proc = pool_node
+    a = tenant.place(rid(), gpu_count=2, node_selector={"pool": node})
+    tenant.wait_state(a.allocation_id, {RUNNING}, 30)
+    proc.kill()
+    t_kill = time.time()
+    state = lambda: _db(control_plane, "SELECT state FROM control.nodes WHERE node_id=%s", node)[0][0]  # noqa: E731
+    _wait(lambda: state() == "SUSPECT", 10, "SUSPECT")
+    _wait(lambda: state() == "OFFLINE", 15, "OFFLINE")
+    failed = tenant.wait_state(a.allocation_id, {FAILED}, 10)
+    assert failed.stopped_at.ToMicroseconds() / 1e6 <= t_kill + control_plane.cfg.heartbeat_offline_s + 2
+    # Nothing new lands on an OFFLINE node.
+    import grpc
+    with pytest.raises(grpc.RpcError):
+        tenant.place(rid(), gpu_milli=100, node_selector={"pool": node})
+    # The daemon comes back: the node is READY again and the orphan is cleaned up → RELEASED.
+    control_plane.start_daemon(node, 4, "H100", ["--cpu-milli", "64000", "--memory-mib", "262144",
+                                                 "--labels", f"pool={node}"])
+    control_plane.wait_nodes([node], 30)
+    tenant.wait_state(a.allocation_id, {RELEASED}, 20)
+    events = [e for (e,) in _db(control_plane, "SELECT event FROM control.node_events WHERE node_id=%s"
+                                " AND gpu_index IS NULL ORDER BY event_id", node)]
+    assert events == ["registered", "heartbeat_missed", "heartbeat_timeout", "registered"]
