@@ -125,8 +125,9 @@ def cmd_admin(ns, rest) -> int:
                       f"{n.address:22} {'sim' if n.simulated else 'nvml'}  {gpus}")
             return 0
         if len(what) == 3 and what[0] == "nodes" and what[1] in ("cordon", "uncordon", "drain"):
+            from gpuaas.v1 import common_pb2
             st = c.node_action(what[1], what[2], reason=ns.reason)
-            print(f"{st.node_id}: {st.state}")
+            print(f"{st.node_id}: {common_pb2.NodeState.Name(st.state).removeprefix('NODE_STATE_')}")
             return 0
         if len(what) == 3 and what[:2] == ["allocations", "resolve"]:
             a = c.resolve(what[2], note=ns.reason)
