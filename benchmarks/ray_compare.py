@@ -68,10 +68,21 @@ def ours_rate(reqs: list[dict], nodes: int, gpus: int, clients: int) -> tuple[fl
         clis = [Client(cp.address, token) for _ in range(clients)]
         run = uuid.uuid4().hex[:6]
 
+        import grpc
+
         def one(i_r):
             i, r = i_r
             c = clis[i % clients]
-            a = c.place(f"{run}-{i}", **r)
+            while True:
+                try:
+                    a = c.place(f"{run}-{i}", **r)
+                    break
+                except grpc.RpcError as err:
+                    # Released GPUs come back once the node has cleaned up; retry, and the
+                    # waiting counts against us.
+                    if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        raise
+                    time.sleep(0.02)
             c.release(a.allocation_id)
 
         t0 = time.perf_counter()
@@ -99,7 +110,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--ray-requests", type=int, default=100, help="Ray PGs are slow; a smaller sample suffices")
-    ap.add_argument("--nodes", type=int, default=8)
+    ap.add_argument("--nodes", type=int, default=16)
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
