@@ -48,7 +48,7 @@ def main() -> int:
     from gpuaas.config import ControlPlaneConfig
     from ledger import db as dbmod
 
-    data = dbmod.gpuaas_home() / "bench-grpc" / "pg"
+    data = dbmod.gpuaas_home() / f"bench-grpc-{uuid.uuid4().hex[:6]}" / "pg"
     shutil.rmtree(data.parent, ignore_errors=True)
     cp = ControlPlane(config=ControlPlaneConfig(listen="127.0.0.1:0"), data_dir=data,
                       sim=SimNodes(ns.nodes, ns.gpus_per_node, "H100"))
@@ -126,6 +126,7 @@ def main() -> int:
         return 0
     finally:
         cp.stop()
+        shutil.rmtree(data.parent, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,8 @@ def ours_rate(reqs: list[dict], nodes: int, gpus: int, clients: int) -> tuple[fl
     from gpuaas.v1 import common_pb2 as pb
     from ledger import db as dbmod
 
-    data = dbmod.gpuaas_home() / "bench-ray-compare" / "pg"
+    # A fresh database per run (the embedded server of an earlier run keeps its own folder).
+    data = dbmod.gpuaas_home() / f"bench-ray-compare-{uuid.uuid4().hex[:6]}" / "pg"
     shutil.rmtree(data.parent, ignore_errors=True)
     cp = ControlPlane(config=ControlPlaneConfig(listen="127.0.0.1:0"), data_dir=data,
                       sim=SimNodes(nodes, gpus, "H100"))

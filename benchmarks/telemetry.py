@@ -72,7 +72,7 @@ def real(daemons: int, gpus: int, injections: int, settle_s: float) -> dict:
     from gpuaas.v1 import common_pb2 as pb
     from ledger import db as dbmod
 
-    data = dbmod.gpuaas_home() / "bench-telemetry" / "pg"
+    data = dbmod.gpuaas_home() / f"bench-telemetry-{uuid.uuid4().hex[:6]}" / "pg"
     shutil.rmtree(data.parent, ignore_errors=True)
     cp = ControlPlane(config=ControlPlaneConfig(listen="127.0.0.1:0", telemetry_interval_ms=1000), data_dir=data,
                       sim=SimNodes(daemons, gpus, "H100"))
@@ -117,6 +117,7 @@ def real(daemons: int, gpus: int, injections: int, settle_s: float) -> dict:
                 "fault_to_action_p50_s": percentile(lat, 50), "injections": len(lat)}
     finally:
         cp.stop()
+        shutil.rmtree(data.parent, ignore_errors=True)
 
 
 def main() -> int:
