@@ -126,7 +126,6 @@ def main() -> int:
         return 0
     finally:
         cp.stop()
-        shutil.rmtree(data.parent, ignore_errors=True)
 
 
 if __name__ == "__main__":

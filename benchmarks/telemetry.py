@@ -117,7 +117,6 @@ def real(daemons: int, gpus: int, injections: int, settle_s: float) -> dict:
                 "fault_to_action_p50_s": percentile(lat, 50), "injections": len(lat)}
     finally:
         cp.stop()
-        shutil.rmtree(data.parent, ignore_errors=True)
 
 
 def main() -> int:
