@@ -20,7 +20,7 @@ from actors import runtime, store
 from actors.placement import shard_of
 from actors.store import AllocRow, utcnow
 from gpuaas.config import ControlPlaneConfig
-from gpuaas.errors import FailedPrecondition
+from gpuaas.errors import FailedPrecondition, Unavailable
 from gpuaas.lifecycle import AllocEvent, AllocState, IllegalTransition
 from gpuaas.v1 import common_pb2, node_pb2
 
@@ -39,6 +39,7 @@ class AllocationShardCore:
         self.addresses: dict[str, str] = {}
         self.nodes_down: set[str] = set()
         self.tasks: dict[str, asyncio.Task] = {}
+        self.uncertain: set[str] = set()  # rows whose last write may or may not have committed
         self.stats = {"prepared": 0, "prepare_failures": 0, "released": 0, "cleanup_failures": 0, "failed": 0,
                       "lease_expired": 0}
         self._placement = None
@@ -75,6 +76,10 @@ class AllocationShardCore:
             return None
         try:
             new = await self.db.tx(store.transition_allocation, row, event, **kw)
+        except Unavailable:
+            # The commit's outcome is unknown (connection lost): reload from Postgres on the next tick.
+            self.uncertain.add(aid)
+            raise
         except FailedPrecondition:
             fresh = await self.db.tx(store.load_allocation, aid)
             if fresh is not None:
@@ -87,21 +92,44 @@ class AllocationShardCore:
             self.locks.pop(aid, None)
         return new
 
-    async def _load_addresses(self, conn_fn=None) -> None:
-        rows = await self.db.tx(lambda c: c.execute("SELECT node_id, address, state FROM control.nodes").fetchall())
-        for node_id, address, state in rows:
+    async def _load_addresses(self, conn_fn=None) -> dict:
+        """Node addresses and which nodes are down; returns {node_id: detected_at} of OFFLINE nodes."""
+        rows = await self.db.tx(lambda c: c.execute(
+            "SELECT node_id, address, state, updated_at FROM control.nodes").fetchall())
+        offline = {}
+        for node_id, address, state, updated_at in rows:
             self.addresses[node_id] = address
             if state == "OFFLINE":
                 self.nodes_down.add(node_id)
+                offline[node_id] = updated_at
+        return offline
 
     # ------------------------------------------------------------ start / resume
 
     async def start(self) -> dict:
-        await self._load_addresses()
+        offline = await self._load_addresses()
+        bad_gpus = dict(((n, i), at) for n, i, at in await self.db.tx(lambda c: c.execute(
+            "SELECT node_id, gpu_index, updated_at FROM control.gpus WHERE state = 'UNHEALTHY'").fetchall()))
         rows = await self.db.tx(store.load_allocations, "state = ANY(%s)", (list(ACTIVE),))
         mine = [r for r in rows if shard_of(r.allocation_id, self.count) == self.index]
         for r in mine:
             self.rows[r.allocation_id] = r
+        # A node lost or a GPU fault detected while this shard was down (its
+        # fail_on_node call died with it): fail those RUNNING allocations now,
+        # billing stopped at the persisted detection time.
+        for r in mine:
+            if r.state is not AllocState.RUNNING:
+                continue
+            lost = sorted(offline[n] for n in r.node_ids() if n in offline)
+            faulty = sorted(bad_gpus[(a["node_id"], i)] for a in r.assignments for i in a["gpu_indices"]
+                            if (a["node_id"], i) in bad_gpus)
+            if lost or faulty:
+                event = AllocEvent.NODE_LOST if lost else AllocEvent.GPU_FAULT
+                at = max((lost or faulty)[0], r.running_since) if r.running_since else (lost or faulty)[0]
+                new = await self._transition(r.allocation_id, event, at=at, reason=f"{event.value} (found on resume)")
+                if new is not None:
+                    self.stats["failed"] += 1
+        for r in [self.rows[a] for a in list(self.rows)]:
             if r.state is AllocState.PLACED:
                 self._spawn(r.allocation_id, self._prepare(r.allocation_id))
             elif r.state is AllocState.RELEASING:
@@ -119,6 +147,9 @@ class AllocationShardCore:
         ids = [aid for aid, _ in items]
         rows = await self.db.tx(store.load_allocations, "allocation_id = ANY(%s::uuid[])", (ids,))
         for r in rows:
+            busy = self.tasks.get(r.allocation_id)
+            if busy is not None and not busy.done():
+                continue  # already being prepared (a re-sent hand-off after a placement restart)
             if r.state is AllocState.PLACED:
                 self.rows[r.allocation_id] = r
                 self._spawn(r.allocation_id, self._prepare(r.allocation_id))
@@ -332,6 +363,31 @@ class AllocationShardCore:
             await asyncio.sleep(self.cfg.allocation_tick_s)
             try:
                 now = utcnow()
+                if self.uncertain:
+                    ids, self.uncertain = list(self.uncertain), set()
+                    try:
+                        fresh = {r.allocation_id: r for r in await self.db.tx(
+                            store.load_allocations, "allocation_id = ANY(%s::uuid[])", (ids,))}
+                    except Unavailable:
+                        self.uncertain.update(ids)
+                        fresh = None
+                    for aid in ids if fresh is not None else []:
+                        r = fresh.get(aid)
+                        if r is None or r.state in (AllocState.RELEASED, AllocState.CANCELLED, AllocState.QUEUED):
+                            self.rows.pop(aid, None)
+                            if r is not None and r.state is AllocState.RELEASED:
+                                self.placement().capacity_freed.remote([aid], False)
+                        else:
+                            self.rows[aid] = r
+                for aid, row in list(self.rows.items()):
+                    # Supervisor: work whose task died (database gone mid-transition) is started again.
+                    busy = self.tasks.get(aid)
+                    if busy is None or busy.done():
+                        if row.state is AllocState.PLACED:
+                            self._spawn(aid, self._prepare(aid))
+                        elif row.state in (AllocState.RELEASING, AllocState.FAILED) and not (
+                                row.node_ids() & self.nodes_down):
+                            self._spawn(aid, self._cleanup(aid))
                 for aid, row in list(self.rows.items()):
                     if row.state is AllocState.RUNNING and row.lease_expires_at and row.lease_expires_at <= now:
                         # Billing stops at the lease's end, not when this tick noticed it.

@@ -40,6 +40,14 @@ class SimNodes:
     gpu_model: str = "H100"
 
 
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET) as s:
+        s.bind((host.strip("[]"), 0))
+        return s.getsockname()[1]
+
+
 class ControlPlane:
     def __init__(self, *, config: ControlPlaneConfig, ray_address: str | None = None,
                  data_dir: pathlib.Path | None = None, sim: SimNodes | None = None):
@@ -97,6 +105,12 @@ class ControlPlane:
 
     def _start_actors(self) -> None:
         from actors.hosts import AllocationShardActor, NodeShardActor, PlacementActor
+
+        # A restarted placement actor must come back on the same address: resolve
+        # port 0 to a concrete free port once, here, and pass it explicitly.
+        host, _, port = self.cfg.listen.rpartition(":")
+        if port == "0":
+            self.cfg = dataclasses.replace(self.cfg, listen=f"{host}:{_free_port(host)}")
 
         ns = runtime.NAMESPACE
         app = self.urls.app

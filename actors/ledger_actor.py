@@ -71,9 +71,25 @@ class LedgerActor:
                 self._loop_errors += 1
                 log.exception("ledger poll failed; retrying in %.1fs", backoff_s)
                 backoff_s = min(backoff_s_max, backoff_s * 2)
+                self._reopen()
+
+    def _reopen(self) -> None:
+        """After a lost connection: reconnect and reload cursor + open meters from the ledger."""
+        try:
+            with self._lock:
+                conn = self._consumer.conn
+                if conn is not None and (conn.closed or conn.broken):
+                    self._consumer.conn = None
+                    self._consumer.open()
+        except Exception as exc:  # noqa: BLE001 — still down; the loop retries
+            log.warning("ledger reconnect failed: %s", exc)
 
     def _locked(self, fn, *args):
         with self._lock:
+            conn = self._consumer.conn
+            if conn is not None and (conn.closed or conn.broken):
+                self._consumer.conn = None
+                self._consumer.open()
             return fn(*args)
 
     async def flush(self, timeout_s: float = 10.0) -> dict:

@@ -239,7 +239,9 @@ class NodeShardCore:
         src, dst = await self.db.tx(store.transition_node, w.node_id, event, reason=reason, at=at)
         w.state = dst
         self.stats["transitions"] += 1
-        await self.placement().set_node_state.remote(w.node_id, dst.name)
+        # Never block the health tick on the placement actor (it may be restarting);
+        # a restarted placement actor rebuilds node states from Postgres anyway.
+        self.placement().set_node_state.remote(w.node_id, dst.name)
         log.info("node %s %s → %s (%s: %s)", w.node_id, src.name, dst.name, event.value, reason)
 
     # ------------------------------------------------------------ operator

@@ -87,7 +87,11 @@ class PlacementCore:
         self._conn: psycopg.Connection | None = None
         self._read_local = threading.local()
         self.stats = {"placed": 0, "queued": 0, "rejected": 0, "batches": 0, "commit_failures": 0}
-        self.rebuild()
+        self.rebuild_info = self.rebuild()
+        # PLACED allocations whose hand-off to a shard may have died with the
+        # previous incarnation: adopt is idempotent, so hand them over again.
+        self._dispatch(self._placed_after_rebuild)
+        self._placed_after_rebuild = []
         self._committer = threading.Thread(target=self._commit_loop, name="placement-committer", daemon=True)
         self._committer.start()
         self._ticker = threading.Thread(target=self._tick_loop, name="placement-tick", daemon=True)
@@ -118,7 +122,8 @@ class PlacementCore:
         from scheduler import Assignment
 
         t0 = time.perf_counter()
-        with psycopg.connect(self.app_url, autocommit=True) as conn:
+        self._placed_after_rebuild: list[AllocRow] = []
+        with psycopg.connect(self.app_url, autocommit=True, connect_timeout=5) as conn:
             gpus: dict[str, list] = {}
             for node_id, idx, model, mem, island, state in conn.execute(
                     "SELECT node_id, gpu_index, model, memory_mib, nvlink_island, state FROM control.gpus"
@@ -139,7 +144,12 @@ class PlacementCore:
                 if row.state is AllocState.QUEUED:
                     self.queued[row.allocation_id] = row
                     self.engine.enqueue(dom)
-                elif row.state in HOLDS_CAPACITY and row.assignments:
+                elif row.state in HOLDS_CAPACITY and row.assignments and not (
+                        row.state is AllocState.FAILED and row.running_since is None):
+                    # (A prepare that failed for good freed its reservation: FAILED without
+                    # ever RUNNING holds nothing, exactly as capacity_freed left it.)
+                    if row.state is AllocState.PLACED:
+                        self._placed_after_rebuild.append(row)
                     self.engine.restore(row.allocation_id, dom, tuple(
                         Assignment(node_id=a["node_id"], gpu_indices=tuple(a["gpu_indices"]), gpu_milli=a["gpu_milli"],
                                    cpu_milli=a.get("cpu_milli", 0), memory_mib=a.get("memory_mib", 0))
@@ -308,6 +318,7 @@ class PlacementCore:
             by_shard.setdefault(shard_of(r.allocation_id, len(self.alloc_shards)), []).append(
                 (r.allocation_id, {n: self.address_of(n) for n in r.node_ids()}))
         for i, items in by_shard.items():
+            # Fire and forget: a shard that dies before adopting resumes its PLACED rows from Postgres.
             self.alloc_shards[i].adopt.remote(items)
 
     # ------------------------------------------------------------ queue

@@ -17,8 +17,12 @@ import ray
 from actors import convert, store
 from actors.placement import PlacementCore, allocation_pb, shard_of
 from gpuaas import auth
-from gpuaas.errors import (FailedPrecondition, GpuaasError, InvalidArgument, NotFound, Unavailable, grpc_handler,
-                           grpc_stream_handler)
+import functools
+
+import psycopg
+
+from gpuaas import errors as _errors
+from gpuaas.errors import FailedPrecondition, GpuaasError, InvalidArgument, NotFound, Unavailable
 from gpuaas.lifecycle import AllocState, IllegalTransition
 from gpuaas.v1 import admin_pb2, admin_pb2_grpc, common_pb2, node_pb2, node_pb2_grpc, placement_pb2, placement_pb2_grpc
 
@@ -27,6 +31,38 @@ log = logging.getLogger("gpuaas.api")
 PAGE_SIZE_DEFAULT = 100
 PAGE_SIZE_MAX = 1000
 WATCH_QUEUE_MAX = 10_000
+
+
+def _db_errors_unavailable(fn):
+    """A lost database connection is UNAVAILABLE (retryable), not INTERNAL."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            raise Unavailable(f"database unavailable ({exc.__class__.__name__}); retry") from None
+
+    return wrapper
+
+
+def _db_errors_unavailable_stream(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            yield from fn(*args, **kwargs)
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            raise Unavailable(f"database unavailable ({exc.__class__.__name__}); retry") from None
+
+    return wrapper
+
+
+def grpc_handler(fn):
+    return _errors.grpc_handler(_db_errors_unavailable(fn))
+
+
+def grpc_stream_handler(fn):
+    return _errors.grpc_stream_handler(_db_errors_unavailable_stream(fn))
 
 
 def _uuid_or_404(allocation_id: str, field: str = "allocation_id") -> str:

@@ -96,6 +96,8 @@ class NodeDaemon:
         self.allocations = AllocationTable(self.backend, self.health, indices)
         self.hostname = socket.gethostname()
         self.closing = False
+        from node_daemon.faults import CallFaults
+        self.call_faults = CallFaults()
         self.server = None
         self.servicer = None
         self.port = 0

@@ -18,8 +18,11 @@ One file holds one command object or a list of them:
     {"fault": "freeze", "seconds": 30}                        0 / absent: until "thaw"
     {"fault": "thaw"}
     {"fault": "clear", "gpu": 3}                              absent gpu: every GPU
+    {"fault": "prepare_fail", "times": 2}                     the next N Prepare calls fail (UNAVAILABLE)
+    {"fault": "cleanup_fail", "times": 3}                     the next N Cleanup calls fail (UNAVAILABLE)
 
-GPU faults need the simulated backend; freeze/thaw work on any backend.
+GPU faults need the simulated backend; freeze/thaw and prepare_fail/cleanup_fail
+work on any backend.
 """
 from __future__ import annotations
 
@@ -49,6 +52,28 @@ class FaultKind(enum.Enum):
     FREEZE = "freeze"
     THAW = "thaw"
     CLEAR = "clear"
+    PREPARE_FAIL = "prepare_fail"
+    CLEANUP_FAIL = "cleanup_fail"
+
+
+class CallFaults:
+    """Counters of injected Prepare / Cleanup failures, consumed one per call."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._left: dict[str, int] = {}
+
+    def arm(self, kind: str, times: int) -> None:
+        with self._lock:
+            self._left[kind] = times
+
+    def take(self, kind: str) -> bool:
+        with self._lock:
+            n = self._left.get(kind, 0)
+            if n <= 0:
+                return False
+            self._left[kind] = n - 1
+            return True
 
 
 class FaultError(ValueError):
@@ -81,6 +106,10 @@ def apply_fault(daemon: "NodeDaemon", cmd: object) -> str:
     if kind is FaultKind.THAW:
         daemon.hub.thaw()
         return "thaw"
+    if kind in (FaultKind.PREPARE_FAIL, FaultKind.CLEANUP_FAIL):
+        times = _int(cmd, "times", default=1, lo=0, hi=1_000_000)
+        daemon.call_faults.arm(kind.value, times)
+        return f"{kind.value} x{times}"
     sim = daemon.sim_backend
     if sim is None:
         raise FaultError(f"fault {kind.value!r} needs the simulated backend (this daemon runs {daemon.backend.name})")

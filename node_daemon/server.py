@@ -131,6 +131,8 @@ class NodeAgentServicer(node_pb2_grpc.NodeAgentServicer):
 
     @unary
     def Prepare(self, request, context):
+        if self.daemon.call_faults.take("prepare_fail"):
+            raise Unavailable("injected prepare failure")
         alloc = self.daemon.allocations.prepare(request.allocation_id, list(request.gpu_indices),
                                                 request.gpu_milli, request.tenant_id)
         return node_pb2.PrepareResponse(cuda_visible_devices=alloc.cuda_visible_devices,
@@ -138,6 +140,8 @@ class NodeAgentServicer(node_pb2_grpc.NodeAgentServicer):
 
     @unary
     def Cleanup(self, request, context):
+        if self.daemon.call_faults.take("cleanup_fail"):
+            raise Unavailable("injected cleanup failure")
         r = self.daemon.allocations.cleanup(request.allocation_id, grace_s=self.daemon.config.cleanup_grace_s)
         return node_pb2.CleanupResponse(processes_ended=r.processes_ended, message=r.message)
 

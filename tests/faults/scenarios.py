@@ -1,0 +1,334 @@
+"""The fault scenarios, each run with the workload on; used by the CI tests
+(tests/integration/test_crash_*.py, short) and benchmarks/recovery.py (full).
+
+Each scenario takes the running ControlPlane, an admin Client, a seed and a
+scale (1 = CI), and returns a Result; ``violations`` must be empty.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import subprocess
+import time
+import uuid
+
+import grpc
+import psycopg
+import ray
+
+from gpuaas.client import Client
+from tests.faults.harness import Workload, audit, flush_ledger, new_tenant
+
+
+@dataclasses.dataclass
+class Result:
+    scenario: str
+    seed: int
+    operations: int = 0
+    faults: int = 0
+    violations: list = dataclasses.field(default_factory=list)
+    notes: dict = dataclasses.field(default_factory=dict)
+
+    def row(self) -> dict:
+        return {"scenario": self.scenario, "seed": self.seed, "operations": self.operations,
+                "faults_injected": self.faults, "invariant_violations": len(self.violations), **self.notes}
+
+
+# ---------------------------------------------------------------- helpers
+
+def inject(cp, node: str, command: dict, wait_s: float = 10.0) -> None:
+    folder = cp.daemon_dir / node / "faults"
+    name = uuid.uuid4().hex[:8]
+    (folder / f".{name}.tmp").write_text(json.dumps(command))
+    os.rename(folder / f".{name}.tmp", folder / f"{name}.json")
+    deadline = time.monotonic() + wait_s
+    while (folder / f"{name}.json").exists():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"daemon {node} did not apply {command}")
+        time.sleep(0.05)
+    if (folder / f"{name}.json.rejected").exists():
+        raise AssertionError(f"daemon {node} rejected {command}")
+
+
+def wait_for(pred, timeout_s: float, what: str) -> float:
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout_s:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def q(cp, sql, *params):
+    with psycopg.connect(cp.urls.owner, autocommit=True, connect_timeout=5) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def node_state(cp, node):
+    r = q(cp, "SELECT state FROM control.nodes WHERE node_id=%s", node)
+    return r[0][0] if r else None
+
+
+def start_pool_node(cp, gpus: int = 4) -> str:
+    name = "crash-" + uuid.uuid4().hex[:6]
+    cp.start_daemon(name, gpus, "H100", ["--cpu-milli", "64000", "--memory-mib", "262144", "--labels", f"pool={name}"])
+    cp.wait_nodes([name], 60)
+    return name
+
+
+def stop_pool_node(cp, name: str) -> None:
+    """Cordon first (no new placements), then stop the daemon."""
+    try:
+        from gpuaas.client import Client as _C
+        c = _C(cp.address, cp.admin_token, timeout_s=10)
+        c.node_action("cordon", name, "fault scenario over")
+        c.close()
+    except Exception:  # noqa: BLE001 - already gone / not READY
+        pass
+    proc = cp.daemon_by_name.get(name)
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def serving(cp, token: str) -> bool:
+    c = Client(cp.address, token, timeout_s=3)
+    try:
+        list(c.list(page_size=1))
+        return True
+    except grpc.RpcError:
+        return False
+    finally:
+        c.close()
+
+
+def _finish(cp, admin, res: Result, load: Workload, tenant: str, settle_s: float = 60.0) -> Result:
+    load.stop()
+    stragglers = load.settle(settle_s)
+    res.violations += [f"[seed {res.seed}] not settled: {s}" for s in stragglers]
+    flush_ledger(cp.ledger)
+    res.violations += audit(cp.urls.owner, tenant, load, seed=res.seed)
+    res.operations = load.stats.attempts + load.stats.released
+    res.notes.update(acked=load.stats.acked, retries=load.stats.retries, rejected=load.stats.rejected,
+                     slowest_call_s=round(load.stats.slowest_call_s, 2))
+    return res
+
+
+def _load(cp, token, tenant, seed, scale, **kw) -> Workload:
+    kw.setdefault("threads", 3)
+    kw.setdefault("duration_s", 60.0 * scale)
+    kw.setdefault("node_selector", {"zone": "sim-a"})  # the shared simulated nodes, never a scenario's pool node
+    return Workload(cp.address, token, tenant, seed=seed, **kw).start()
+
+
+# ---------------------------------------------------------------- scenarios
+
+def placement_kill(cp, admin, seed: int, scale: int = 1) -> Result:
+    """kill -9 the placement actor mid-batch (Ray restarts it); same request id → same allocation."""
+    res = Result("kill -9 placement actor", seed)
+    rng = random.Random(seed)
+    tenant, token = new_tenant(admin, cp.address)
+    load = _load(cp, token, tenant, seed, scale, threads=4)
+    c = Client(cp.address, token, timeout_s=10)
+    address = cp.address
+    try:
+        for _ in range(scale):
+            time.sleep(rng.uniform(0.5, 1.5))
+            probe_rid = f"probe-{uuid.uuid4().hex[:8]}"
+            first = load._retrying("place", c.place, probe_rid, gpu_milli=250)
+            load.sent.add(probe_rid)
+            load.acked[probe_rid] = first.allocation_id
+            ray.kill(ray.get_actor("placement", namespace="gpuaas"), no_restart=False)
+            res.faults += 1
+            t0 = time.monotonic()
+            wait_for(lambda: serving(cp, token), 90, "the placement actor to serve again")
+            res.notes["restart_to_serving_s"] = round(time.monotonic() - t0, 2)
+            again = load._retrying("place", c.place, probe_rid, gpu_milli=250)
+            if again.allocation_id != first.allocation_id:
+                res.violations.append(f"[seed {seed}] retry of {probe_rid} gave {again.allocation_id}, "
+                                      f"first {first.allocation_id}")
+            load._retrying("release", c.release, first.allocation_id)
+            addr = ray.get(ray.get_actor("placement", namespace="gpuaas").address.remote(), timeout=30)
+            if addr != address:
+                res.violations.append(f"[seed {seed}] placement came back on {addr}, not {address}")
+            time.sleep(1.0)
+    finally:
+        c.close()
+    return _finish(cp, admin, res, load, tenant)
+
+
+def shard_kill(cp, admin, seed: int, scale: int = 1) -> Result:
+    """Kill an allocation shard and a node shard under load; both resume from Postgres."""
+    res = Result("kill allocation + node shard", seed)
+    rng = random.Random(seed)
+    tenant, token = new_tenant(admin, cp.address)
+    load = _load(cp, token, tenant, seed, scale)
+    for _ in range(scale):
+        time.sleep(rng.uniform(0.5, 1.5))
+        a = rng.randrange(cp.cfg.allocation_shards)
+        n = rng.randrange(cp.cfg.node_shards)
+        ray.kill(ray.get_actor(f"allocations-{a}", namespace="gpuaas"), no_restart=False)
+        ray.kill(ray.get_actor(f"nodes-{n}", namespace="gpuaas"), no_restart=False)
+        res.faults += 2
+        time.sleep(rng.uniform(2.0, 3.0))
+    return _finish(cp, admin, res, load, tenant)
+
+
+def postgres_restart(cp, admin, seed: int, scale: int = 1, down_s: float = 2.0) -> Result:
+    """Stop the embedded Postgres immediately under load; requests fail UNAVAILABLE fast; service resumes."""
+    from ledger import db as dbmod
+    from pgserver._commands import pg_ctl
+
+    res = Result("kill + restart Postgres", seed)
+    rng = random.Random(seed)
+    server = (dbmod._EMBEDDED.get(str(cp.data_dir.resolve())) if cp.urls.embedded and cp.data_dir
+              else None)
+    if server is None:
+        res.notes["skipped"] = "external database"
+        return res
+    tenant, token = new_tenant(admin, cp.address)
+    load = _load(cp, token, tenant, seed, scale)
+    probe = Client(cp.address, token, timeout_s=15)
+    try:
+        for _ in range(scale):
+            time.sleep(rng.uniform(0.5, 1.5))
+            pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=server.pgdata, user=server.system_user)
+            res.faults += 1
+            t0 = time.monotonic()
+            try:
+                probe.place(f"down-{uuid.uuid4().hex[:6]}", gpu_milli=250)
+                res.violations.append(f"[seed {seed}] a placement succeeded with the database down")
+            except grpc.RpcError as err:
+                took = time.monotonic() - t0
+                res.notes["down_answer_s"] = round(took, 2)
+                if err.code() != grpc.StatusCode.UNAVAILABLE or took > 10:
+                    res.violations.append(f"[seed {seed}] with the database down: {err.code().name} after "
+                                          f"{took:.1f}s (want UNAVAILABLE, fast)")
+            time.sleep(max(0.0, down_s - (time.monotonic() - t0)))
+            with server._lock:
+                server.ensure_postgres_running()
+            t1 = time.monotonic()
+            wait_for(lambda: serving(cp, token), 60, "service after the database came back")
+            res.notes["db_back_to_serving_s"] = round(time.monotonic() - t1, 2)
+            time.sleep(1.5)
+    finally:
+        probe.close()
+    return _finish(cp, admin, res, load, tenant)
+
+
+def daemon_sigkill(cp, admin, seed: int, scale: int = 1) -> Result:
+    """SIGKILL a node daemon under load: OFFLINE, its allocations FAILED (billing stopped); it comes back."""
+    res = Result("SIGKILL node daemon", seed)
+    node = start_pool_node(cp)
+    tenant, token = new_tenant(admin, cp.address)
+    load = _load(cp, token, tenant, seed, scale, node_selector={"pool": node}, hold_max=4)
+    try:
+        for _ in range(scale):
+            time.sleep(1.5)
+            cp.daemon_by_name[node].kill()
+            res.faults += 1
+            t0 = time.monotonic()
+            wait_for(lambda: node_state(cp, node) == "OFFLINE", cp.cfg.heartbeat_offline_s + 10, "OFFLINE")
+            wait_for(lambda: not q(cp, "SELECT 1 FROM control.allocations WHERE state='RUNNING' AND"
+                                       " assignments @> %s::jsonb", json.dumps([{"node_id": node}])),
+                     10, "its allocations FAILED")
+            res.notes["death_to_failed_s"] = round(time.monotonic() - t0, 2)
+            time.sleep(1.0)
+            cp.start_daemon(node, 4, "H100", ["--cpu-milli", "64000", "--memory-mib", "262144",
+                                              "--labels", f"pool={node}"])
+            cp.wait_nodes([node], 60)
+            time.sleep(1.0)
+        return _finish(cp, admin, res, load, tenant)
+    finally:
+        load.stop()
+        stop_pool_node(cp, node)
+
+
+def daemon_freeze(cp, admin, seed: int, scale: int = 1) -> Result:
+    """Freeze a daemon's stream (process alive): SUSPECT, then back to READY; a longer freeze → OFFLINE."""
+    res = Result("freeze node daemon", seed)
+    node = start_pool_node(cp)
+    tenant, token = new_tenant(admin, cp.address)
+    load = _load(cp, token, tenant, seed, scale, node_selector={"pool": node})
+    try:
+        for _ in range(scale):
+            time.sleep(1.0)
+            seconds = cp.cfg.heartbeat_grace_s + 1.0
+            inject(cp, node, {"fault": "freeze", "seconds": seconds})
+            res.faults += 1
+            wait_for(lambda: node_state(cp, node) == "SUSPECT", seconds + 5, "SUSPECT")
+            wait_for(lambda: node_state(cp, node) == "READY", seconds + 10, "READY again after the freeze")
+            time.sleep(1.0)
+        return _finish(cp, admin, res, load, tenant)
+    finally:
+        load.stop()
+        stop_pool_node(cp, node)
+
+
+def cleanup_fails(cp, admin, seed: int, scale: int = 1) -> Result:
+    """Cleanup fails N times: retries with backoff → RELEASED; past the limit → RELEASE_FAILED, quarantined,
+    resolved by the operator."""
+    from gpuaas.v1 import common_pb2 as pb
+
+    res = Result("cleanup fails N times", seed)
+    node = start_pool_node(cp)
+    tenant, token = new_tenant(admin, cp.address)
+    load = _load(cp, token, tenant, seed, scale, node_selector={"pool": node})
+    c = Client(cp.address, token, timeout_s=10)
+    try:
+        for _ in range(scale):
+            time.sleep(1.0)
+            inject(cp, node, {"fault": "cleanup_fail", "times": cp.cfg.release_attempts_max - 1})
+            res.faults += cp.cfg.release_attempts_max - 1
+            time.sleep(2.0)
+        load.stop()
+        # Past the limit: one allocation goes RELEASE_FAILED, its GPU is quarantined, the operator resolves it.
+        rid = f"rf-{uuid.uuid4().hex[:6]}"
+        a = load._retrying("place", c.place, rid, gpu_count=1, node_selector={"pool": node})
+        load.sent.add(rid)
+        load.acked[rid] = a.allocation_id
+        c.wait_state(a.allocation_id, {pb.ALLOCATION_STATE_RUNNING}, 30)
+        inject(cp, node, {"fault": "cleanup_fail", "times": cp.cfg.release_attempts_max + 5})
+        res.faults += cp.cfg.release_attempts_max
+        c.release(a.allocation_id)
+        c.wait_state(a.allocation_id, {pb.ALLOCATION_STATE_RELEASE_FAILED}, 30)
+        gpu = a.assignments[0].gpu_indices[0]
+        wait_for(lambda: q(cp, "SELECT state FROM control.gpus WHERE node_id=%s AND gpu_index=%s", node, gpu)
+                 == [("QUARANTINED",)], 10, "the GPU quarantined")
+        inject(cp, node, {"fault": "cleanup_fail", "times": 0})
+        admin.resolve(a.allocation_id, "checked by hand")
+        c.wait_state(a.allocation_id, {pb.ALLOCATION_STATE_RELEASED}, 10)
+        wait_for(lambda: q(cp, "SELECT state FROM control.gpus WHERE node_id=%s AND gpu_index=%s", node, gpu)
+                 == [("READY",)], 10, "the GPU back in service")
+        return _finish(cp, admin, res, load, tenant)
+    finally:
+        c.close()
+        load.stop()
+        stop_pool_node(cp, node)
+
+
+def lease_bulk(cp, admin, seed: int, scale: int = 1) -> Result:
+    """Every allocation has lease_s=1: they expire in bulk; billing stops at the lease's end exactly."""
+    res = Result("expire leases in bulk", seed)
+    tenant, token = new_tenant(admin, cp.address)
+    load = _load(cp, token, tenant, seed, scale, lease_s=1, hold_max=50, duration_s=4.0 * scale)
+    for t in load._workers:
+        t.join(load.duration_s + 120)
+    wait_for(lambda: not q(cp, "SELECT 1 FROM control.allocations WHERE tenant_id=%s AND state IN"
+                               " ('PLACED','RUNNING','RELEASING')", tenant), 30, "leases to expire")
+    expired = q(cp, "SELECT count(*), count(*) FILTER (WHERE a.stopped_at <> a.lease_expires_at)"
+                    " FROM control.allocations a WHERE a.tenant_id=%s AND EXISTS (SELECT 1 FROM"
+                    " control.allocation_events e WHERE e.allocation_id = a.allocation_id"
+                    " AND e.event = 'lease_expired')", tenant)[0]
+    res.faults = expired[0]
+    if expired[1]:
+        res.violations.append(f"[seed {seed}] {expired[1]} expired allocations stopped billing off the lease end")
+    return _finish(cp, admin, res, load, tenant)
+
+
+ALL = [placement_kill, shard_kill, postgres_restart, daemon_sigkill, daemon_freeze, cleanup_fails, lease_bulk]
