@@ -60,11 +60,12 @@ class Workload:
     def __init__(self, address: str, token: str, tenant: str, *, seed: int, threads: int = 3,
                  ops_max: int = 10_000, duration_s: float = 30.0, node_selector: dict | None = None,
                  lease_s: int = 0, call_timeout_s: float = 10.0, retry_window_s: float = 60.0,
-                 hold_max: int = 3):
+                 hold_max: int = 3, release_p: float = 0.4):
         self.address, self.token, self.tenant, self.seed = address, token, tenant, seed
         self.threads, self.ops_max, self.duration_s = threads, ops_max, duration_s
         self.node_selector, self.lease_s = node_selector or {}, lease_s
         self.call_timeout_s, self.retry_window_s, self.hold_max = call_timeout_s, retry_window_s, hold_max
+        self.release_p = release_p
         self.stats = Stats()
         self.acked: dict[str, str] = {}          # request id → allocation id
         self.sent: set[str] = set()              # every request id ever sent
@@ -124,7 +125,7 @@ class Workload:
                     if self._ops >= self.ops_max:
                         break
                     self._ops += 1
-                if held and (len(held) >= self.hold_max or rng.random() < 0.4):
+                if held and (len(held) >= self.hold_max or rng.random() < self.release_p):
                     self._release(client, held.pop(rng.randrange(len(held))))
                     continue
                 rid = f"s{self.seed}-w{index}-{n}-{uuid.uuid4().hex[:6]}"
@@ -158,7 +159,7 @@ class Workload:
                     self.stats.acked += 1
                 held.append(a.allocation_id)
                 time.sleep(rng.uniform(0.0, 0.03))
-            for aid in held:
+            for aid in held if self.release_p > 0 else []:
                 self._release(client, aid)
         finally:
             client.close()

@@ -316,7 +316,8 @@ def lease_bulk(cp, admin, seed: int, scale: int = 1) -> Result:
     """Every allocation has lease_s=1: they expire in bulk; billing stops at the lease's end exactly."""
     res = Result("expire leases in bulk", seed)
     tenant, token = new_tenant(admin, cp.address)
-    load = _load(cp, token, tenant, seed, scale, lease_s=1, hold_max=50, duration_s=4.0 * scale)
+    load = _load(cp, token, tenant, seed, scale, lease_s=1, hold_max=10_000, release_p=0.0,
+                 duration_s=3.0 * scale)
     for t in load._workers:
         t.join(load.duration_s + 120)
     wait_for(lambda: not q(cp, "SELECT 1 FROM control.allocations WHERE tenant_id=%s AND state IN"
