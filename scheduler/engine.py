@@ -100,6 +100,12 @@ class Engine:
 
             self.index = FastIndex(self)
             self.cluster.listeners.append(self.index)
+        self.fragindex = None
+        if hasattr(self.scorer, "fast"):
+            from scheduler.fragindex import FragIndex
+
+            self.fragindex = FragIndex(self)
+            self.cluster.listeners.append(self.fragindex)
 
     # ------------------------------------------------------------ nodes
 
@@ -191,6 +197,10 @@ class Engine:
             hit = self.index.place(req)
             if hit is not None:
                 return self._commit_one(req, hit, now_s)
+        elif self.fragindex is not None and self.fragindex.eligible(req):
+            hit = self.scorer.fast(self.fragindex, req, self._rank_array())
+            if hit is not None:
+                return self._commit(req, (hit,), now_s)
         placed, reasons, facts = self._plan(req)
         if placed is not None:
             return self._commit(req, placed, now_s)

@@ -53,3 +53,22 @@ def score(a, need, cand, ctx):
     q = np.where(np.isfinite(d), quantise(np.where(np.isfinite(d), d, 0.0)), -1)
     ctx.gpu_hint = q.argmax(axis=1)  # first GPU with the best integer score, per candidate
     return q.max(axis=1)
+
+
+def select(q, cand, rank):
+    """Index into ``cand`` of the best score; ties go to the lowest node-order rank."""
+    best = q.max()
+    tie = np.flatnonzero(q == best)
+    if len(tie) == 1:
+        return int(tie[0])
+    return int(tie[np.argmin(rank[cand[tie]])])
+
+
+def fast(fx, req, rank):
+    """The memoised path (scheduler/fragindex.py): same score, per free-state tables."""
+    r = fx.candidates(req)
+    if r is None:
+        return None
+    cand, d, t, s, cia, num, milli, cib = r
+    j = select(quantise(d), cand, rank)
+    return fx.commit(req, int(cand[j]), t, int(s[j]), int(cia[j]), num, milli, quantise, int(cib[j]))
