@@ -74,8 +74,10 @@ class _Ctx:
 
 
 class Engine:
-    def __init__(self, *, policy: PolicyName = DEFAULT_POLICY, seed: int = 0, typical_shapes=None):
+    def __init__(self, *, policy: PolicyName = DEFAULT_POLICY, seed: int = 0, typical_shapes=None,
+                 policy_options: dict | None = None):
         self.policy = PolicyName(policy)
+        self.policy_options = dict(policy_options or {})   # per-policy knobs (see the score plugin)
         self.seed = seed
         self.rng = np.random.default_rng(seed)
         self._order_rng = np.random.default_rng(seed)

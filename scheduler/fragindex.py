@@ -55,6 +55,7 @@ class FragIndex:
             self.st.clear()
             self.Fb = np.zeros((_GROW, len(fm.cpu_thr) + 1))
             self.n_fb = 0
+            self.state_total = np.zeros(0, dtype=np.int64)
             self.tasks.clear()
             self.sid = np.zeros(len(self.c.ids), dtype=np.int64)
             self.mixed = 0
@@ -124,6 +125,7 @@ class FragIndex:
         cpu = np.repeat(thr[:C], k)                      # row ci·k + i: state i at CPU index ci
         self.Fb[n0:n1, :] = fm.frag(cpu, np.tile(gf, (C, 1)), np.tile(mod, C)).reshape(C, k).T
         self.n_fb = n1
+        self.state_total = np.concatenate([self.state_total[:n0], gf.sum(axis=1)])
 
     def _task(self, num: int, milli: int, models):
         key = (num, milli, models)

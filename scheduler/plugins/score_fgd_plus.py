@@ -1,13 +1,16 @@
-"""Score: ours — FGD's fragmentation gradient, with ties broken towards packing.
+"""Score: ours — FGD's fragmentation gradient with configurable refinements.
 
-FGD squashes the gradient through a sigmoid into 0..100 integers, so many
-nodes tie and the arbitrary node order decides. We keep FGD's ranking where
-it has one and break its ties by a packing preference: the node left with the
-least free GPU (then CPU) wins, so partly used nodes fill up before fresh ones
-are opened, which keeps whole nodes free for the multi-GPU tasks to come.
+Options (``Engine(policy_options={...})``, defaults in ``DEFAULTS``):
+
+- ``resolution``: FGD squashes the gradient through a sigmoid into 0..100
+  integers so that many nodes tie and the seeded node order decides; we use
+  ``resolution`` steps instead of 100 (``0`` = the exact gradient).
+- ``tie``: what breaks the remaining ties before the node order:
+  ``none``, ``delta`` (the exact gradient), ``gpu-pack`` (least free GPU left),
+  ``cpu-pack`` (least CPU left).
+- ``gpu_choice``: ``exact`` (the GPU of the best exact gradient) or ``fgd``
+  (lowest-indexed GPU of the best integer score, as the paper).
 """
-import os
-
 import numpy as np
 
 from scheduler.plugins import score_fgd
@@ -15,31 +18,70 @@ from scheduler.types import PolicyName
 
 NAME = "FGDPlus"
 POLICY = PolicyName.FGD_PLUS
-VARIANT = os.environ.get("GPUAAS_FGDPLUS_VARIANT", "A")  # A: packing tie-break (the shipped one)
+DEFAULTS = {"resolution": 100, "tie": "gpu-pack", "gpu_choice": "fgd"}
+
+
+def options(ctx_engine) -> dict:
+    o = dict(DEFAULTS)
+    o.update(getattr(ctx_engine, "policy_options", None) or {})
+    return o
+
+
+def _quantiser(res):
+    if res <= 0:
+        return lambda d: d
+    def q(d):
+        with np.errstate(over="ignore"):
+            return np.floor(res / (1.0 + np.exp(-d / 1000.0)))
+    return q
+
+
+def _tie(kind, d, gleft, cleft):
+    if kind == "delta":
+        t = d
+    elif kind == "gpu-pack":
+        t = -gleft
+    elif kind == "cpu-pack":
+        t = -cleft
+    elif kind == "cpu-spread":
+        t = cleft
+    elif kind == "gpu-spread":
+        t = gleft
+    else:
+        return 0.0
+    lo, hi = t.min(), t.max()
+    return 0.5 * (t - lo) / max(1e-9, hi - lo)
 
 
 def score(a, need, cand, ctx):
-    fm = ctx.engine.frag_model("demand") if VARIANT in ("C", "D") else None
-    d = score_fgd.deltas(a, need, cand, ctx, fm)
+    o = options(ctx.engine)
+    d = score_fgd.deltas(a, need, cand, ctx)
+    q = _quantiser(o["resolution"])
+    if d.ndim == 2:
+        qq = np.where(np.isfinite(d), q(np.where(np.isfinite(d), d, 0.0)), -np.inf)
+        ctx.gpu_hint = d.argmax(axis=1) if o["gpu_choice"] == "exact" else qq.argmax(axis=1)
+        d = d.max(axis=1)
     gleft = (a["gfree"][cand] * a["gusable"][cand]).sum(axis=1).astype(float) - need.gpu_total
     cleft = (a["cpu_free"][cand] - need.cpu).astype(float)
-    if VARIANT == "C":
-        tie = np.zeros(len(cand))
-    elif VARIANT in ("A", "D"):
-        tie = -(gleft / 8000.0)
-    elif VARIANT == "B":
-        tie = -(gleft / 8000.0 * 0.5 + cleft / 128000.0 * 0.5)
-    else:
-        tie = -(gleft / 8000.0) - 1e-3 * cleft / 128000.0
-    if VARIANT == "E":  # exact gradient, node order on ties
-        if d.ndim == 1:
-            return d
-        ctx.gpu_hint = d.argmax(axis=1)
-        return d.max(axis=1)
-    if d.ndim == 1:
-        q = score_fgd.quantise(d).astype(float)
-    else:
-        qq = np.where(np.isfinite(d), score_fgd.quantise(np.where(np.isfinite(d), d, 0.0)), -1)
-        ctx.gpu_hint = qq.argmax(axis=1)
-        q = qq.max(axis=1).astype(float)
-    return q + 0.5 * (tie - tie.min()) / max(1e-9, (tie.max() - tie.min()))
+    return q(d) + _tie(o["tie"], d, gleft, cleft)
+
+
+def fast(fx, req, rank):
+    """The memoised path (scheduler/fragindex.py)."""
+    r = fx.candidates(req)
+    if r is None:
+        return None
+    o = options(fx.engine)
+    cand, d, t, s, cia, num, milli, cib = r
+    q = _quantiser(o["resolution"])
+    sc = q(d)
+    if o["tie"] != "none":
+        if o["tie"] in ("gpu-pack", "gpu-spread"):
+            gleft = fx.state_total[s] - num * milli
+        else:
+            gleft = None
+        cleft = fx.c.arrays()["cpu_free"][cand] - req.cpu_milli if o["tie"] in ("cpu-pack", "cpu-spread") else None
+        sc = sc + _tie(o["tie"], d, gleft, cleft)
+    j = score_fgd.select(sc, cand, rank)
+    return fx.commit(req, int(cand[j]), t, int(s[j]), int(cia[j]), num, milli,
+                     q if o["gpu_choice"] == "fgd" else None, int(cib[j]))
