@@ -44,3 +44,23 @@ def test_time_mode_with_added_nodes_runs_and_reports_waits():
     r = replay.run_time(job)
     assert r["nodes"] == 1213 + 10 and r["started"] + r["never_started"] == r["tasks"] == 800
     assert r["wait_s_p95"] >= r["wait_s_p50"] >= 0 and r["utilization"]
+
+
+def test_fragmentation_fast_path_decides_exactly_like_the_full_pipeline():
+    """fgd and fgd-plus: the memoised free-state path picks the same node and GPUs as filter → score."""
+    from scheduler.types import MILLI
+
+    pods = replay._pods(str(replay.resolve_workload("default")))
+    nodes = replay._nodes(str(replay.NODES_DEFAULT), ())
+    seq = replay.arrivals(pods, 42, sum(len(n.gpus) for n in nodes) * MILLI)[:600]
+    for policy in (PolicyName.FGD, PolicyName.FGD_PLUS):
+        fast = replay.make_engine(policy, 42, nodes, pods)
+        full = replay.make_engine(policy, 42, nodes, pods)
+        full.fragindex = None
+        assert fast.fragindex is not None
+        for i, p in enumerate(seq):
+            r = p.request(key=f"t{i}")
+            a, b = fast.place(r), full.place(r)
+            assert [(x.node_id, x.gpu_indices) for x in a.assignments] == \
+                   [(x.node_id, x.gpu_indices) for x in b.assignments], (policy, i)
+        fast.check_invariants()
