@@ -15,6 +15,20 @@ on the decision path crosses a process boundary per request.
 Ownership by state: QUEUED allocations belong to this actor (it places or
 cancels them); from PLACED on, an allocation shard drives them and tells this
 actor when capacity comes back (``capacity_freed``).
+
+Preemption (see ``may_preempt`` for who may preempt whom): a queued (wait=true)
+request that the queue pass cannot place asks the engine for victims among the
+RUNNING allocations it may preempt, least lost GPU-time first. The engine holds
+their capacity for it; each victim's shard moves it RUNNING → RELEASING
+(event ``preempted``, billing stops at the decision time) and cleans up; every
+``capacity_freed`` of a victim lands in the hold, not in the pool; once the
+last victim is back the preemptor is placed on exactly that capacity, all
+replicas or none.
+
+        queue pass: place? ─ no ─► engine.place(preempt=True) ─► hold + victims
+                                        │                            │ shard.release(v, "preempted", at)
+                                        ▼                            ▼
+        capacity_freed(v) ─► engine.release(v) ─► into the hold ─► hold complete ─► QUEUED → PLACED
 """
 from __future__ import annotations
 
@@ -42,6 +56,33 @@ log = logging.getLogger("gpuaas.placement")
 
 SCHEDULABLE_NODE_STATES = frozenset({NodeState.READY})
 
+# Preemption tuning.
+PREEMPT_RETRY_S = 2.0           # a queued request asks for victims at most this often
+PREEMPTORS_PER_PASS = 8         # preemption attempts per queue pass (each plans over the cluster)
+PREEMPT_HOLD_MAX_S = 300.0      # victims not all back by then: give the hold up, the preemptor queues again
+_MASKED = "\x00not-a-victim"    # engine.victim_of marker: excluded from this victim search
+
+
+def may_preempt(preemptor_tenant: str, preemptor_priority: int, victim_tenant: str, victim_priority: int) -> bool:
+    """Who may preempt whom.
+
+    * Only a strictly higher priority preempts: equal priorities never evict
+      each other (no ping-pong between peers).
+    * Within a tenant, any strictly higher priority preempts: the tenant
+      orders its own work.
+    * Across tenants, priority is chosen by the client, so a bigger number alone
+      must not evict another customer's work. Negative priorities are the
+      preemptible (spot) tier: a tenant that asks for priority < 0 accepts that
+      its allocation may be reclaimed for any non-preemptible request
+      (priority >= 0) of any tenant. Non-negative work of another tenant is
+      never preempted, and spot work does not evict other tenants' spot work.
+    """
+    if victim_priority >= preemptor_priority:
+        return False
+    if victim_tenant == preemptor_tenant:
+        return True
+    return victim_priority < 0 <= preemptor_priority
+
 
 def shard_of(key: str, n: int) -> int:
     return zlib.crc32(key.encode()) % n
@@ -53,6 +94,16 @@ class _Pending:
     request: common_pb2.PlacementRequest
     future: cf.Future
     field_prefix: str = "request"
+
+
+@dataclasses.dataclass
+class _Preemption:
+    """A preemptor waiting for its victims' capacity (held for it by the engine)."""
+    row: AllocRow
+    victims: tuple[str, ...]
+    at: dt.datetime                       # the decision: victims' billing stops here
+    started: float                        # time.monotonic() of the decision
+    refs: list = dataclasses.field(default_factory=list)   # shard.release calls in flight
 
 
 @dataclasses.dataclass
@@ -86,7 +137,11 @@ class PlacementCore:
         self._stop = threading.Event()
         self._conn: psycopg.Connection | None = None
         self._read_local = threading.local()
-        self.stats = {"placed": 0, "queued": 0, "rejected": 0, "batches": 0, "commit_failures": 0}
+        self.stats = {"placed": 0, "queued": 0, "rejected": 0, "batches": 0, "commit_failures": 0,
+                      "preemptions": 0, "victims": 0, "preemptions_given_up": 0}
+        self.preempting: dict[str, _Preemption] = {}   # preemptor id → its victims (engine holds the capacity)
+        self._preempt_tried: dict[str, float] = {}     # queued id → monotonic time of its last victim search
+        self._preempt_note: dict[str, str] = {}        # queued id → why its last victim search found none
         self.rebuild_info = self.rebuild()
         # PLACED allocations whose hand-off to a shard may have died with the
         # previous incarnation: adopt is idempotent, so hand them over again.
@@ -324,7 +379,10 @@ class PlacementCore:
     # ------------------------------------------------------------ queue
 
     def capacity_freed(self, allocation_ids: list[str], requeue: bool = False) -> None:
-        """An allocation shard returned capacity (RELEASED, prepare failed, …)."""
+        """An allocation shard returned capacity (RELEASED, prepare failed, …).
+
+        A preemption victim's capacity goes into its preemptor's hold (the
+        engine keeps it reserved), not back to the pool."""
         with self.lock:
             for aid in allocation_ids:
                 self.engine.release(aid)
@@ -338,38 +396,242 @@ class PlacementCore:
         self.schedule_pending()
 
     def schedule_pending(self) -> int:
-        """Place what the queue can place now; each placement is its own transition."""
+        """Place what the queue can place now; each placement is its own transition.
+
+        Order: preemptors whose held capacity is complete, then the queue
+        (priority, fair share, FIFO), then a victim search for the queued
+        requests that still do not fit."""
         placed_rows = []
+        releases: list[tuple[str, str, str]] = []
         with self.lock:
             if not self.queued:
                 return 0
-            decisions = self.engine.schedule_pending()
+            now = utcnow()
+            for pid in [p for p, pe in self.preempting.items() if self._hold_complete(p)]:
+                pe = self.preempting.pop(pid)
+                d = self.engine.place(self._domain(pe.row), now_s=now.timestamp())
+                if not d.placed:
+                    # The held capacity no longer fits (a node or GPU went away meanwhile): back in line.
+                    log.warning("preemptor %s does not fit its held capacity: %s", pid, d.explanation)
+                    self.engine.enqueue(self._domain(pe.row))
+                    continue
+                new = self._commit_queued(pe.row, d, reason=f"placed on capacity preempted from "
+                                          f"{', '.join(pe.victims)}"[:500])
+                if new is not None:
+                    placed_rows.append(new)
+            decisions = self.engine.schedule_pending(now_s=now.timestamp())
+            unplaced = []
             for d in decisions:
-                if not d.placed or d.key not in self.queued:
+                if d.key not in self.queued:
                     continue
-                row = self.queued[d.key]
-                assignments = convert.assignments_to_json(d.assignments, self.model_of)
-                try:
-                    conn = self._writer()
-                    with conn.transaction():
-                        new = store.transition_allocation(
-                            conn, row, AllocEvent.PLACED, assignments=assignments,
-                            queue_deadline=None)
-                        conn.execute("UPDATE control.allocations SET gpu_milli_total=%s, gpu_model=%s"
-                                     " WHERE allocation_id=%s",
-                                     (convert.gpu_milli_total(assignments),
-                                      assignments[0]["gpu_model"] if assignments else "", row.allocation_id))
-                except Exception as exc:  # noqa: BLE001
-                    log.warning("could not commit queued placement %s: %s", d.key, exc)
-                    self.engine.release(d.key)
-                    self.engine.enqueue(convert.to_domain(common_pb2.PlacementRequest.FromString(row.request),
-                                                          key=row.allocation_id, tenant=row.tenant_id))
-                    self._conn = None
+                if not d.placed:
+                    unplaced.append(d.key)
                     continue
-                self.queued.pop(d.key, None)
-                placed_rows.append(new)
+                new = self._commit_queued(self.queued[d.key], d)
+                if new is not None:
+                    placed_rows.append(new)
+            if unplaced:
+                placed_rows += self._preempt_for(unplaced, releases)
         self._dispatch(placed_rows)
+        self._send_preemptions(releases)
         return len(placed_rows)
+
+    def _domain(self, row: AllocRow):
+        return convert.to_domain(common_pb2.PlacementRequest.FromString(row.request), key=row.allocation_id,
+                                 tenant=row.tenant_id)
+
+    def _commit_queued(self, row: AllocRow, d, reason: str | None = None) -> AllocRow | None:
+        """QUEUED → PLACED for a decision the engine has already reserved (lock held). On a failed
+        commit the reservation is undone and the request goes back in line."""
+        assignments = convert.assignments_to_json(d.assignments, self.model_of)
+        try:
+            conn = self._writer()
+            with conn.transaction():
+                new = store.transition_allocation(conn, row, AllocEvent.PLACED, assignments=assignments,
+                                                  queue_deadline=None, reason=reason)
+                conn.execute("UPDATE control.allocations SET gpu_milli_total=%s, gpu_model=%s"
+                             " WHERE allocation_id=%s",
+                             (convert.gpu_milli_total(assignments),
+                              assignments[0]["gpu_model"] if assignments else "", row.allocation_id))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not commit queued placement %s: %s", d.key, exc)
+            self.engine.release(d.key)
+            self.engine.enqueue(self._domain(row))
+            self._conn = None
+            return None
+        self.queued.pop(d.key, None)
+        self._preempt_tried.pop(d.key, None)
+        self._preempt_note.pop(d.key, None)
+        return new
+
+    # ------------------------------------------------------------ preemption
+
+    def _hold_complete(self, pid: str) -> bool:
+        hold = self.engine.holds.get(pid)
+        return hold is not None and not hold["pending"]
+
+    def _preempt_for(self, keys: list[str], releases: list) -> list[AllocRow]:
+        """Search victims for queued requests that do not fit (lock held, service order).
+
+        Returns rows placed outright (capacity appeared meanwhile); appends the
+        (victim, shard release args) to send once the lock is released."""
+        placed = []
+        tried = 0
+        mono = time.monotonic()
+        floor = None
+        for key in keys:
+            row = self.queued.get(key)
+            if row is None or key in self.preempting or tried >= PREEMPTORS_PER_PASS:
+                continue
+            if mono - self._preempt_tried.get(key, 0.0) < PREEMPT_RETRY_S:
+                continue
+            if floor is None:
+                floor = self._lowest_running_priority()
+            if floor is None or row.priority <= floor:
+                continue  # nothing RUNNING has a lower priority: no one to preempt
+            tried += 1
+            self._preempt_tried[key] = mono
+            allowed = self._victim_candidates(row)
+            if not allowed:
+                self._preempt_note[key] = "no RUNNING allocation it may preempt"
+                continue
+            dom = self._domain(row)
+            seq = self._queue_seq(key)
+            # The decision time, taken after the candidates were read: every victim was
+            # RUNNING before it, so its billing interval ends after it starts.
+            at = utcnow()
+            d = self._engine_preempt(dom, allowed, at)
+            if d.placed:
+                new = self._commit_queued(row, d)
+                if new is not None:
+                    placed.append(new)
+                continue
+            if not d.victims:
+                self.engine.queue.push(dom, seq=seq)  # place() took it out of line: back in its place
+                self._preempt_note[key] = ("preempting every lower-priority allocation it may preempt would not "
+                                           "make room")
+                continue
+            self._preempt_note.pop(key, None)
+            pe = _Preemption(row=row, victims=tuple(d.victims), at=at, started=mono)
+            self.preempting[key] = pe
+            self.stats["preemptions"] += 1
+            self.stats["victims"] += len(d.victims)
+            log.info("preempting %d allocation(s) for %s (tenant %s, priority %d): %s", len(d.victims), key,
+                     row.tenant_id, row.priority, d.explanation)
+            for v in d.victims:
+                releases.append((key, v, at.isoformat()))
+        return placed
+
+    def _queue_seq(self, key: str) -> int | None:
+        """Its place in line (FIFO sequence) in the engine's pending queue, to keep across a victim search."""
+        item = getattr(self.engine.queue, "_items", {}).get(key)
+        return item[0] if item else None
+
+    def _lowest_running_priority(self) -> int | None:
+        r = self.reader().execute("SELECT min(priority) FROM control.allocations WHERE state = 'RUNNING'").fetchone()
+        return None if r is None else r[0]
+
+    def _victim_candidates(self, row: AllocRow) -> dict[str, float]:
+        """RUNNING allocations ``row`` may preempt (``may_preempt``) → running_since (epoch s).
+
+        Only RUNNING ones: the lifecycle preempts RUNNING → RELEASING; a PLACED one
+        is a candidate once it runs, a RELEASING one frees its capacity anyway."""
+        out = {}
+        for aid, tenant, prio, since in self.reader().execute(
+                "SELECT allocation_id, tenant_id, priority, running_since FROM control.allocations"
+                " WHERE state = 'RUNNING' AND priority < %s AND (tenant_id = %s OR (priority < 0 AND %s >= 0))",
+                (row.priority, row.tenant_id, row.priority)):
+            if may_preempt(row.tenant_id, row.priority, tenant, prio):
+                out[str(aid)] = since.timestamp() if since else 0.0
+        return out
+
+    def _engine_preempt(self, dom, allowed: dict[str, float], now: dt.datetime):
+        """engine.place(preempt=True), restricted to ``allowed`` victims, with their real start times.
+
+        The engine considers every lower-priority allocation it holds; those this
+        actor may not preempt are marked as taken (``victim_of``) for the call,
+        and each candidate's start is its running_since, so "least lost GPU-time"
+        is measured in billed time."""
+        eng = self.engine
+        masked = []
+        for k, al in eng.allocs.items():
+            if al.req.priority >= dom.priority or k in eng.victim_of:
+                continue
+            since = allowed.get(k)
+            if since is None:
+                eng.victim_of[k] = _MASKED
+                masked.append(k)
+            else:
+                al.start_s = since
+        try:
+            return eng.place(dom, preempt=True, now_s=now.timestamp())
+        finally:
+            for k in masked:
+                if eng.victim_of.get(k) == _MASKED:
+                    del eng.victim_of[k]
+
+    def _send_preemptions(self, releases: list[tuple[str, str, str]]) -> None:
+        """Ask each victim's shard for RUNNING → RELEASING (event ``preempted``), outside the lock."""
+        for pid, victim, at_iso in releases:
+            shard = self.alloc_shards[shard_of(victim, len(self.alloc_shards))]
+            ref = shard.release.remote(victim, AllocEvent.PREEMPTED.value, at_iso)
+            with self.lock:
+                pe = self.preempting.get(pid)
+                if pe is not None:
+                    pe.refs.append((victim, ref))
+
+    def _reap_preemptions(self) -> None:
+        """Check the victims' release answers; give a preemption up when a victim will not come back."""
+        import ray
+
+        with self.lock:
+            items = list(self.preempting.items())
+        for pid, pe in items:
+            bad = []
+            pending = []
+            for victim, ref in list(pe.refs):
+                ready, _ = ray.wait([ref], timeout=0)
+                if not ready:
+                    pending.append((victim, ref))
+                    continue
+                try:
+                    state = ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - the shard refused or died: treat as not released
+                    state = f"error {exc.__class__.__name__}"
+                if state not in ("RELEASING", "RELEASED"):
+                    bad.append(f"{victim}: {state}")
+            pe.refs = pending
+            late = time.monotonic() - pe.started > PREEMPT_HOLD_MAX_S
+            if bad or late:
+                self._give_up_preemption(pid, "; ".join(bad) if bad else f"victims not back after "
+                                         f"{PREEMPT_HOLD_MAX_S:.0f}s")
+
+    def _give_up_preemption(self, pid: str, why: str) -> None:
+        """Return the held capacity to the pool and put the preemptor back in line."""
+        with self.lock:
+            pe = self.preempting.pop(pid, None)
+            if pe is None:
+                return
+            self.engine.dequeue(pid)  # drops the hold: held capacity back to the pool, pending victims unlinked
+            if pid in self.queued:
+                self.engine.enqueue(self._domain(pe.row))
+            self.stats["preemptions_given_up"] += 1
+        log.warning("preemption for %s given up (%s); it queues again", pid, why)
+
+    def pending_explanation(self, row: AllocRow) -> str:
+        """Why a QUEUED allocation is still waiting (GetAllocation)."""
+        with self.lock:
+            pe = self.preempting.get(row.allocation_id)
+            if pe is not None:
+                hold = self.engine.holds.get(row.allocation_id) or {"pending": ()}
+                left = [v for v in pe.victims if v in hold["pending"]]
+                return (f"preempting {len(pe.victims)} lower-priority allocation(s) ({', '.join(pe.victims)}); "
+                        f"their capacity is held for this request; waiting for {len(left)} to be cleaned up")
+            text = self.engine.explain(convert.to_domain(
+                common_pb2.PlacementRequest.FromString(row.request), key="explain-" + row.allocation_id,
+                tenant=row.tenant_id)).explanation
+            note = self._preempt_note.get(row.allocation_id)
+            return f"{text}; {note}" if note else text
 
     def cancel_queued(self, allocation_id: str, event: AllocEvent = AllocEvent.CANCELLED) -> AllocRow | None:
         with self.lock:
@@ -379,8 +641,11 @@ class PlacementCore:
             conn = self._writer()
             with conn.transaction():
                 new = store.transition_allocation(conn, row, event, queue_deadline=None)
-            self.engine.dequeue(allocation_id)
+            self.engine.dequeue(allocation_id)  # also returns capacity held for it as a preemptor
             self.queued.pop(allocation_id, None)
+            self.preempting.pop(allocation_id, None)
+            self._preempt_tried.pop(allocation_id, None)
+            self._preempt_note.pop(allocation_id, None)
             return new
 
     def capacity_samples(self) -> list[tuple]:
@@ -429,6 +694,8 @@ class PlacementCore:
                 expired = [a for a, r in list(self.queued.items()) if r.queue_deadline and r.queue_deadline <= now]
                 for aid in expired:
                     self.cancel_queued(aid, AllocEvent.QUEUE_TIMEOUT)
+                if self.preempting:
+                    self._reap_preemptions()
                 if self.queued:
                     self.schedule_pending()
             except Exception as exc:  # noqa: BLE001

@@ -24,7 +24,7 @@ import psycopg
 from gpuaas import errors as _errors
 from gpuaas.errors import FailedPrecondition, GpuaasError, InvalidArgument, NotFound, Unavailable
 from gpuaas.lifecycle import AllocState, IllegalTransition
-from gpuaas.v1 import admin_pb2, admin_pb2_grpc, common_pb2, node_pb2, node_pb2_grpc, placement_pb2, placement_pb2_grpc
+from gpuaas.v1 import admin_pb2, admin_pb2_grpc, node_pb2, node_pb2_grpc, placement_pb2, placement_pb2_grpc
 
 log = logging.getLogger("gpuaas.api")
 
@@ -248,10 +248,8 @@ class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
         row = self._owned(p.tenant_id, request.allocation_id)
         explanation = ""
         if row.state is AllocState.QUEUED:
-            with self.core.lock:
-                dom = convert.to_domain(common_pb2.PlacementRequest.FromString(row.request),
-                                        key="explain-" + row.allocation_id, tenant=row.tenant_id)
-                explanation = self.core.engine.explain(dom).explanation
+            # Why it waits: the engine's explanation, or the preemption it is waiting on.
+            explanation = self.core.pending_explanation(row)
         return allocation_pb(row, self.core.address_of, explanation)
 
     @grpc_handler
