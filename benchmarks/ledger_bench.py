@@ -110,16 +110,16 @@ def raw_copy(url: str, gen: Gen, rows: int, batch: int, *, bill: bool) -> float:
     with psycopg.connect(url, autocommit=True) as conn:
         st = LedgerStore(conn)
         st.reload_prices()
+        st.refresh_tenants()
         done, uid, bid = 0, 1, 1
         h, hb = USAGE_ENTRIES.genesis, b"\0" * 32
         if bill:
             st._ensure_accounts({(t, "USD") for t in TENANTS})
         while done < rows:
             b = gen.batch(min(batch, rows - done))
-            payload, h, amounts = st.encode_usage(b, uid, h)
+            payload, h, amounts, ps = st.encode_usage(b, uid, h)
             bpayload = None
             if bill:
-                ps = [st.price_at(r.gpu_model, r.start_us) for r in b]
                 bpayload, hb = st.encode_billing(st.billing_lines(b, ps, amounts, uid), bid, hb)
             cols = USAGE_ENTRIES.column_list()
             t0 = time.perf_counter()

@@ -23,9 +23,11 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import struct
 from typing import NamedTuple, Sequence
 
 import psycopg
+from psycopg.copy import LibpqWriter
 
 from ledger import chain
 from ledger.chain import (BILLING_ENTRIES, BILLING_FIXED, I64_FIELD, METER_EVENTS, NULL_FIELD,
@@ -40,7 +42,26 @@ DEBIT, CREDIT = 1, 2
 START, STOP = 1, 2
 MILLI_US_PER_GPU_HOUR = 1000 * 3600 * 1_000_000
 batch_rows_max = 100_000
-copy_chunk_rows = 2_000
+# Rows per COPY write. Small enough that encoding one chunk (~1 ms) takes less
+# time than the server needs to drain what the socket already holds, so the
+# server never waits for Python; see _write_usage.
+copy_chunk_rows = 500
+# Bytes the client may queue in libpq before it waits for the server to take
+# them (psycopg >= 3.3; older versions flush every write, which is also correct).
+copy_flush_bytes = 8 << 20
+_CACHE_MAX = 200_000
+
+
+class _CacheMiss(Exception):
+    """A row names a tenant the cache does not hold (yet): abort the attempt, refresh, retry."""
+
+
+def _writer(cur: psycopg.Cursor):
+    """COPY writer that queues up to copy_flush_bytes in libpq instead of waiting on every write."""
+    try:
+        return LibpqWriter(cur, flush_threshold=copy_flush_bytes)
+    except TypeError:  # psycopg < 3.3
+        return None
 
 
 class UsageRow(NamedTuple):
@@ -132,8 +153,14 @@ class LedgerStore:
         self._tenants: set[str] = set()
         self._prices: dict[str, list[Price]] = {}
         self._price_times: dict[str, list[int]] = {}
+        self._price_head = -1  # max(price_book.id) the price cache was loaded at
         self._accounts: set[str] = set()
         self._text_cache: dict[str, bytes] = {}
+        # Encoder caches (bounded): allocation id -> 16 bytes; (tenant, node, model) ->
+        # (encoded text tail, effective_from of the model's latest price, that price).
+        # A tail exists only for a known tenant and a priced model.
+        self._uuids: dict[str, bytes] = {}
+        self._tails: dict[tuple[str, str, str], tuple[bytes, int, Price]] = {}
 
     # ------------------------------------------------------------ reference data
 
@@ -158,6 +185,21 @@ class LedgerStore:
             prices.setdefault(model, []).append(Price(pid, model, cur, micros, to_us(eff)))
         self._prices = prices
         self._price_times = {m: [p.effective_from_us for p in v] for m, v in prices.items()}
+        self._price_head = max((p.price_id for v in prices.values() for p in v), default=0)
+        self._tails = {}
+
+    def sync_prices(self) -> None:
+        """Reload the price cache if the price book grew since it was loaded (one index probe).
+
+        Called under the writer lock, which price writers take too, so the
+        cache then holds every version in force for this transaction."""
+        head = self.conn.execute("SELECT coalesce(max(id), 0) FROM ledger.price_book").fetchone()[0]
+        if head != self._price_head:
+            self.reload_prices()
+
+    def refresh_tenants(self) -> None:
+        self._tenants = {r[0] for r in self.conn.execute("SELECT tenant_id FROM iam.tenants")}
+        self._tails = {}
 
     def price_at(self, gpu_model: str, at_us: int, *, refresh: bool = True) -> Price | None:
         """The price version in force at ``at_us`` (latest effective_from <= at)."""
@@ -205,7 +247,7 @@ class LedgerStore:
     def prefetch(self, rows: Sequence[UsageRow]) -> None:
         """Refresh the tenant and price caches once if a row names something not cached yet."""
         if not {r.tenant_id for r in rows} <= self._tenants:
-            self._tenants = {r[0] for r in self.conn.execute("SELECT tenant_id FROM iam.tenants")}
+            self.refresh_tenants()
         if not {r.gpu_model for r in rows} <= self._prices.keys():
             self.reload_prices()
 
@@ -243,24 +285,34 @@ class LedgerStore:
     def append_usage(self, rows: Sequence[UsageRow], *, bill: bool = True) -> AppendResult:
         """Append usage rows (and, with ``bill``, their two billing lines each).
 
-        Must run inside a transaction after ``lock()``. Validates everything
-        first; replays with the same body are skipped and counted as exists.
+        Must run inside a transaction after ``lock()``. Every row is validated
+        (an invalid row fails the whole batch); replays with the same body are
+        skipped and counted as exists.
         """
         if len(rows) > batch_rows_max:
             raise InvalidEntry(f"batch of {len(rows)} rows exceeds batch_rows_max={batch_rows_max}", field="rows")
         res = AppendResult()
         if not rows:
             return res
-        # Fast path: no key exists yet (the common case). A unique violation
-        # sends us to the slow path, which compares bodies.
-        try:
-            with self.conn.transaction():
-                self._write_usage(rows, bill)
-                res.written = len(rows)
-                res.billing_written = 2 * len(rows) if bill else 0
-                return res
-        except psycopg.errors.UniqueViolation:
-            self._accounts = set()  # the savepoint took any accounts it created with it
+        # Fast path: no key exists yet (the common case); the rows go straight
+        # into the table and the unique constraint is the idempotency check. A
+        # unique violation rolls the savepoint back and sends us to the slow
+        # path, which compares bodies. A tenant not in the cache aborts the
+        # attempt the same way (nothing written), the cache is refreshed and the
+        # batch retried once; the retry treats a miss as an unknown tenant.
+        for may_miss in (True, False):
+            try:
+                with self.conn.transaction():
+                    self._write_usage(rows, bill, may_miss=may_miss)
+                    res.written = len(rows)
+                    res.billing_written = 2 * len(rows) if bill else 0
+                    return res
+            except _CacheMiss:
+                self._accounts = set()
+                self.refresh_tenants()
+            except psycopg.errors.UniqueViolation:
+                self._accounts = set()  # the savepoint took any accounts it created with it
+                break
         self.validate_usage(rows)
         keep, seen = [], {}
         existing = self._existing_usage(rows)
@@ -274,7 +326,7 @@ class LedgerStore:
             seen[k] = r
             keep.append(r)
         if keep:
-            self._write_usage(keep, bill)
+            self._write_usage(keep, bill, may_miss=False)
             res.written = len(keep)
             res.billing_written = 2 * len(keep) if bill else 0
         return res
@@ -297,61 +349,123 @@ class LedgerStore:
             out[(r.allocation_id, r.seq, r.replica, r.kind)] = r
         return out
 
-    def encode_usage(self, rows: Sequence[UsageRow], first_id: int, prev_hash: bytes,
-                     framed: bool = True) -> tuple[bytes, bytes, list[int]]:
-        """Binary COPY payload of ``rows`` with ids from ``first_id``, chained onto ``prev_hash``.
+    def _uuid(self, s: str) -> bytes:
+        if len(self._uuids) >= _CACHE_MAX:
+            self._uuids.clear()
+        try:
+            b = self._uuids[s] = chain.uuid_bytes(s)
+        except (ValueError, AttributeError):
+            raise InvalidEntry(f"allocation_id {s!r} is not a UUID", field="allocation_id") from None
+        return b
 
-        Returns (payload, last hash, gpu_milli_us per row). The canonical
-        content of a row is exactly its COPY tuple minus the trailing hash.
+    def _tail(self, tenant: str, node: str, model: str) -> tuple[bytes, int, Price] | None:
+        """Encoded text tail of a (tenant, node, model), or None if the tenant or the model's price is unknown."""
+        versions = self._prices.get(model)
+        if tenant not in self._tenants or not versions:
+            return None
+        if len(self._tails) >= _CACHE_MAX:
+            self._tails.clear()
+        t = self._tails[(tenant, node, model)] = (
+            NULL_FIELD + chain.text_field(tenant) + chain.text_field(node) + chain.text_field(model),
+            versions[-1].effective_from_us, versions[-1])
+        return t
+
+    def encode_usage(self, rows: Sequence[UsageRow], first_id: int, prev_hash: bytes, framed: bool = True, *,
+                     offset: int = 0, may_miss: bool = False) -> tuple[bytes, bytes, list[int], list[Price]]:
+        """Validate ``rows`` and build their binary COPY payload, ids from ``first_id``, chained onto ``prev_hash``.
+
+        Returns (payload, last hash, gpu_milli_us per row, price per row). The
+        canonical content of a row is exactly its COPY tuple minus the trailing
+        hash. Uses the tenant and price caches only (no query: it runs while a
+        COPY is in progress); an invalid row raises InvalidEntry naming the row
+        (``offset`` + index) and the field, an uncached tenant with
+        ``may_miss`` raises _CacheMiss.
+
+        One pass per row: a single combined range check (the detailed checks
+        of validate_usage() run only for a row that fails it, to name the
+        field), one cached tail lookup that stands for "tenant known and model
+        priced", one struct pack, one sha256.
         """
         h = prev_hash
         sha = hashlib.sha256
         pack = USAGE_FIXED.pack
-        text = self._text
+        tails = self._tails
+        uuids = self._uuids
         nf = b"\x00\x11"  # 17 fields: 16 content + hash
         hl = b"\x00\x00\x00\x20"
         off = PG_EPOCH_OFFSET_US
         out = [chain.COPY_HEADER] if framed else []
-        uuid_cache: dict[str, bytes] = {}
-        amounts = []
+        put = out.extend
+        amounts: list[int] = []
+        prices: list[Price] = []
+        add_amount = amounts.append
+        add_price = prices.append
         i = first_id - 1
-        for r in rows:
-            i += 1
-            ab = uuid_cache.get(r.allocation_id)
-            if ab is None:
-                ab = uuid_cache[r.allocation_id] = chain.uuid_bytes(r.allocation_id)
-            mus = r.gpu_count * r.gpu_milli * (r.end_us - r.start_us)
-            content = (pack(8, i, 16, ab, 4, r.seq, 2, r.replica, 2, r.kind, 8, r.start_us - off, 8, r.end_us - off,
-                            4, r.gpu_count, 4, r.gpu_milli, 8, mus, 4, r.util_bp, 8, r.energy_mj)
-                       + NULL_FIELD + text(r.tenant_id) + text(r.node_id) + text(r.gpu_model))
-            h = sha(h + content).digest()
-            out.append(nf + content + hl + h)
-            amounts.append(mus)
+        try:
+            for r in rows:
+                i += 1
+                alloc, seq, rep, kind, start, end, cnt, milli, tenant, node, model, util, energy = r
+                if not ((kind == 0 or kind == 2) and start < end and 0 < milli <= 1000 and cnt > 0 and seq >= 0
+                        and rep >= 0 and 0 <= util <= 10_000 and energy >= 0):
+                    self.validate_usage((r,), offset + i - first_id, refresh=False)
+                t = tails.get((tenant, node, model))
+                if t is None:
+                    t = self._tail(tenant, node, model)
+                    if t is None:
+                        if may_miss and tenant not in self._tenants:
+                            raise _CacheMiss(tenant)
+                        self.validate_usage((r,), offset + i - first_id, refresh=False)
+                        raise AssertionError("unreachable: validate_usage accepted an uncached row")
+                tail, eff, p = t
+                if start < eff:  # an older price version is in force at the interval's start
+                    p = self.price_at(model, start, refresh=False)
+                    if p is None:
+                        self.validate_usage((r,), offset + i - first_id, refresh=False)
+                ab = uuids.get(alloc)
+                if ab is None:
+                    ab = self._uuid(alloc)
+                mus = cnt * milli * (end - start)
+                content = pack(8, i, 16, ab, 4, seq, 2, rep, 2, kind, 8, start - off, 8, end - off, 4, cnt,
+                               4, milli, 8, mus, 4, util, 8, energy) + tail
+                h = sha(h + content).digest()
+                put((nf, content, hl, h))
+                add_amount(mus)
+                add_price(p)
+        except (struct.error, TypeError, ValueError) as e:
+            n = offset + i - first_id
+            raise InvalidEntry(f"usage row {n}: value of the wrong type or out of range ({e})",
+                               field="row") from None
         if framed:
             out.append(chain.COPY_TRAILER)
-        return b"".join(out), h, amounts
+        return b"".join(out), h, amounts, prices
 
-    def _write_usage(self, rows: Sequence[UsageRow], bill: bool) -> int:
+    def _write_usage(self, rows: Sequence[UsageRow], bill: bool, *, may_miss: bool = False) -> int:
         """Validate, encode and COPY in chunks, so PostgreSQL ingests chunk k while we encode k+1.
 
-        A validation error in any chunk aborts the COPY (and the caller's
-        savepoint): nothing of the batch is written.
+        The chunks are small and the writer does not wait for each to be sent,
+        so the server always has the next rows queued. A validation error in
+        any chunk aborts the COPY (and the caller's savepoint): nothing of the
+        batch is written.
         """
-        self.prefetch(rows)
+        self.sync_prices()
         last_id, h = self.head(USAGE_ENTRIES)
         first_id = last_id + 1
         prices: list[Price] = []
         amounts: list[int] = []
+        encode = self.encode_usage
         with self.conn.cursor() as cur:
-            with cur.copy(f"COPY {USAGE_ENTRIES.qualified} ({USAGE_ENTRIES.column_list()}) FROM STDIN (FORMAT binary)") as cp:
-                cp.write(chain.COPY_HEADER)
+            with cur.copy(f"COPY {USAGE_ENTRIES.qualified} ({USAGE_ENTRIES.column_list()}) FROM STDIN"
+                          " (FORMAT binary)", writer=_writer(cur)) as cp:
+                write = cp.write
+                write(chain.COPY_HEADER)
                 for lo in range(0, len(rows), copy_chunk_rows):
-                    chunk = rows[lo:lo + copy_chunk_rows]
-                    prices += self.validate_usage(chunk, lo, refresh=False)
-                    payload, h, am = self.encode_usage(chunk, first_id + lo, h, framed=False)
-                    amounts += am
-                    cp.write(payload)
-                cp.write(chain.COPY_TRAILER)
+                    payload, h, am, ps = encode(rows[lo:lo + copy_chunk_rows], first_id + lo, h, False,
+                                                offset=lo, may_miss=may_miss)
+                    write(payload)
+                    if bill:
+                        amounts += am
+                        prices += ps
+                write(chain.COPY_TRAILER)
         if bill:
             self._bill(rows, prices, amounts, first_id)
         return first_id
@@ -379,13 +493,14 @@ class LedgerStore:
         hl = b"\x00\x00\x00\x20"
         off = PG_EPOCH_OFFSET_US
         out = [chain.COPY_HEADER]
+        put = out.extend
         i = first_id - 1
         for uid, side, amount, pid, at_us, rev, acc, cur in lines:
             i += 1
             content = (pack(8, i, 8, uid, 2, side, 8, amount, 8, pid, 8, at_us - off)
                        + (NULL_FIELD if rev is None else I64_FIELD.pack(8, rev)) + text(acc) + text(cur))
             h = sha(h + content).digest()
-            out.append(nf + content + hl + h)
+            put((nf, content, hl, h))
         out.append(chain.COPY_TRAILER)
         return b"".join(out), h
 
