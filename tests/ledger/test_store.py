@@ -8,6 +8,7 @@ from ledger.store import UsageRow
 from tests.ledger.conftest import count, us
 
 A = "11111111-1111-1111-1111-111111111111"
+B = "22222222-2222-2222-2222-222222222222"
 
 
 def row(seq=0, start=0.0, end=60.0, milli=1000, count_=1, tenant="acme", model="H100", kind=0, alloc=A):
@@ -111,4 +112,56 @@ def test_reversal_is_a_new_entry_referencing_the_reversed_one(ledger_db):
             with conn.transaction():
                 st.lock()
                 st.reverse_usage([3])
+    assert verify.verify(ledger_db.app).ok
+
+
+def test_invalid_row_in_a_late_chunk_aborts_the_streamed_copy(ledger_db):
+    """Earlier chunks are already on the wire when a later row fails validation: still nothing is written."""
+    n = 3 * store.copy_chunk_rows + 7
+    rows = [row(s, 60 * s, 60 * s + 60) for s in range(n)]
+    rows[n - 3] = row(n - 3, 60 * (n - 3), 60 * (n - 3))  # zero duration, in the last chunk
+    with pytest.raises(InvalidEntry, match=f"usage row {n - 3} .*zero duration") as e:
+        store.write_usage_batch(ledger_db.app, rows)
+    assert e.value.field == "interval_end"
+    assert count(ledger_db.app, "ledger.usage_entries") == 0
+    assert count(ledger_db.app, "ledger.billing_entries") == 0
+    rows[n - 3] = row(n - 3, 60 * (n - 3), 60 * (n - 3) + 60)
+    assert store.write_usage_batch(ledger_db.app, rows).written == n
+    assert verify.verify(ledger_db.app).ok
+
+
+def test_values_of_the_wrong_type_or_range_are_rejected(ledger_db):
+    """A non-UUID allocation id or an integer outside its column's range is an InvalidEntry, nothing written."""
+    with pytest.raises(InvalidEntry, match="not a UUID") as e:
+        store.write_usage_batch(ledger_db.app, [row(0), row(1, 60, 120, alloc="not-a-uuid")])
+    assert e.value.field == "allocation_id"
+    with pytest.raises(InvalidEntry, match="usage row 1: value of the wrong type or out of range"):
+        store.write_usage_batch(ledger_db.app, [row(0), row(2**40, 60, 120)])
+    assert count(ledger_db.app, "ledger.usage_entries") == 0
+
+
+def test_long_lived_store_sees_new_tenants_and_new_prices(ledger_db):
+    """A store that cached tenants and prices picks up a tenant and a price version added by another connection."""
+    from ledger import prices
+    from tests.ledger.conftest import at
+    with psycopg.connect(ledger_db.app) as conn:
+        st = store.LedgerStore(conn)
+        with conn.transaction():
+            st.lock()
+            st.append_usage([row(0, 0, 60)])
+        with psycopg.connect(ledger_db.owner, autocommit=True) as owner:
+            owner.execute("INSERT INTO iam.tenants (tenant_id, name) VALUES ('initech', 'Initech')")
+        prices.set_price(ledger_db.app, "H100", 3_600_000, effective_from=at(60))
+        with conn.transaction():
+            st.lock()
+            res = st.append_usage([row(1, 60, 120), row(0, 0, 60, tenant="initech", alloc=B)])
+        assert res.written == 2
+        amounts = [r[0] for r in conn.execute("SELECT amount_micros FROM ledger.billing_entries WHERE side = 1"
+                                              " ORDER BY id")]
+        assert amounts == [41_500, 60_000, 41_500]  # the new version rates from at(60) on; initech's row is before it
+        with pytest.raises(InvalidEntry, match="unknown tenant 'hooli'"):
+            with conn.transaction():
+                st.lock()
+                st.append_usage([row(2, 120, 180), row(0, 0, 60, tenant="hooli", alloc=B)])
+    assert count(ledger_db.app, "ledger.usage_entries") == 3
     assert verify.verify(ledger_db.app).ok
