@@ -161,6 +161,7 @@ class NodeDaemon:
         try:
             if self.server is not None:
                 self.health_servicer.enter_graceful_shutdown()
+                self.servicer.close_streams()
             if self.registrar is not None:
                 self.registrar.stop(deregister=True, reason=reason)
             if self.faults is not None:

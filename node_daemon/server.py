@@ -38,7 +38,11 @@ BUFFER_FRAMES_MAX = 1024
 STREAMS_MAX = 16
 RPCS_CONCURRENT_MAX = 256
 MESSAGE_BYTES_MAX = 1024 * 1024
-STREAM_POLL_S = 0.25
+PREPARE_BATCH_MAX = 4096
+# A stream's handler sleeps until a frame or its buffer closes (client gone, daemon stopping:
+# both close the buffer); this timeout is only a safety net, so it is long — with many
+# streams a short poll is thousands of needless thread wake-ups a second.
+STREAM_POLL_S = 5.0
 SERVICE_NAME = "gpuaas.v1.NodeAgent"
 
 
@@ -93,6 +97,13 @@ class NodeAgentServicer(node_pb2_grpc.NodeAgentServicer):
         self._lock = threading.Lock()
         self.buffers: set[StreamBuffer] = set()
 
+    def close_streams(self) -> None:
+        """End every telemetry stream now (the daemon is stopping)."""
+        with self._lock:
+            buffers = list(self.buffers)
+        for buf in buffers:
+            buf.close()
+
     @unary
     def GetInventory(self, request, context):
         return self.daemon.inventory_pb()
@@ -135,8 +146,41 @@ class NodeAgentServicer(node_pb2_grpc.NodeAgentServicer):
             raise Unavailable("injected prepare failure")
         alloc = self.daemon.allocations.prepare(request.allocation_id, list(request.gpu_indices),
                                                 request.gpu_milli, request.tenant_id)
+        log.info("prepared allocation %s on GPUs %s (%d milli, tenant %s)", request.allocation_id,
+                 alloc.cuda_visible_devices, alloc.gpu_milli, request.tenant_id or "-")
         return node_pb2.PrepareResponse(cuda_visible_devices=alloc.cuda_visible_devices,
                                         message=f"prepared on GPUs {alloc.cuda_visible_devices}")
+
+    @unary
+    def PrepareBatch(self, request, context):
+        items = request.requests
+        v: list[tuple[str, str]] = []
+        if not 1 <= len(items) <= PREPARE_BATCH_MAX:
+            v.append(("requests", f"1..{PREPARE_BATCH_MAX} items; got {len(items)}"))
+        seen: set[str] = set()
+        for k, r in enumerate(items):
+            if r.allocation_id in seen:
+                v.append((f"requests[{k}].allocation_id", f"{r.allocation_id!r} appears twice in the batch"))
+                break
+            seen.add(r.allocation_id)
+        if v:
+            raise InvalidArgument(f"invalid PrepareBatch: {v[0][0]}: {v[0][1]}", violations=v)
+        results = []
+        for r in items:
+            # Each item is exactly its own Prepare: same checks, same answer, same injected faults.
+            try:
+                if self.daemon.call_faults.take("prepare_fail"):
+                    raise Unavailable("injected prepare failure")
+                alloc = self.daemon.allocations.prepare(r.allocation_id, list(r.gpu_indices), r.gpu_milli,
+                                                        r.tenant_id)
+                results.append(node_pb2.PrepareResult(allocation_id=r.allocation_id, response=node_pb2.PrepareResponse(
+                    cuda_visible_devices=alloc.cuda_visible_devices,
+                    message=f"prepared on GPUs {alloc.cuda_visible_devices}")))
+            except GpuaasError as err:
+                results.append(node_pb2.PrepareResult(allocation_id=r.allocation_id, error=err.to_status()))
+        failed = sum(1 for x in results if x.HasField("error"))
+        log.info("PrepareBatch: %d prepared, %d refused", len(results) - failed, failed)
+        return node_pb2.PrepareBatchResponse(results=results)
 
     @unary
     def Cleanup(self, request, context):

@@ -244,7 +244,8 @@ class SimulatedBackend(GpuBackend):
             clock = s.sm_clock_max_mhz // 2
         power_w = s.power_idle_w + (s.power_max_w - s.power_idle_w) * util / 100 * self._rng.uniform(0.95, 1.0)
         g.energy_mj += power_w * 1000 * dt_s
-        used = BASE_MEMORY_MIB + sum(p.used_memory_mib for p in self._procs(g))
+        procs = tuple(self._procs(g)) if g.holders else ()
+        used = BASE_MEMORY_MIB + sum(p.used_memory_mib for p in procs)
         return GpuSample(
             index=d.index, uuid=d.uuid, gpu_util_pct=util,
             memory_util_pct=min(100, round(util * 0.6)), memory_used_mib=min(d.memory_mib, used),
@@ -252,4 +253,4 @@ class SimulatedBackend(GpuBackend):
             throttle_reasons=throttle, ecc_volatile_corrected=g.ecc_volatile_corrected,
             ecc_volatile_uncorrected=g.ecc_volatile_uncorrected,
             ecc_aggregate_uncorrected=g.ecc_aggregate_uncorrected, retired_pages=g.retired_pages,
-            energy_mj=int(g.energy_mj), processes=tuple(self._procs(g)), lost=False)
+            energy_mj=int(g.energy_mj), processes=procs, lost=False)
