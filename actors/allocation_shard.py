@@ -27,6 +27,19 @@ from gpuaas.v1 import common_pb2, node_pb2
 log = logging.getLogger("gpuaas.allocations")
 
 ACTIVE = ("PLACED", "RUNNING", "RELEASING", "FAILED", "RELEASE_FAILED")
+PREPARE_BATCH_MAX = 4096  # the NodeAgent contract's bound on one PrepareBatch
+
+
+class PrepareRefused(RuntimeError):
+    """One replica of a PrepareBatch was refused by the node (its own Prepare's status)."""
+
+    def __init__(self, status):
+        super().__init__(status.message)
+        self.status = status
+
+
+class _Unbatched(Exception):
+    pass
 
 
 class AllocationShardCore:
@@ -41,7 +54,12 @@ class AllocationShardCore:
         self.tasks: dict[str, asyncio.Task] = {}
         self.uncertain: set[str] = set()  # rows whose last write may or may not have committed
         self.stats = {"prepared": 0, "prepare_failures": 0, "released": 0, "cleanup_failures": 0, "failed": 0,
-                      "lease_expired": 0}
+                      "lease_expired": 0, "commits": 0}
+        self._tx_pending: list[tuple] = []
+        self._prep_pending: dict[str, list[tuple]] = {}
+        self._prep_flushers: dict[str, asyncio.Task] = {}
+        self._prep_single: set[str] = set()
+        self._tx_flusher: asyncio.Task | None = None
         self._placement = None
 
     # ------------------------------------------------------------ plumbing
@@ -70,12 +88,21 @@ class AllocationShardCore:
         t.add_done_callback(lambda _t, a=aid: self.tasks.pop(a, None) if self.tasks.get(a) is _t else None)
 
     async def _transition(self, aid: str, event: AllocEvent, **kw) -> AllocRow | None:
-        """Apply one edge to the cached row; on a version conflict reload and give up."""
+        """Apply one edge to the cached row; on a version conflict reload and give up.
+
+        Transitions requested while a commit is in flight are written together
+        in the next one (group commit: one transaction, one UPDATE and two
+        COPYs for the batch), each still version-checked on its own.
+        """
         row = self.rows.get(aid)
         if row is None:
             return None
+        fut = asyncio.get_running_loop().create_future()
+        self._tx_pending.append((aid, row, event, kw, fut))
+        if self._tx_flusher is None or self._tx_flusher.done():
+            self._tx_flusher = asyncio.get_running_loop().create_task(self._flush_transitions())
         try:
-            new = await self.db.tx(store.transition_allocation, row, event, **kw)
+            new = await fut
         except Unavailable:
             # The commit's outcome is unknown (connection lost): reload from Postgres on the next tick.
             self.uncertain.add(aid)
@@ -91,6 +118,28 @@ class AllocationShardCore:
             self.rows.pop(aid, None)
             self.locks.pop(aid, None)
         return new
+
+    async def _flush_transitions(self) -> None:
+        await asyncio.sleep(0)  # let the callers woken in this loop turn join the batch
+        while self._tx_pending:
+            batch, seen, later = [], set(), []
+            for item in self._tx_pending:
+                # One edge per allocation per commit: a second one waits for the first's new version.
+                (later if item[0] in seen or len(batch) >= self.cfg.batch_size_max else batch).append(item)
+                seen.add(item[0])
+            self._tx_pending = later
+            try:
+                results = await self.db.tx(store.transition_allocations, [(r, e, kw) for _, r, e, kw, _ in batch])
+            except Exception as exc:  # noqa: BLE001 - every caller in the batch gets the commit's failure
+                results = [exc] * len(batch)
+            for (_, _, _, _, fut), res in zip(batch, results):
+                if fut.done():
+                    continue
+                if isinstance(res, BaseException):
+                    fut.set_exception(res)
+                else:
+                    fut.set_result(res)
+            self.stats["commits"] += 1
 
     async def _load_addresses(self, conn_fn=None) -> dict:
         """Node addresses and which nodes are down; returns {node_id: detected_at} of OFFLINE nodes."""
@@ -158,13 +207,60 @@ class AllocationShardCore:
     # ------------------------------------------------------------ prepare
 
     async def _call_prepare(self, row: AllocRow) -> None:
-        calls = []
-        for a in row.assignments:
-            stub = self.agents.get(self.addresses[a["node_id"]])
-            calls.append(stub.Prepare(node_pb2.PrepareRequest(
-                allocation_id=row.allocation_id, gpu_indices=a["gpu_indices"], gpu_milli=a["gpu_milli"],
-                tenant_id=row.tenant_id), timeout=self.cfg.rpc_timeout_s))
-        await asyncio.gather(*calls)
+        await asyncio.gather(*[self._prepare_on(self.addresses[a["node_id"]], node_pb2.PrepareRequest(
+            allocation_id=row.allocation_id, gpu_indices=a["gpu_indices"], gpu_milli=a["gpu_milli"],
+            tenant_id=row.tenant_id)) for a in row.assignments])
+
+    async def _prepare_on(self, address: str, req: node_pb2.PrepareRequest) -> node_pb2.PrepareResponse:
+        """Prepare one replica; replicas bound for one node travel together in a PrepareBatch."""
+        fut = asyncio.get_running_loop().create_future()
+        self._prep_pending.setdefault(address, []).append((req, fut))
+        task = self._prep_flushers.get(address)
+        if task is None or task.done():
+            self._prep_flushers[address] = asyncio.get_running_loop().create_task(self._flush_prepares(address))
+        return await fut
+
+    async def _flush_prepares(self, address: str) -> None:
+        await asyncio.sleep(0)  # let the replicas placed in this loop turn join the batch
+        while self._prep_pending.get(address):
+            batch, seen, later = [], set(), []
+            for item in self._prep_pending[address]:
+                # An allocation id appears once per batch (the daemon refuses duplicates).
+                aid = item[0].allocation_id
+                (later if aid in seen or len(batch) >= PREPARE_BATCH_MAX else batch).append(item)
+                seen.add(aid)
+            self._prep_pending[address] = later
+            stub = self.agents.get(address)
+            try:
+                if address in self._prep_single:
+                    raise _Unbatched()
+                resp = await stub.PrepareBatch(node_pb2.PrepareBatchRequest(requests=[r for r, _ in batch]),
+                                               timeout=self.cfg.rpc_timeout_s)
+                outcomes = list(resp.results)
+                if len(outcomes) != len(batch):
+                    raise RuntimeError(f"PrepareBatch answered {len(outcomes)} results for {len(batch)} items")
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    outcomes = [exc] * len(batch)
+                else:  # a daemon from before PrepareBatch: one Prepare per replica
+                    self._prep_single.add(address)
+                    outcomes = None
+            except _Unbatched:
+                outcomes = None
+            except (RuntimeError, asyncio.TimeoutError) as exc:
+                outcomes = [exc] * len(batch)
+            if outcomes is None:
+                outcomes = await asyncio.gather(*[stub.Prepare(r, timeout=self.cfg.rpc_timeout_s) for r, _ in batch],
+                                                return_exceptions=True)
+            for (_, fut), out in zip(batch, outcomes):
+                if fut.done():
+                    continue
+                if isinstance(out, BaseException):
+                    fut.set_exception(out)
+                elif isinstance(out, node_pb2.PrepareResult) and out.HasField("error"):
+                    fut.set_exception(PrepareRefused(out.error))
+                else:
+                    fut.set_result(out.response if isinstance(out, node_pb2.PrepareResult) else out)
 
     async def _prepare(self, aid: str) -> None:
         row = self.rows.get(aid)

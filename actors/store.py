@@ -19,7 +19,7 @@ from google.protobuf import timestamp_pb2
 
 from gpuaas.errors import FailedPrecondition
 from gpuaas.lifecycle import (ALLOCATION_TABLE, GPU_TABLE, NODE_TABLE, AllocEvent, AllocState, Billing, GpuEvent,
-                              GpuState, NodeEvent, NodeState)
+                              GpuState, IllegalTransition, NodeEvent, NodeState)
 from gpuaas.v1 import common_pb2, events_pb2
 
 TOPIC_ALLOC = "allocation.transitioned"
@@ -164,13 +164,7 @@ def transition_allocation(conn, row: AllocRow, event: AllocEvent, *, at: dt.date
     FailedPrecondition when someone else moved the row first.
     """
     at = at or utcnow()
-    t = ALLOCATION_TABLE.transition(row.state, event)
-    new = dataclasses.replace(row, state=t.dst, version=row.version + 1, updated_at=at,
-                              reason=reason if reason is not None else event.value, **changes)
-    if t.billing is Billing.START:
-        new.running_since = at
-    elif t.billing is Billing.STOP:
-        new.stopped_at = at
+    new = _apply_edge(row, event, at, reason, changes)
     cur = conn.execute(
         "UPDATE control.allocations SET state=%s, reason=%s, version=%s, updated_at=%s, running_since=%s,"
         " stopped_at=%s, assignments=%s, prepare_attempts=%s, release_attempts=%s, lease_expires_at=%s,"
@@ -189,6 +183,86 @@ def transition_allocation(conn, row: AllocRow, event: AllocEvent, *, at: dt.date
     conn.execute("INSERT INTO control.outbox (topic, key, payload) VALUES (%s, %s, %s)",
                  (TOPIC_ALLOC, row.allocation_id, _transition_payload(new, row.state, event, eid, at)))
     return new
+
+
+def _apply_edge(row: AllocRow, event: AllocEvent, at: dt.datetime, reason: str | None, changes: dict) -> AllocRow:
+    t = ALLOCATION_TABLE.transition(row.state, event)
+    new = dataclasses.replace(row, state=t.dst, version=row.version + 1, updated_at=at,
+                              reason=reason if reason is not None else event.value, **changes)
+    if t.billing is Billing.START:
+        new.running_since = at
+    elif t.billing is Billing.STOP:
+        new.stopped_at = at
+    return new
+
+
+def transition_allocations(conn, items: Sequence[tuple[AllocRow, AllocEvent, dict]]) -> list:
+    """Apply many table edges in the caller's transaction (group commit of transitions).
+
+    ``items``: (row, event, {"at", "reason", **column changes}). Each item is
+    checked on its own, exactly as ``transition_allocation`` would: the result
+    list holds, per item, the new row, or the exception for that item alone
+    (IllegalTransition when the table has no such edge, FailedPrecondition
+    when its version moved). The items that pass are written with one
+    version-checked UPDATE and one COPY each for their events and outbox rows,
+    so state, event and outbox still commit or fail together.
+    """
+    if len(items) == 1:
+        row, event, kw = items[0]
+        kw = dict(kw)
+        try:
+            return [transition_allocation(conn, row, event, at=kw.pop("at", None), reason=kw.pop("reason", None),
+                                          **kw)]
+        except (FailedPrecondition, IllegalTransition) as exc:
+            return [exc]
+    results: list = [None] * len(items)
+    todo: list[tuple[int, AllocRow, AllocRow, AllocEvent, dt.datetime]] = []
+    for i, (row, event, kw) in enumerate(items):
+        kw = dict(kw)
+        at = kw.pop("at", None) or utcnow()
+        reason = kw.pop("reason", None)
+        try:
+            todo.append((i, row, _apply_edge(row, event, at, reason, kw), event, at))
+        except IllegalTransition as exc:
+            results[i] = exc
+    if todo:
+        cols = list(zip(*[(n.allocation_id, r.version, n.state.name, n.reason, n.version, n.updated_at,
+                           n.running_since, n.stopped_at, json.dumps(n.assignments), n.prepare_attempts,
+                           n.release_attempts, n.lease_expires_at, n.queue_deadline, n.next_attempt_at)
+                          for _, r, n, _, _ in todo]))
+        done = {str(r[0]) for r in conn.execute(
+            "UPDATE control.allocations a SET state=v.state, reason=v.reason, version=v.version,"
+            " updated_at=v.updated_at, running_since=v.running_since, stopped_at=v.stopped_at,"
+            " assignments=v.assignments::jsonb, prepare_attempts=v.prepare_attempts,"
+            " release_attempts=v.release_attempts, lease_expires_at=v.lease_expires_at,"
+            " queue_deadline=v.queue_deadline, next_attempt_at=v.next_attempt_at"
+            " FROM unnest(%s::uuid[], %s::bigint[], %s::text[], %s::text[], %s::bigint[], %s::timestamptz[],"
+            " %s::timestamptz[], %s::timestamptz[], %s::text[], %s::int[], %s::int[], %s::timestamptz[],"
+            " %s::timestamptz[], %s::timestamptz[]) AS v(allocation_id, old_version, state, reason, version,"
+            " updated_at, running_since, stopped_at, assignments, prepare_attempts, release_attempts,"
+            " lease_expires_at, queue_deadline, next_attempt_at)"
+            " WHERE a.allocation_id = v.allocation_id AND a.version = v.old_version RETURNING a.allocation_id",
+            [list(c) for c in cols])}
+        written = []
+        for i, row, new, event, at in todo:
+            if row.allocation_id in done:
+                written.append((i, row, new, event, at))
+            else:
+                results[i] = FailedPrecondition(f"allocation {row.allocation_id} changed concurrently (expected "
+                                                f"version {row.version})")
+        ids = _next_event_ids(conn, len(written))
+        cur = conn.cursor()
+        with cur.copy("COPY control.allocation_events (event_id, allocation_id, tenant_id, from_state, to_state,"
+                      " event, reason, version, at) FROM STDIN") as cp:
+            for eid, (_, row, new, event, at) in zip(ids, written):
+                cp.write_row((eid, row.allocation_id, row.tenant_id, row.state.name, new.state.name, event.value,
+                              new.reason, new.version, at))
+        with cur.copy("COPY control.outbox (topic, key, payload) FROM STDIN") as cp:
+            for eid, (_, row, new, event, at) in zip(ids, written):
+                cp.write_row((TOPIC_ALLOC, row.allocation_id, _transition_payload(new, row.state, event, eid, at)))
+        for i, _, new, _, _ in written:
+            results[i] = new
+    return results
 
 
 def load_allocation(conn, allocation_id: str, *, for_update: bool = False) -> AllocRow | None:

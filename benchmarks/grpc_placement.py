@@ -9,7 +9,7 @@ simulated node daemons), then, from this separate client process:
 
     python benchmarks/grpc_placement.py --json results/grpc_placement.json
 
-The fractional requests (1–10 thousandths of a GPU) let a small simulated
+The fractional requests (1–2 thousandths of a GPU) let a small simulated
 fleet hold tens of thousands of allocations, so the figure measures the
 decision + commit path, not the fleet size.
 """
@@ -29,7 +29,7 @@ from _common import median, percentile, write_json
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--nodes", type=int, default=8)
+    ap.add_argument("--nodes", type=int, default=12)
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=2000)
     ap.add_argument("--batches", type=int, default=5)
@@ -66,7 +66,7 @@ def main() -> int:
             placed = 0
             t0 = time.perf_counter()
             for b in range(ns.batches):
-                reqs = [Client.request(f"{run}-{rep}-b{b}-{i}", gpu_milli=rng.randint(1, 10))
+                reqs = [Client.request(f"{run}-{rep}-b{b}-{i}", gpu_milli=rng.randint(1, 2))
                         for i in range(ns.batch_size)]
                 resp = clients[0].place_batch(reqs)
                 placed += sum(1 for r in resp.results if r.HasField("allocation"))
@@ -83,7 +83,7 @@ def main() -> int:
                         i = next(counter, None)
                     if i is None:
                         return n
-                    c.place(f"{run}-{rep}-u{i}", gpu_milli=rng.randint(1, 10))
+                    c.place(f"{run}-{rep}-u{i}", gpu_milli=rng.randint(1, 2))
                     n += 1
 
             t0 = time.perf_counter()
@@ -102,7 +102,7 @@ def main() -> int:
                 if delay > 0:
                     time.sleep(delay)
                 t = time.perf_counter()
-                clients[i % ns.threads].place(f"{run}-{rep}-p{i}", gpu_milli=rng.randint(1, 10))
+                clients[i % ns.threads].place(f"{run}-{rep}-p{i}", gpu_milli=rng.randint(1, 2))
                 # Latency from the scheduled send time: a late start counts against us.
                 return time.perf_counter() - min(t, target) if t > target else time.perf_counter() - t
 

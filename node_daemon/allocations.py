@@ -34,8 +34,10 @@ log = logging.getLogger("gpuaas.node_daemon.allocations")
 ALLOCATION_ID_LEN_MAX = 128
 TENANT_ID_LEN_MAX = 128
 CLEANED_REMEMBERED_MAX = 4096
-ALLOCATIONS_MAX = 4096
 GPU_MILLI_WHOLE = 1000
+# A node holds at most one allocation per thousandth of each of its GPUs: the
+# same bound the scheduler's capacity model implies, so the two never disagree.
+ALLOCATIONS_PER_GPU_MAX = GPU_MILLI_WHOLE
 
 
 class GpuNotReady(FailedPrecondition):
@@ -81,6 +83,11 @@ class AllocationTable:
         self.gpu_indices = set(gpu_indices)
         self._lock = threading.Lock()
         self._live: dict[str, Allocation] = {}
+        # Per GPU: allocation id → milli held. Keeps Prepare and Cleanup O(GPUs of the
+        # allocation), not O(allocations on the node), at thousands of fractional shares.
+        self._holders: dict[int, dict[str, int]] = {i: {} for i in self.gpu_indices}
+        self._held_milli: dict[int, int] = {i: 0 for i in self.gpu_indices}
+        self.allocations_max = ALLOCATIONS_PER_GPU_MAX * max(1, len(self.gpu_indices))
         self._cleaned: collections.OrderedDict[str, CleanupResult] = collections.OrderedDict()
 
     # ------------------------------------------------------------ prepare
@@ -123,19 +130,22 @@ class AllocationTable:
                 raise GpuNotReady("GPU " + ", ".join(f"{i} is unhealthy: {r}" for i, r in bad), gpus=bad)
             full = []
             for i in gpus:
-                held = [(a.allocation_id, a.gpu_milli) for a in self._live.values() if i in a.gpu_indices]
-                if sum(m for _, m in held) + milli > GPU_MILLI_WHOLE:
-                    full.append((i, "held by " + ", ".join(f"{a} ({m} milli)" for a, m in held[:4])))
+                held = self._holders[i]
+                if self._held_milli[i] + milli > GPU_MILLI_WHOLE:
+                    full.append((i, "held by " + ", ".join(f"{a} ({m} milli)" for a, m in list(held.items())[:4])))
             if full:
                 raise GpuNotReady("GPU " + "; ".join(f"{i} {r}" for i, r in full), gpus=full, kind="GPU_CAPACITY")
-            if len(self._live) >= ALLOCATIONS_MAX:
-                raise FailedPrecondition(f"this node holds {ALLOCATIONS_MAX} allocations already")
+            if len(self._live) >= self.allocations_max:
+                raise FailedPrecondition(f"this node holds {self.allocations_max} allocations already")
             alloc = Allocation(allocation_id, gpus, milli, tenant_id, time.time())
             self._live[allocation_id] = alloc
+            for i in gpus:
+                self._holders[i][allocation_id] = milli
+                self._held_milli[i] += milli
             # A retried placement may land here again after a cleanup: that is a new life.
             self._cleaned.pop(allocation_id, None)
         self.backend.on_prepare(allocation_id, list(gpus), milli)
-        log.info("prepared allocation %s on GPUs %s (%d milli, tenant %s)", allocation_id,
+        log.debug("prepared allocation %s on GPUs %s (%d milli, tenant %s)", allocation_id,
                  alloc.cuda_visible_devices, milli, tenant_id or "-")
         return alloc
 
@@ -152,9 +162,8 @@ class AllocationTable:
                 if done is not None:
                     return CleanupResult(0, f"already cleaned up ({done.processes_ended} processes ended then)")
                 raise NotFound(f"allocation {allocation_id} is not prepared on this node")
-            others = {i for a in self._live.values() if a.allocation_id != allocation_id for i in a.gpu_indices}
-        exclusive = [i for i in alloc.gpu_indices if i not in others]
-        shared = [i for i in alloc.gpu_indices if i in others]
+            shared = [i for i in alloc.gpu_indices if len(self._holders[i]) > 1]
+        exclusive = [i for i in alloc.gpu_indices if i not in shared]
         ended = self.backend.end_processes(exclusive, grace_s=grace_s) if exclusive else 0
         self.backend.on_release(allocation_id)
         msg = f"ended {ended} leftover process(es) on GPUs {exclusive}" if exclusive else "no exclusive GPUs"
@@ -162,7 +171,9 @@ class AllocationTable:
             msg += f"; GPUs {shared} are shared with other allocations, their processes were left running"
         result = CleanupResult(ended, msg)
         with self._lock:
-            self._live.pop(allocation_id, None)
+            if self._live.pop(allocation_id, None) is not None:
+                for i in alloc.gpu_indices:
+                    self._held_milli[i] -= self._holders[i].pop(allocation_id, 0)
             self._cleaned[allocation_id] = result
             while len(self._cleaned) > CLEANED_REMEMBERED_MAX:
                 self._cleaned.popitem(last=False)

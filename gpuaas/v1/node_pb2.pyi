@@ -1,6 +1,7 @@
 import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.rpc import status_pb2 as _status_pb2
 from gpuaas.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -200,6 +201,28 @@ class PrepareResponse(_message.Message):
     cuda_visible_devices: str
     message: str
     def __init__(self, cuda_visible_devices: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class PrepareBatchRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[PrepareRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[PrepareRequest, _Mapping]]] = ...) -> None: ...
+
+class PrepareResult(_message.Message):
+    __slots__ = ("allocation_id", "response", "error")
+    ALLOCATION_ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    allocation_id: str
+    response: PrepareResponse
+    error: _status_pb2.Status
+    def __init__(self, allocation_id: _Optional[str] = ..., response: _Optional[_Union[PrepareResponse, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
+
+class PrepareBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[PrepareResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[PrepareResult, _Mapping]]] = ...) -> None: ...
 
 class CleanupRequest(_message.Message):
     __slots__ = ("allocation_id",)

@@ -171,6 +171,11 @@ class NodeAgentStub:
                 request_serializer=gpuaas_dot_v1_dot_node__pb2.PrepareRequest.SerializeToString,
                 response_deserializer=gpuaas_dot_v1_dot_node__pb2.PrepareResponse.FromString,
                 _registered_method=True)
+        self.PrepareBatch = channel.unary_unary(
+                '/gpuaas.v1.NodeAgent/PrepareBatch',
+                request_serializer=gpuaas_dot_v1_dot_node__pb2.PrepareBatchRequest.SerializeToString,
+                response_deserializer=gpuaas_dot_v1_dot_node__pb2.PrepareBatchResponse.FromString,
+                _registered_method=True)
         self.Cleanup = channel.unary_unary(
                 '/gpuaas.v1.NodeAgent/Cleanup',
                 request_serializer=gpuaas_dot_v1_dot_node__pb2.CleanupRequest.SerializeToString,
@@ -209,6 +214,16 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrepareBatch(self, request, context):
+        """Prepare several allocations in one call: the control plane batches what it
+        places on this node in one go. Each item succeeds or fails on its own,
+        exactly as its own Prepare would (results in request order); the call as
+        a whole fails only when the batch is malformed (INVALID_ARGUMENT).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Cleanup(self, request, context):
         """Remove what an allocation left behind (idempotent per allocation_id).
         """
@@ -239,6 +254,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.Prepare,
                     request_deserializer=gpuaas_dot_v1_dot_node__pb2.PrepareRequest.FromString,
                     response_serializer=gpuaas_dot_v1_dot_node__pb2.PrepareResponse.SerializeToString,
+            ),
+            'PrepareBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareBatch,
+                    request_deserializer=gpuaas_dot_v1_dot_node__pb2.PrepareBatchRequest.FromString,
+                    response_serializer=gpuaas_dot_v1_dot_node__pb2.PrepareBatchResponse.SerializeToString,
             ),
             'Cleanup': grpc.unary_unary_rpc_method_handler(
                     servicer.Cleanup,
@@ -333,6 +353,33 @@ class NodeAgent:
             '/gpuaas.v1.NodeAgent/Prepare',
             gpuaas_dot_v1_dot_node__pb2.PrepareRequest.SerializeToString,
             gpuaas_dot_v1_dot_node__pb2.PrepareResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuaas.v1.NodeAgent/PrepareBatch',
+            gpuaas_dot_v1_dot_node__pb2.PrepareBatchRequest.SerializeToString,
+            gpuaas_dot_v1_dot_node__pb2.PrepareBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
