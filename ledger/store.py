@@ -23,6 +23,8 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
+import socket
 import struct
 from typing import NamedTuple, Sequence
 
@@ -42,13 +44,16 @@ DEBIT, CREDIT = 1, 2
 START, STOP = 1, 2
 MILLI_US_PER_GPU_HOUR = 1000 * 3600 * 1_000_000
 batch_rows_max = 100_000
-# Rows per COPY write. Small enough that encoding one chunk (~1 ms) takes less
-# time than the server needs to drain what the socket already holds, so the
-# server never waits for Python; see _write_usage.
+# Rows per COPY write: encoding one chunk takes ~1 ms, well under the time the
+# server needs for what the socket already holds, so it never waits for us.
 copy_chunk_rows = 500
-# Bytes the client may queue in libpq before it waits for the server to take
-# them (psycopg >= 3.3; older versions flush every write, which is also correct).
-copy_flush_bytes = 8 << 20
+# Bytes queued in libpq before the writer waits for them to reach the socket
+# (psycopg >= 3.3; older versions wait on every write, which is also correct).
+copy_flush_bytes = 1 << 20
+# Kernel send buffer asked for on the writer's socket (capped by the OS, e.g.
+# net.core.wmem_max): it lets the server keep ingesting queued rows while this
+# process is descheduled on a busy machine, instead of waiting for it.
+copy_socket_buffer = 4 << 20
 _CACHE_MAX = 200_000
 
 
@@ -62,6 +67,20 @@ def _writer(cur: psycopg.Cursor):
         return LibpqWriter(cur, flush_threshold=copy_flush_bytes)
     except TypeError:  # psycopg < 3.3
         return None
+
+
+def _widen_send_buffer(conn: psycopg.Connection) -> None:
+    """Ask for a copy_socket_buffer-sized kernel send buffer on the connection's socket (best effort)."""
+    try:
+        fd = conn.pgconn.socket
+        s = socket.socket(fileno=os.dup(fd))
+        try:
+            if s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < copy_socket_buffer:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, copy_socket_buffer)
+        finally:
+            s.close()
+    except (OSError, psycopg.Error):
+        pass
 
 
 class UsageRow(NamedTuple):
@@ -154,6 +173,7 @@ class LedgerStore:
         self._prices: dict[str, list[Price]] = {}
         self._price_times: dict[str, list[int]] = {}
         self._price_head = -1  # max(price_book.id) the price cache was loaded at
+        self._socket_widened = None
         self._accounts: set[str] = set()
         self._text_cache: dict[str, bytes] = {}
         # Encoder caches (bounded): allocation id -> 16 bytes; (tenant, node, model) ->
@@ -448,6 +468,9 @@ class LedgerStore:
         batch is written.
         """
         self.sync_prices()
+        if self._socket_widened is not self.conn.pgconn:
+            _widen_send_buffer(self.conn)
+            self._socket_widened = self.conn.pgconn
         last_id, h = self.head(USAGE_ENTRIES)
         first_id = last_id + 1
         prices: list[Price] = []
