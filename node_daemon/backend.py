@@ -102,9 +102,16 @@ class GpuBackend(abc.ABC):
     def sample(self) -> list[GpuSample]:
         """One reading of every GPU, in index order."""
 
+    # True when wake_xid_poll() ends a blocked poll_xid_events at once: the poller may then
+    # block for long (no periodic wake-up just to notice a stop).
+    xid_poll_interruptible = False
+
     @abc.abstractmethod
     def poll_xid_events(self, timeout_ms: int) -> list[XidRecord]:
         """Block up to ``timeout_ms`` for XID events; [] on timeout."""
+
+    def wake_xid_poll(self) -> None:
+        """End a blocked poll_xid_events early (the daemon is stopping), where the backend can."""
 
     @abc.abstractmethod
     def processes(self, gpu_index: int) -> list[ProcessSample]: ...

@@ -138,6 +138,12 @@ class SimulatedBackend(GpuBackend):
             out, self._xids = self._xids, []
             return out
 
+    xid_poll_interruptible = True
+
+    def wake_xid_poll(self) -> None:
+        with self._xid_cv:
+            self._xid_cv.notify_all()
+
     def processes(self, gpu_index: int) -> list[ProcessSample]:
         with self._lock:
             return self._procs(self._gpu(gpu_index))

@@ -29,7 +29,8 @@ log = logging.getLogger("gpuaas.node_daemon.telemetry")
 
 XIDS_PER_SUBSCRIPTION_MAX = 1024
 XIDS_PER_FRAME_MAX = 256
-XID_POLL_MS = 200
+XID_POLL_MS = 200  # NVML's event wait cannot be interrupted: wake this often to notice a stop
+XID_POLL_MS_INTERRUPTIBLE = 5000  # backends whose wait stop() can end (the simulated one)
 HEALTH_SAMPLE_INTERVAL_S = 1.0
 FROZEN_POLL_S = 0.05
 
@@ -136,6 +137,7 @@ class TelemetryHub:
 
     def stop(self) -> None:
         self._stop.set()
+        self.backend.wake_xid_poll()
         for t in self._threads:
             t.join(timeout=2)
 
@@ -166,9 +168,10 @@ class TelemetryHub:
     # ------------------------------------------------------------ XIDs
 
     def _xid_loop(self) -> None:
+        poll_ms = XID_POLL_MS_INTERRUPTIBLE if self.backend.xid_poll_interruptible else XID_POLL_MS
         while not self._stop.is_set():
             try:
-                events = self.backend.poll_xid_events(XID_POLL_MS)
+                events = self.backend.poll_xid_events(poll_ms)
             except Exception as exc:  # noqa: BLE001 - keep polling; the driver may come back
                 log.warning("XID poll failed: %s", exc)
                 self._stop.wait(1.0)
