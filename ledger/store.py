@@ -473,8 +473,11 @@ class LedgerStore:
             self._socket_widened = self.conn.pgconn
         last_id, h = self.head(USAGE_ENTRIES)
         first_id = last_id + 1
-        prices: list[Price] = []
-        amounts: list[int] = []
+        if bill:  # billing lines are rated, encoded and chained chunk by chunk too, while the server ingests usage
+            last_bid, hb = self.head(BILLING_ENTRIES)
+            bill_parts = [chain.COPY_HEADER]
+            accounts: set[tuple[str, str]] = set()
+            bid = last_bid + 1
         encode = self.encode_usage
         with self.conn.cursor() as cur:
             with cur.copy(f"COPY {USAGE_ENTRIES.qualified} ({USAGE_ENTRIES.column_list()}) FROM STDIN"
@@ -482,15 +485,20 @@ class LedgerStore:
                 write = cp.write
                 write(chain.COPY_HEADER)
                 for lo in range(0, len(rows), copy_chunk_rows):
-                    payload, h, am, ps = encode(rows[lo:lo + copy_chunk_rows], first_id + lo, h, False,
-                                                offset=lo, may_miss=may_miss)
+                    chunk = rows[lo:lo + copy_chunk_rows]
+                    payload, h, am, ps = encode(chunk, first_id + lo, h, False, offset=lo, may_miss=may_miss)
                     write(payload)
                     if bill:
-                        amounts += am
-                        prices += ps
+                        lines = self.billing_lines(chunk, ps, am, first_id + lo)
+                        bp, hb = self.encode_billing(lines, bid, hb, framed=False)
+                        bill_parts.append(bp)
+                        bid += len(lines)
+                        accounts.update(zip([r.tenant_id for r in chunk], [p.currency for p in ps]))
                 write(chain.COPY_TRAILER)
         if bill:
-            self._bill(rows, prices, amounts, first_id)
+            self._ensure_accounts(accounts)
+            bill_parts.append(chain.COPY_TRAILER)
+            self._copy(BILLING_ENTRIES, b"".join(bill_parts))
         return first_id
 
     def billing_lines(self, rows, prices, amounts, first_id) -> list[tuple]:
@@ -502,11 +510,8 @@ class LedgerStore:
             lines.append((uid, CREDIT, amount, p.price_id, r.end_us, None, revenue_account(p.currency), p.currency))
         return lines
 
-    def _bill(self, rows, prices, amounts, first_id) -> None:
-        self._ensure_accounts({(r.tenant_id, p.currency) for r, p in zip(rows, prices)})
-        self._write_billing(self.billing_lines(rows, prices, amounts, first_id))
-
-    def encode_billing(self, lines: list[tuple], first_id: int, prev_hash: bytes) -> tuple[bytes, bytes]:
+    def encode_billing(self, lines: list[tuple], first_id: int, prev_hash: bytes,
+                       framed: bool = True) -> tuple[bytes, bytes]:
         """lines: (usage_entry_id, side, amount, price_id, at_us, reverses_id, account_id, currency)."""
         h = prev_hash
         sha = hashlib.sha256
@@ -515,7 +520,7 @@ class LedgerStore:
         nf = b"\x00\x0a"  # 10 fields: 9 content + hash
         hl = b"\x00\x00\x00\x20"
         off = PG_EPOCH_OFFSET_US
-        out = [chain.COPY_HEADER]
+        out = [chain.COPY_HEADER] if framed else []
         put = out.extend
         i = first_id - 1
         for uid, side, amount, pid, at_us, rev, acc, cur in lines:
@@ -524,7 +529,8 @@ class LedgerStore:
                        + (NULL_FIELD if rev is None else I64_FIELD.pack(8, rev)) + text(acc) + text(cur))
             h = sha(h + content).digest()
             put((nf, content, hl, h))
-        out.append(chain.COPY_TRAILER)
+        if framed:
+            out.append(chain.COPY_TRAILER)
         return b"".join(out), h
 
     def _write_billing(self, lines: list[tuple]) -> None:
