@@ -102,3 +102,60 @@ def demand_weighted(typical: list[tuple[TaskShape, float]]) -> list[tuple[TaskSh
     # keep the CPU-only tasks' share of probability mass (they only add a constant fragment term)
     return [(s, p / tot * gpu_share) for s, p in w if p > 0] + [(s, p) for s, p in typical
                                                                  if not (s.num_gpu > 0 and s.gpu_milli > 0)]
+
+
+class OnlineWorkload:
+    """What a scheduler can know of its workload: the requests it has scored so far, never the future.
+
+    It keeps
+      - the count of each task shape, from which the typical tasks (the most frequent
+        shapes covering ``coverage`` of the tasks) are rebuilt at arrivals 1, 2, 4, …,
+        ``refresh_max`` and then every ``refresh_max`` arrivals (each rebuild
+        invalidates the fragmentation memo tables, so rebuilds are kept rare);
+      - the CPU milli of GPU tasks, their GPU milli, and the CPU milli of CPU-only tasks,
+        for the CPU-stranding term of the fgd-balanced policy.
+    """
+
+    def __init__(self, *, coverage: float = 0.95, refresh_max: int = 4096):
+        self.coverage = coverage
+        self.refresh_max = refresh_max
+        self.counts: Counter = Counter()
+        self.arrived = 0
+        self.gpu_task_cpu_milli = 0
+        self.gpu_task_gpu_milli = 0
+        self.cpu_task_cpu_milli = 0
+        self._next_refresh = 1
+        self._fm: FragModel | None = None
+        self._fm_key: tuple = ()
+
+    def observe(self, shape: TaskShape, count: int = 1) -> None:
+        self.counts[shape] += count
+        self.arrived += count
+        if shape.num_gpu > 0 and shape.gpu_milli > 0:
+            self.gpu_task_cpu_milli += shape.cpu_milli * count
+            self.gpu_task_gpu_milli += shape.num_gpu * shape.gpu_milli * count
+        else:
+            self.cpu_task_cpu_milli += shape.cpu_milli * count
+        if self.arrived >= self._next_refresh:
+            self._fm = None
+            while self._next_refresh <= self.arrived:
+                self._next_refresh = (self._next_refresh * 2 if self._next_refresh < self.refresh_max
+                                      else self._next_refresh + self.refresh_max)
+
+    def model(self, model_id: dict[str, int], gpus_max: int) -> FragModel:
+        """The fragmentation model against the typical tasks seen so far (rebuilt only at refresh points,
+        or when the cluster gains a GPU model or a larger node)."""
+        key = (len(model_id), gpus_max)
+        if self._fm is None or key != self._fm_key:
+            typical = typical_shapes(list(self.counts.elements()), coverage=self.coverage)
+            self._fm = FragModel(typical, model_id, gpus_max)
+            self._fm_key = key
+        return self._fm
+
+    def gpu_per_cpu(self, alpha: float) -> float:
+        """GPU milli that one CPU milli feeds: GPU tasks' GPU over their CPU plus ``alpha`` × CPU-only tasks'
+        CPU (0 before the first GPU task)."""
+        cpu = self.gpu_task_cpu_milli + alpha * self.cpu_task_cpu_milli
+        if self.gpu_task_gpu_milli <= 0 or cpu <= 0:
+            return 0.0
+        return self.gpu_task_gpu_milli / cpu

@@ -1,4 +1,4 @@
-"""Fast path of the fragmentation policies (fgd, fgd-plus): memoised per node free-state.
+"""Fast path of the fragmentation policies (fgd, fgd-plus, fgd-balanced): memoised per node free-state.
 
 A node's expected fragmentation depends only on its *free state* — GPU model
 and the multiset of usable free milli per GPU — and on which CPU threshold of
@@ -33,6 +33,7 @@ class FragIndex:
     def __init__(self, engine):
         self.engine = engine
         self.c = engine.cluster
+        self.model_source = None            # callable → FragModel; None: the engine's (workload sample)
         self.reset()
 
     def reset(self) -> None:
@@ -48,7 +49,7 @@ class FragIndex:
     # ------------------------------------------------------------ maintenance (cluster listener)
 
     def _ensure_model(self) -> None:
-        fm = self.engine.frag_model()
+        fm = self.model_source() if self.model_source is not None else self.engine.frag_model()
         if fm is not self.fm:
             self.fm = fm
             self.sig.clear()

@@ -407,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     if ns.mode == "arrivals":
         jobs = [(str(w), nodes_path, extra, p.value, s, ns.limit) for w in workloads for p in policies for s in seeds]
         # longest first keeps both cores busy to the end
-        jobs.sort(key=lambda j: (PolicyName(j[3]) not in (PolicyName.FGD, PolicyName.FGD_PLUS), j[0], j[3], j[4]))
+        frag = (PolicyName.FGD, PolicyName.FGD_PLUS, PolicyName.FGD_BALANCED)
+        jobs.sort(key=lambda j: (PolicyName(j[3]) not in frag, j[0], j[3], j[4]))
         runs = run_jobs(jobs, ns.jobs)
         results = summarize(runs)
         print_table(results)

@@ -34,7 +34,8 @@ class PolicyName(enum.Enum):
     DOT_PRODUCT = "dot-product"       # Tetris alignment of request and free vectors (paper baseline)
     RANDOM = "random"                 # uniform among feasible nodes (paper baseline)
     FGD = "fgd"                       # fragmentation gradient descent (Weng et al., ATC'23)
-    FGD_PLUS = "fgd-plus"             # ours: exact fragmentation gradient + packing tie-breaks
+    FGD_PLUS = "fgd-plus"             # FGD + tie-break options (an earlier attempt; see docs/scheduler.md)
+    FGD_BALANCED = "fgd-balanced"     # ours: FGD learned online + CPU-stranding term (best quality)
 
     @classmethod
     def parse(cls, text: str) -> "PolicyName":
@@ -46,7 +47,7 @@ class PolicyName(enum.Enum):
 
 
 DEFAULT_POLICY = PolicyName.FAST_BEST_FIT
-BEST_QUALITY_POLICY = PolicyName.FGD_PLUS
+BEST_QUALITY_POLICY = PolicyName.FGD_BALANCED
 
 
 class Reason(enum.Enum):

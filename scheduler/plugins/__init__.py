@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from scheduler.plugins import (filter_cpu, filter_gpu_fit, filter_gpu_model, filter_memory, filter_node_selector,
                                filter_nvlink_island, filter_quota, filter_schedulable)
-from scheduler.plugins import (score_best_fit, score_dot_product, score_fgd, score_fgd_plus, score_first_fit,
-                               score_gpu_packing, score_random)
+from scheduler.plugins import (score_best_fit, score_dot_product, score_fgd, score_fgd_balanced, score_fgd_plus,
+                               score_first_fit, score_gpu_packing, score_random)
 from scheduler.types import PolicyName
 
 FILTERS = (
@@ -31,4 +31,5 @@ SCORERS = {
     PolicyName.RANDOM: score_random,
     PolicyName.FGD: score_fgd,
     PolicyName.FGD_PLUS: score_fgd_plus,
+    PolicyName.FGD_BALANCED: score_fgd_balanced,
 }

@@ -18,7 +18,7 @@ from scheduler.types import PolicyName
 
 NAME = "FGDPlus"
 POLICY = PolicyName.FGD_PLUS
-DEFAULTS = {"resolution": 100, "tie": "gpu-pack", "gpu_choice": "fgd", "strand": 0.0}
+DEFAULTS = {"resolution": 100, "tie": "gpu-pack", "gpu_choice": "fgd"}
 
 
 def options(ctx_engine) -> dict:
@@ -73,18 +73,6 @@ def fast(fx, req, rank):
         return None
     o = options(fx.engine)
     cand, d, t, s, cia, num, milli, cib = r
-    lam = o["strand"]
-    st = fx.engine.__dict__.setdefault("_strand_stats", [0.0, 0.0])
-    if num * milli > 0:
-        st[0] += req.cpu_milli
-        st[1] += num * milli
-    if lam and st[1] > 0:
-        k = st[1] / st[0]                      # GPU milli fed per CPU milli
-        g0 = fx.state_total[s].astype(float)
-        c0 = fx.c.arrays()["cpu_free"][cand].astype(float)
-        s0 = np.maximum(0.0, g0 - k * c0)
-        s1 = np.maximum(0.0, g0 - num * milli - k * (c0 - req.cpu_milli))
-        d = d - lam * (s1 - s0)
     q = _quantiser(o["resolution"])
     sc = q(d)
     if o["tie"] != "none":

@@ -47,13 +47,13 @@ def test_time_mode_with_added_nodes_runs_and_reports_waits():
 
 
 def test_fragmentation_fast_path_decides_exactly_like_the_full_pipeline():
-    """fgd and fgd-plus: the memoised free-state path picks the same node and GPUs as filter → score."""
+    """fgd, fgd-plus, fgd-balanced: the memoised free-state path picks the same node and GPUs as filter → score."""
     from scheduler.types import MILLI
 
     pods = replay._pods(str(replay.resolve_workload("default")))
     nodes = replay._nodes(str(replay.NODES_DEFAULT), ())
     seq = replay.arrivals(pods, 42, sum(len(n.gpus) for n in nodes) * MILLI)[:600]
-    for policy in (PolicyName.FGD, PolicyName.FGD_PLUS):
+    for policy in (PolicyName.FGD, PolicyName.FGD_PLUS, PolicyName.FGD_BALANCED):
         fast = replay.make_engine(policy, 42, nodes, pods)
         full = replay.make_engine(policy, 42, nodes, pods)
         full.fragindex = None
