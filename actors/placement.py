@@ -55,6 +55,7 @@ from gpuaas.v1 import common_pb2
 log = logging.getLogger("gpuaas.placement")
 
 SCHEDULABLE_NODE_STATES = frozenset({NodeState.READY})
+DISPATCH_COALESCE_S = 0.003
 
 # Preemption tuning.
 PREEMPT_RETRY_S = 2.0           # a queued request asks for victims at most this often
@@ -142,6 +143,9 @@ class PlacementCore:
         self.preempting: dict[str, _Preemption] = {}   # preemptor id → its victims (engine holds the capacity)
         self._preempt_tried: dict[str, float] = {}     # queued id → monotonic time of its last victim search
         self._preempt_note: dict[str, str] = {}        # queued id → why its last victim search found none
+        self._dispatch_q: queue.Queue[list] = queue.Queue()
+        self._dispatcher = threading.Thread(target=self._dispatch_loop, name="placement-dispatch", daemon=True)
+        self._dispatcher.start()
         self.rebuild_info = self.rebuild()
         # PLACED allocations whose hand-off to a shard may have died with the
         # previous incarnation: adopt is idempotent, so hand them over again.
@@ -365,16 +369,39 @@ class PlacementCore:
         self._dispatch([row for row, _, _ in new if row.state is AllocState.PLACED])
 
     def _dispatch(self, rows: list[AllocRow]) -> None:
-        """Hand PLACED allocations to their shard, which prepares them on the nodes."""
+        """Hand PLACED allocations to their shard, which prepares them on the nodes.
+
+        Hand-offs are coalesced for a few milliseconds by one dispatcher thread:
+        under a stream of small (unary) commits that is one actor call per
+        shard per window instead of one per commit. The client's answer never
+        waits for this; only the prepare starts up to DISPATCH_COALESCE_S later.
+        """
         if not rows:
             return
-        by_shard: dict[int, list] = {}
-        for r in rows:
-            by_shard.setdefault(shard_of(r.allocation_id, len(self.alloc_shards)), []).append(
-                (r.allocation_id, {n: self.address_of(n) for n in r.node_ids()}))
-        for i, items in by_shard.items():
-            # Fire and forget: a shard that dies before adopting resumes its PLACED rows from Postgres.
-            self.alloc_shards[i].adopt.remote(items)
+        items = [(r.allocation_id, {n: self.address_of(n) for n in r.node_ids()}) for r in rows]
+        self._dispatch_q.put(items)
+
+    def _dispatch_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                items = self._dispatch_q.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            time.sleep(DISPATCH_COALESCE_S)
+            while True:
+                try:
+                    items.extend(self._dispatch_q.get_nowait())
+                except queue.Empty:
+                    break
+            by_shard: dict[int, list] = {}
+            for aid, addrs in items:
+                by_shard.setdefault(shard_of(aid, len(self.alloc_shards)), []).append((aid, addrs))
+            for i, part in by_shard.items():
+                try:
+                    # Fire and forget: a shard that dies before adopting resumes its PLACED rows from Postgres.
+                    self.alloc_shards[i].adopt.remote(part)
+                except Exception as exc:  # noqa: BLE001 - the shard's own resume covers a lost hand-off
+                    log.warning("hand-off of %d allocations to shard %d failed: %s", len(part), i, exc)
 
     # ------------------------------------------------------------ queue
 
