@@ -8,8 +8,12 @@ Figures (JSON fields):
   ingest_rows_per_s        usage rows/s through LedgerStore.append_usage (validation,
                            idempotency, hash chain, binary COPY, one transaction per batch)
   copy_rows_per_s          raw binary COPY of the very same rows (pre-encoded), same schema,
-                           same batch size, measured in the same run into a twin database
+                           same batch size, into a twin database, batches interleaved with
+                           the write path's (alternating which goes first)
   write_path_overhead_pct  (copy_rows_per_s / ingest_rows_per_s - 1) * 100   (target <= 15)
+  write_path_overhead_pct_paired   median over rounds of each round's own overhead
+  cpu_us_per_row           CPU µs per row of this process (client) and of the server backend,
+                           for both: robust to the neighbours' load, unlike the rates
   ingest_billed_usage_rows_per_s / ingest_billed_ledger_rows_per_s
                            the metering commit: each usage row + its two billing lines
   verify_s_10m             ledger verify over the whole ledger; measured when it holds >= 10 M
@@ -38,7 +42,7 @@ import psycopg  # noqa: E402
 
 from ledger import analytics, capacity, db, prices, verify  # noqa: E402
 from ledger.analytics import report  # noqa: E402
-from ledger.chain import USAGE_ENTRIES  # noqa: E402
+from ledger.chain import BILLING_ENTRIES, USAGE_ENTRIES  # noqa: E402
 from ledger.migrate import apply_migrations  # noqa: E402
 from ledger.store import LedgerStore, UsageRow  # noqa: E402
 
@@ -87,55 +91,112 @@ class Gen:
         return out
 
 
+class Cpu:
+    """CPU seconds of this process and of the connection's server backend over the timed sections.
+
+    Wall-clock rates on a shared 2-core machine move with the neighbours' load;
+    CPU time per row does much less, so it is reported next to them. The
+    backend's time is read from /proc (local server only; 0 elsewhere)."""
+
+    def __init__(self):
+        self.client = self.server = 0.0
+
+    @staticmethod
+    def backend(conn) -> float:
+        try:
+            f = pathlib.Path(f"/proc/{conn.info.backend_pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
+    def start(self, conn) -> None:
+        self._c, self._s = time.process_time(), self.backend(conn)
+
+    def stop(self, conn) -> None:
+        self.client += time.process_time() - self._c
+        self.server += self.backend(conn) - self._s
+
+
+class WritePath:
+    """The real write path: one transaction per batch around LedgerStore.append_usage."""
+
+    def __init__(self, url: str, *, bill: bool):
+        self.conn = psycopg.connect(url, autocommit=True)
+        self.st = LedgerStore(self.conn)
+        self.bill = bill
+        self.spent, self.rows, self.cpu = 0.0, 0, Cpu()
+
+    def step(self, b: list[UsageRow]) -> None:
+        self.cpu.start(self.conn)
+        t0 = time.perf_counter()
+        with self.conn.transaction():
+            self.st.lock()
+            self.st.append_usage(b, bill=self.bill)
+        self.spent += time.perf_counter() - t0
+        self.cpu.stop(self.conn)
+        self.rows += len(b)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class RawCopy:
+    """The reference: binary COPY of the same rows, encoded beforehand (encoding is not timed)."""
+
+    def __init__(self, url: str, *, bill: bool):
+        self.conn = psycopg.connect(url, autocommit=True)
+        self.st = LedgerStore(self.conn)
+        self.st.reload_prices()
+        self.st.refresh_tenants()
+        if bill:
+            self.st._ensure_accounts({(t, "USD") for t in TENANTS})
+        self.bill = bill
+        self.h, self.hb = USAGE_ENTRIES.genesis, BILLING_ENTRIES.genesis
+        self.spent, self.rows, self.cpu = 0.0, 0, Cpu()
+
+    def step(self, b: list[UsageRow]) -> None:
+        uid, bid = self.rows + 1, 2 * self.rows + 1
+        payload, self.h, amounts, ps = self.st.encode_usage(b, uid, self.h)
+        bpayload = None
+        if self.bill:
+            bpayload, self.hb = self.st.encode_billing(self.st.billing_lines(b, ps, amounts, uid), bid, self.hb)
+        self.cpu.start(self.conn)
+        t0 = time.perf_counter()
+        with self.conn.transaction(), self.conn.cursor() as cur:
+            with cur.copy(f"COPY {USAGE_ENTRIES.qualified} ({USAGE_ENTRIES.column_list()}) FROM STDIN"
+                          " (FORMAT binary)") as cp:
+                cp.write(payload)
+            if bpayload:
+                with cur.copy(f"COPY {BILLING_ENTRIES.qualified} ({BILLING_ENTRIES.column_list()}) FROM STDIN"
+                              " (FORMAT binary)") as cp:
+                    cp.write(bpayload)
+        self.spent += time.perf_counter() - t0
+        self.cpu.stop(self.conn)
+        self.rows += len(b)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def interleaved(paths: list, gen: Gen, rows: int, batch: int) -> None:
+    """Feed the same batches to every path, alternating which goes first, so that both see the
+    same neighbours' load on this shared machine (a drift in load cancels out of the ratio)."""
+    done = 0
+    while done < rows:
+        b = gen.batch(min(batch, rows - done))
+        for p in (paths if (done // batch) % 2 == 0 else paths[::-1]):
+            p.step(b)
+        done += len(b)
+
+
 def ingest(url: str, gen: Gen, rows: int, batch: int, *, bill: bool) -> float:
     """Seconds spent inside the write path (one transaction per batch)."""
-    spent = 0.0
-    with psycopg.connect(url, autocommit=True) as conn:
-        st = LedgerStore(conn)
-        done = 0
-        while done < rows:
-            b = gen.batch(min(batch, rows - done))
-            t0 = time.perf_counter()
-            with conn.transaction():
-                st.lock()
-                st.append_usage(b, bill=bill)
-            spent += time.perf_counter() - t0
-            done += len(b)
-    return spent
-
-
-def raw_copy(url: str, gen: Gen, rows: int, batch: int, *, bill: bool) -> float:
-    """Seconds for binary COPY of the same rows, pre-encoded (the reference)."""
-    spent = 0.0
-    with psycopg.connect(url, autocommit=True) as conn:
-        st = LedgerStore(conn)
-        st.reload_prices()
-        st.refresh_tenants()
-        done, uid, bid = 0, 1, 1
-        h, hb = USAGE_ENTRIES.genesis, b"\0" * 32
-        if bill:
-            st._ensure_accounts({(t, "USD") for t in TENANTS})
-        while done < rows:
-            b = gen.batch(min(batch, rows - done))
-            payload, h, amounts, ps = st.encode_usage(b, uid, h)
-            bpayload = None
-            if bill:
-                bpayload, hb = st.encode_billing(st.billing_lines(b, ps, amounts, uid), bid, hb)
-            cols = USAGE_ENTRIES.column_list()
-            t0 = time.perf_counter()
-            with conn.transaction(), conn.cursor() as cur:
-                with cur.copy(f"COPY ledger.usage_entries ({cols}) FROM STDIN (FORMAT binary)") as cp:
-                    cp.write(payload)
-                if bpayload:
-                    from ledger.chain import BILLING_ENTRIES
-                    with cur.copy(f"COPY ledger.billing_entries ({BILLING_ENTRIES.column_list()}) FROM STDIN"
-                                  " (FORMAT binary)") as cp:
-                        cp.write(bpayload)
-            spent += time.perf_counter() - t0
-            done += len(b)
-            uid += len(b)
-            bid += 2 * len(b)
-    return spent
+    w = WritePath(url, bill=bill)
+    try:
+        interleaved([w], gen, rows, batch)
+    finally:
+        w.close()
+    return w.spent
 
 
 def main(argv=None) -> int:
@@ -156,24 +217,42 @@ def main(argv=None) -> int:
 
     # 1. ingest vs raw COPY: alternating rounds of the same size, fresh databases each round.
     ref_rows = ns.ref_rows or min(ns.rows, 2_000_000)
-    ing, ref = [], []
+    ing, ref, cpu_ref, cpu_ing, paired = [], [], [], [], []
     for r in range(ns.repeats):
-        a = make_db(server, "bench_ref")
-        ref.append(ref_rows / raw_copy(a.app, Gen(), ref_rows, ns.batch, bill=False))
-        b = make_db(server, "bench_ing")
-        ing.append(ref_rows / ingest(b.app, Gen(), ref_rows, ns.batch, bill=False))
-        say(f"round {r}: raw COPY {ref[-1]:,.0f} rows/s, write path {ing[-1]:,.0f} rows/s")
+        a, b = make_db(server, "bench_ref"), make_db(server, "bench_ing")
+        rc, wp = RawCopy(a.app, bill=False), WritePath(b.app, bill=False)
+        interleaved([rc, wp], Gen(), ref_rows, ns.batch)
+        rc.close()
+        wp.close()
+        ref.append(ref_rows / rc.spent)
+        ing.append(ref_rows / wp.spent)
+        paired.append((wp.spent / rc.spent - 1) * 100)
+        cpu_ref.append(rc.cpu)
+        cpu_ing.append(wp.cpu)
+        say(f"round {r}: raw COPY {ref[-1]:,.0f} rows/s, write path {ing[-1]:,.0f} rows/s, overhead {paired[-1]:.1f}%"
+            f" (CPU µs/row client+server: COPY {rc.cpu.client / ref_rows * 1e6:.2f}+"
+            f"{rc.cpu.server / ref_rows * 1e6:.2f}, write path {wp.cpu.client / ref_rows * 1e6:.2f}+"
+            f"{wp.cpu.server / ref_rows * 1e6:.2f})")
     out["copy_rows_per_s"] = round(statistics.median(ref))
     out["ingest_rows_per_s"] = round(statistics.median(ing))
     out["write_path_overhead_pct"] = round((out["copy_rows_per_s"] / out["ingest_rows_per_s"] - 1) * 100, 1)
-    out["ingest_rounds"] = {"copy": [round(x) for x in ref], "write_path": [round(x) for x in ing]}
+    out["write_path_overhead_pct_paired"] = round(statistics.median(paired), 1)
+    out["ingest_rounds"] = {"copy": [round(x) for x in ref], "write_path": [round(x) for x in ing],
+                            "overhead_pct": [round(x, 1) for x in paired]}
+    per_row = lambda cs, attr: round(statistics.median(getattr(c, attr) for c in cs) / ref_rows * 1e6, 3)  # noqa: E731
+    out["cpu_us_per_row"] = {"copy_client": per_row(cpu_ref, "client"), "copy_server": per_row(cpu_ref, "server"),
+                             "write_path_client": per_row(cpu_ing, "client"),
+                             "write_path_server": per_row(cpu_ing, "server")}
 
     # 2. the billed path (usage + 2 billing lines), same comparison, one round.
     a = make_db(server, "bench_ref")
-    refb = ns.billed_rows / raw_copy(a.app, Gen(), ns.billed_rows, ns.batch, bill=True)
     main_db = make_db(server, "bench_main")
     gen = Gen()
-    tb = ingest(main_db.app, gen, ns.billed_rows, ns.batch, bill=True)
+    rc, wp = RawCopy(a.app, bill=True), WritePath(main_db.app, bill=True)
+    interleaved([rc, wp], gen, ns.billed_rows, ns.batch)
+    rc.close()
+    wp.close()
+    refb, tb = ns.billed_rows / rc.spent, wp.spent
     out["ingest_billed_usage_rows_per_s"] = round(ns.billed_rows / tb)
     out["ingest_billed_ledger_rows_per_s"] = round(3 * ns.billed_rows / tb)
     out["copy_billed_usage_rows_per_s"] = round(refb)
