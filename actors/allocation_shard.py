@@ -59,6 +59,7 @@ class AllocationShardCore:
         self._prep_pending: dict[str, list[tuple]] = {}
         self._prep_flushers: dict[str, asyncio.Task] = {}
         self._prep_single: set[str] = set()
+        self._freed_pending: list[str] = []
         self._tx_flusher: asyncio.Task | None = None
         self._placement = None
 
@@ -118,6 +119,17 @@ class AllocationShardCore:
             self.rows.pop(aid, None)
             self.locks.pop(aid, None)
         return new
+
+    def _free_soon(self, aid: str) -> None:
+        """Tell the placement actor the capacity is back; releases finishing together share one call."""
+        self._freed_pending.append(aid)
+        if len(self._freed_pending) == 1:
+            asyncio.get_running_loop().call_soon(self._flush_freed)
+
+    def _flush_freed(self) -> None:
+        ids, self._freed_pending = self._freed_pending, []
+        if ids:
+            self.placement().capacity_freed.remote(ids, False)
 
     async def _flush_transitions(self) -> None:
         await asyncio.sleep(0)  # let the callers woken in this loop turn join the batch
@@ -368,7 +380,7 @@ class AllocationShardCore:
                 if error is None:
                     if await self._transition(aid, AllocEvent.CLEANUP_OK, next_attempt_at=None):
                         self.stats["released"] += 1
-                        self.placement().capacity_freed.remote([aid], False)
+                        self._free_soon(aid)
                     return
                 self.stats["cleanup_failures"] += 1
                 detail = error.details() if isinstance(error, grpc.RpcError) else str(error)
@@ -473,6 +485,10 @@ class AllocationShardCore:
                             self.rows.pop(aid, None)
                             if r is not None and r.state is AllocState.RELEASED:
                                 self.placement().capacity_freed.remote([aid], False)
+                            elif r is not None and r.state is AllocState.QUEUED:
+                                # A prepare-failed retry whose commit outcome was unknown: it did
+                                # commit, so its reservation goes back and it waits in the queue again.
+                                self.placement().capacity_freed.remote([aid], True)
                         else:
                             self.rows[aid] = r
                 for aid, row in list(self.rows.items()):
