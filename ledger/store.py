@@ -652,7 +652,7 @@ class LedgerStore:
             payload, _ = chain.chain_rows(PRICE_BOOK, contents, h)
             self._copy(PRICE_BOOK, payload)
             res.written = len(todo)
-            self._prices = {}
+            self._prices, self._price_head, self._tails = {}, -1, {}
         return res
 
     def dead_letter(self, outbox_id: int, topic: str, key: str, event_id: int | None, allocation_id: str | None,

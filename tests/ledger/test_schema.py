@@ -78,3 +78,27 @@ def test_an_entry_can_be_reversed_only_once_by_the_database(ledger_db):
                 "INSERT INTO ledger.billing_entries (id, usage_entry_id, side, amount_micros, price_id, at,"
                 " reverses_id, account_id, currency, hash) SELECT 99, 3, 2, amount_micros, price_id, at, 1,"
                 " account_id, currency, hash FROM ledger.billing_entries WHERE id = 1")
+
+
+def test_a_reversal_must_reference_an_existing_entry(ledger_db):
+    """The database refuses a reversal row (usage or billing) whose reverses_id names no entry."""
+    _one_usage(ledger_db.app)
+    with psycopg.connect(ledger_db.app) as conn:
+        with pytest.raises(psycopg.errors.ForeignKeyViolation, match="reverses id 42, which does not exist"):
+            conn.execute(
+                "INSERT INTO ledger.usage_entries (id, allocation_id, seq, replica, kind, interval_start, interval_end,"
+                " gpu_count, gpu_milli, gpu_milli_us, util_bp, energy_mj, reverses_id, tenant_id, node_id, gpu_model,"
+                " hash) SELECT 99, allocation_id, seq, replica, 1, interval_start, interval_end, gpu_count,"
+                " gpu_milli, -gpu_milli_us, util_bp, 0, 42, tenant_id, node_id, gpu_model, hash"
+                " FROM ledger.usage_entries WHERE id = 1")
+        conn.rollback()
+        st = store.LedgerStore(conn)
+        with conn.transaction():  # entry 2, without billing lines
+            st.lock()
+            st.append_usage([store.UsageRow("00000000-0000-0000-0000-000000000002", 0, 0, 0, us(0), us(60), 1, 1000,
+                                            "acme", "n1", "H100")], bill=False)
+        with pytest.raises(psycopg.errors.ForeignKeyViolation, match="reverses id 42, which does not exist"):
+            conn.execute(
+                "INSERT INTO ledger.billing_entries (id, usage_entry_id, side, amount_micros, price_id, at,"
+                " reverses_id, account_id, currency, hash) SELECT 99, 2, 1, amount_micros, price_id, at, 42,"
+                " account_id, currency, hash FROM ledger.billing_entries WHERE id = 1")
