@@ -101,7 +101,8 @@ class _Pending:
 class _Preemption:
     """A preemptor waiting for its victims' capacity (held for it by the engine)."""
     row: AllocRow
-    victims: tuple[str, ...]
+    victims: tuple[str, ...]              # everything whose capacity the hold waits for
+    preempted: tuple[str, ...]            # of those, the RUNNING ones evicted (the rest was releasing already)
     at: dt.datetime                       # the decision: victims' billing stops here
     started: float                        # time.monotonic() of the decision
     refs: list = dataclasses.field(default_factory=list)   # shard.release calls in flight
@@ -442,8 +443,10 @@ class PlacementCore:
                     log.warning("preemptor %s does not fit its held capacity: %s", pid, d.explanation)
                     self.engine.enqueue(self._domain(pe.row))
                     continue
-                new = self._commit_queued(pe.row, d, reason=f"placed on capacity preempted from "
-                                          f"{', '.join(pe.victims)}"[:500])
+                others = [v for v in pe.victims if v not in pe.preempted]
+                why = f"placed on capacity preempted from {', '.join(pe.preempted) or 'none'}" + (
+                    f"; and released by {', '.join(others)}" if others else "")
+                new = self._commit_queued(pe.row, d, reason=why[:1000])
                 if new is not None:
                     placed_rows.append(new)
             decisions = self.engine.schedule_pending(now_s=now.timestamp())
@@ -519,7 +522,7 @@ class PlacementCore:
             tried += 1
             self._preempt_tried[key] = mono
             allowed = self._victim_candidates(row)
-            if not allowed:
+            if not any(running for _, running in allowed.values()):
                 self._preempt_note[key] = "no RUNNING allocation it may preempt"
                 continue
             dom = self._domain(row)
@@ -539,13 +542,14 @@ class PlacementCore:
                                            "make room")
                 continue
             self._preempt_note.pop(key, None)
-            pe = _Preemption(row=row, victims=tuple(d.victims), at=at, started=mono)
+            evict = tuple(v for v in d.victims if allowed[v][1])
+            pe = _Preemption(row=row, victims=tuple(d.victims), preempted=evict, at=at, started=mono)
             self.preempting[key] = pe
             self.stats["preemptions"] += 1
-            self.stats["victims"] += len(d.victims)
-            log.info("preempting %d allocation(s) for %s (tenant %s, priority %d): %s", len(d.victims), key,
-                     row.tenant_id, row.priority, d.explanation)
-            for v in d.victims:
+            self.stats["victims"] += len(evict)
+            log.info("preempting %d allocation(s) for %s (tenant %s, priority %d; %d more already releasing): %s",
+                     len(evict), key, row.tenant_id, row.priority, len(d.victims) - len(evict), d.explanation)
+            for v in evict:
                 releases.append((key, v, at.isoformat()))
         return placed
 
@@ -558,21 +562,25 @@ class PlacementCore:
         r = self.reader().execute("SELECT min(priority) FROM control.allocations WHERE state = 'RUNNING'").fetchone()
         return None if r is None else r[0]
 
-    def _victim_candidates(self, row: AllocRow) -> dict[str, float]:
-        """RUNNING allocations ``row`` may preempt (``may_preempt``) → running_since (epoch s).
+    def _victim_candidates(self, row: AllocRow) -> dict[str, tuple[float, bool]]:
+        """What ``row`` may take capacity from → (running_since in epoch s, RUNNING?).
 
-        Only RUNNING ones: the lifecycle preempts RUNNING → RELEASING; a PLACED one
-        is a candidate once it runs, a RELEASING one frees its capacity anyway."""
+        RUNNING allocations it may preempt (``may_preempt``): the lifecycle preempts
+        RUNNING → RELEASING; a PLACED one is a candidate once it runs. And
+        lower-priority allocations already RELEASING: they are not evicted, they
+        cost no GPU-time, and holding their capacity as it comes back keeps a big
+        request from starving while small ones churn around it."""
         out = {}
-        for aid, tenant, prio, since in self.reader().execute(
-                "SELECT allocation_id, tenant_id, priority, running_since FROM control.allocations"
-                " WHERE state = 'RUNNING' AND priority < %s AND (tenant_id = %s OR (priority < 0 AND %s >= 0))",
-                (row.priority, row.tenant_id, row.priority)):
-            if may_preempt(row.tenant_id, row.priority, tenant, prio):
-                out[str(aid)] = since.timestamp() if since else 0.0
+        for aid, tenant, prio, since, state in self.reader().execute(
+                "SELECT allocation_id, tenant_id, priority, running_since, state FROM control.allocations"
+                " WHERE state IN ('RUNNING', 'RELEASING') AND priority < %s", (row.priority,)):
+            if state == "RELEASING":
+                out[str(aid)] = (float("inf"), False)
+            elif may_preempt(row.tenant_id, row.priority, tenant, prio):
+                out[str(aid)] = (since.timestamp() if since else 0.0, True)
         return out
 
-    def _engine_preempt(self, dom, allowed: dict[str, float], now: dt.datetime):
+    def _engine_preempt(self, dom, allowed: dict[str, tuple[float, bool]], now: dt.datetime):
         """engine.place(preempt=True), restricted to ``allowed`` victims, with their real start times.
 
         The engine considers every lower-priority allocation it holds; those this
@@ -584,12 +592,12 @@ class PlacementCore:
         for k, al in eng.allocs.items():
             if al.req.priority >= dom.priority or k in eng.victim_of:
                 continue
-            since = allowed.get(k)
-            if since is None:
+            got = allowed.get(k)
+            if got is None:
                 eng.victim_of[k] = _MASKED
                 masked.append(k)
             else:
-                al.start_s = since
+                al.start_s = min(got[0], now.timestamp())   # already releasing: nothing lost
         try:
             return eng.place(dom, preempt=True, now_s=now.timestamp())
         finally:
@@ -652,8 +660,9 @@ class PlacementCore:
             if pe is not None:
                 hold = self.engine.holds.get(row.allocation_id) or {"pending": ()}
                 left = [v for v in pe.victims if v in hold["pending"]]
-                return (f"preempting {len(pe.victims)} lower-priority allocation(s) ({', '.join(pe.victims)}); "
-                        f"their capacity is held for this request; waiting for {len(left)} to be cleaned up")
+                return (f"preempting {len(pe.preempted)} lower-priority allocation(s) "
+                        f"({', '.join(pe.preempted)}); their capacity is held for this request; waiting for "
+                        f"{len(left)} allocation(s) to be cleaned up")
             text = self.engine.explain(convert.to_domain(
                 common_pb2.PlacementRequest.FromString(row.request), key="explain-" + row.allocation_id,
                 tenant=row.tenant_id)).explanation

@@ -2,10 +2,12 @@
 FAILED (billing stopped), and the full fault-scenario table (tests/faults/).
 
     .venv/bin/python benchmarks/recovery.py --json out/recovery.json [--runs 3] [--scale 2] [--skip-scenarios]
+        [--only preemption_load,lease_bulk] [--seeds 3]
 
 Fields: rebuild_s_100k (median of --runs; target ≤ 5 s), daemon_death_to_failed_s
 (median; target ≤ heartbeat_offline_s + 1), scenarios (scenario, operations,
-faults injected, invariant violations — must be 0).
+faults injected, invariant violations — must be 0). ``--only`` runs the named
+scenarios; ``--seeds N`` runs each N times with different seeds (one table row each).
 """
 from __future__ import annotations
 
@@ -99,7 +101,8 @@ def bench_rebuild(runs: int) -> dict:
             "nodes": nodes, "gpus": nodes * GPUS_PER_NODE}
 
 
-def bench_cluster(runs: int, scale: int, skip_scenarios: bool) -> dict:
+def bench_cluster(runs: int, scale: int, skip_scenarios: bool, only: list[str] | None = None,
+                  seeds: int = 1) -> dict:
     import psycopg
 
     from actors.bootstrap import ControlPlane, SimNodes
@@ -140,12 +143,21 @@ def bench_cluster(runs: int, scale: int, skip_scenarios: bool) -> dict:
         table = []
         if not skip_scenarios:
             import random
-            for fn in scenarios.ALL:
-                seed = random.randrange(1, 1_000_000)
-                res = fn(cp, admin, seed, scale)
-                table.append(res.row() | {"violations_detail": res.violations[:5]})
-                print(f"{res.scenario:32s} seed={seed:<7d} ops={res.operations:<6d} faults={res.faults:<4d} "
-                      f"violations={len(res.violations)}", flush=True)
+            chosen = [fn for fn in scenarios.ALL if not only or fn.__name__ in only]
+            unknown = set(only or ()) - {fn.__name__ for fn in scenarios.ALL}
+            if unknown:
+                raise SystemExit(f"unknown scenario(s) {sorted(unknown)}; known: "
+                                 f"{[fn.__name__ for fn in scenarios.ALL]}")
+            for fn in chosen:
+                for _ in range(seeds):
+                    seed = random.randrange(1, 1_000_000)
+                    res = fn(cp, admin, seed, scale)
+                    table.append(res.row() | {"violations_detail": res.violations[:5]})
+                    extra = {k: v for k, v in res.notes.items() if k in ("victims", "preemptors",
+                                                                          "preemptor_wait_s_max")}
+                    print(f"{res.scenario:32s} seed={seed:<7d} ops={res.operations:<6d} faults={res.faults:<4d} "
+                          f"violations={len(res.violations)}" + "".join(f" {k}={v}" for k, v in extra.items()),
+                          flush=True)
         out["scenarios"] = table
     finally:
         admin.close()
@@ -161,6 +173,8 @@ def main() -> int:
     ap.add_argument("--scale", type=int, default=2, help="fault repetitions per scenario (CI runs 1)")
     ap.add_argument("--skip-scenarios", action="store_true")
     ap.add_argument("--skip-rebuild", action="store_true")
+    ap.add_argument("--only", default="", help="comma-separated scenario names (default: all)")
+    ap.add_argument("--seeds", type=int, default=1, help="runs per scenario, each with its own seed")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     result: dict = {"machine": machine(), "runs": args.runs, "scale": args.scale}
@@ -168,7 +182,8 @@ def main() -> int:
         result.update(bench_rebuild(args.runs))
         print(f"rebuild_s_100k = {result['rebuild_s_100k']} s (runs {result['rebuild_runs_s']}; target ≤ 5)",
               flush=True)
-    result.update(bench_cluster(args.runs, args.scale, args.skip_scenarios))
+    only = [x for x in args.only.split(",") if x] or None
+    result.update(bench_cluster(args.runs, args.scale, args.skip_scenarios, only, args.seeds))
     print(f"daemon_death_to_failed_s = {result['daemon_death_to_failed_s']} s "
           f"(target ≤ {result['heartbeat_offline_s'] + 1})", flush=True)
     violations = sum(r["invariant_violations"] for r in result.get("scenarios", []))

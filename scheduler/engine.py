@@ -663,7 +663,7 @@ class Engine:
             return Decision(req.key, False, (), failed.explanation + "; preempting every lower-priority "
                             "allocation would not make room", reasons)
         victims = tuple(removed)
-        self.holds[req.key] = {"pending": set(victims), "held": []}
+        self.holds[req.key] = {"pending": set(victims), "held": self._reserve_rest(req, victims, saved)}
         for k in victims:
             self.victim_of[k] = req.key
         reasons = dict(failed.reasons)
@@ -672,6 +672,56 @@ class Engine:
         return Decision(req.key, False, (), f"{failed.explanation}; preempt {len(victims)} lower-priority "
                         f"allocation(s), losing {lost:.0f} GPU·s; their capacity is held for {req.key}",
                         reasons, victims)
+
+    def _reserve_rest(self, req: Request, victims: tuple[str, ...], saved: dict) -> list[_Alloc]:
+        """Hold now the free capacity that the preemptor's plan needs besides its victims' (the victims'
+        own capacity joins the hold as each is released). Otherwise a placement made while the victims
+        are cleaned up could take that free part, and the preemptor would not fit when they are back."""
+        for k in victims:
+            self.release(k)
+        placed, _, _ = self._plan(req)
+        if placed is not None:
+            self._undo(list(placed), req.tenant)
+        for k in victims:
+            self._reapply(saved[k])
+        if placed is None:
+            return []
+        c = self.cluster
+        from_victims: dict[tuple[int, int], int] = {}
+        cpu_v: dict[int, int] = {}
+        mem_v: dict[int, int] = {}
+        for k in victims:
+            al = saved[k]
+            for n, a in zip(al.nodes, al.assignments):
+                cpu_v[n] = cpu_v.get(n, 0) + a.cpu_milli
+                mem_v[n] = mem_v.get(n, 0) + a.memory_mib
+                for g in a.gpu_indices:
+                    from_victims[(n, g)] = from_victims.get((n, g), 0) + a.gpu_milli
+        need_gpu: dict[tuple[int, int], int] = {}
+        need_cpu: dict[int, int] = {}
+        need_mem: dict[int, int] = {}
+        for a in placed:
+            n = c.index[a.node_id]
+            need_cpu[n] = need_cpu.get(n, 0) + a.cpu_milli
+            need_mem[n] = need_mem.get(n, 0) + a.memory_mib
+            for g in a.gpu_indices:
+                need_gpu[(n, g)] = need_gpu.get((n, g), 0) + a.gpu_milli
+        held = []
+        for n in need_cpu:
+            parts = []
+            cpu = max(0, need_cpu[n] - cpu_v.get(n, 0))
+            mem = max(0, need_mem[n] - mem_v.get(n, 0))
+            if cpu or mem:
+                parts.append(Assignment(c.ids[n], (), 0, cpu, mem))
+            for (m, g), milli in need_gpu.items():
+                rest = milli - from_victims.get((m, g), 0)
+                if m == n and rest > 0:
+                    parts.append(Assignment(c.ids[n], (g,), rest, 0, 0))
+            for a in parts:
+                c.take(n, a.gpu_indices, a.gpu_milli, a.cpu_milli, a.memory_mib)
+            if parts:
+                held.append(_Alloc(req, tuple(parts), (n,) * len(parts), (-1,) * len(parts), 0.0, 0))
+        return held
 
     def _fits(self, req: Request) -> bool:
         placed, _, _ = self._plan(req)

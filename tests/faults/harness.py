@@ -11,7 +11,9 @@ acknowledgement. The auditor then checks Postgres against that model:
   3. no unacknowledged allocation is RUNNING (or holds capacity);
   4. billed GPU-milli-µs (usage entries net of reversals) = Σ gpu_milli × GPUs ×
      (stopped_at − running_since) for every allocation that stopped;
-  5. no usage before running_since or after stopped_at;
+  5. no usage before running_since or after stopped_at (net of reversals: a stop
+     that arrives after an interval past it was closed reverses that interval and
+     re-issues the part up to the stop);
   6. the ledger's hash chains verify.
 
 Everything random comes from one seed, printed in every failure message.
@@ -60,12 +62,13 @@ class Workload:
     def __init__(self, address: str, token: str, tenant: str, *, seed: int, threads: int = 3,
                  ops_max: int = 10_000, duration_s: float = 30.0, node_selector: dict | None = None,
                  lease_s: int = 0, call_timeout_s: float = 10.0, retry_window_s: float = 60.0,
-                 hold_max: int = 3, release_p: float = 0.4):
+                 hold_max: int = 3, release_p: float = 0.4, priority: int = 0):
         self.address, self.token, self.tenant, self.seed = address, token, tenant, seed
         self.threads, self.ops_max, self.duration_s = threads, ops_max, duration_s
         self.node_selector, self.lease_s = node_selector or {}, lease_s
         self.call_timeout_s, self.retry_window_s, self.hold_max = call_timeout_s, retry_window_s, hold_max
         self.release_p = release_p
+        self.priority = priority                 # e.g. < 0: preemptible (spot) load
         self.stats = Stats()
         self.acked: dict[str, str] = {}          # request id → allocation id
         self.sent: set[str] = set()              # every request id ever sent
@@ -135,6 +138,8 @@ class Workload:
                 fields["node_selector"] = self.node_selector
                 if self.lease_s:
                     fields["lease_s"] = self.lease_s
+                if self.priority:
+                    fields["priority"] = self.priority
                 with self._lock:
                     self.sent.add(rid)
                     self.stats.attempts += 1
@@ -264,9 +269,11 @@ def audit(owner_url: str, tenant: str, load: Workload | None = None, *, seed: in
                        coalesce((SELECT sum(u.gpu_milli_us) FROM ledger.usage_entries u
                                  WHERE u.allocation_id = a.allocation_id), 0),
                        (SELECT min(u.interval_start) FROM ledger.usage_entries u
-                         WHERE u.allocation_id = a.allocation_id AND u.kind <> 1),
+                         WHERE u.allocation_id = a.allocation_id AND u.kind <> 1 AND NOT EXISTS (
+                           SELECT 1 FROM ledger.usage_entries r WHERE r.reverses_id = u.id)),
                        (SELECT max(u.interval_end) FROM ledger.usage_entries u
-                         WHERE u.allocation_id = a.allocation_id AND u.kind <> 1),
+                         WHERE u.allocation_id = a.allocation_id AND u.kind <> 1 AND NOT EXISTS (
+                           SELECT 1 FROM ledger.usage_entries r WHERE r.reverses_id = u.id)),
                        a.running_since, a.stopped_at
                 FROM a""", (tenant,)):
             if billed != expected:

@@ -98,11 +98,57 @@ def assert_billing_stopped_at_preemption(cp, victims: dict[str, tuple]) -> None:
         assert stopped == at, f"{aid}: stopped_at {stopped} is not the preemption time {at}"
         stop_meter = q(cp, "SELECT at, event FROM ledger.meter_events WHERE allocation_id = %s AND kind = 2", aid)
         assert stop_meter == [(at, "preempted")], f"{aid}: stop meter {stop_meter}, preempted at {at}"
-        billed, last = q(cp, "SELECT coalesce(sum(gpu_milli_us), 0), max(interval_end) FILTER (WHERE kind <> 1)"
-                             " FROM ledger.usage_entries WHERE allocation_id = %s", aid)[0]
+        # Net of reversals: an interval closed past the stop before the stop arrived is reversed and
+        # re-issued up to the stop (the ledger's late-stop correction).
+        billed, last = q(cp, "SELECT coalesce(sum(gpu_milli_us), 0), max(interval_end) FILTER (WHERE kind <> 1"
+                             " AND NOT EXISTS (SELECT 1 FROM ledger.usage_entries r WHERE r.reverses_id = u.id))"
+                             " FROM ledger.usage_entries u WHERE allocation_id = %s", aid)[0]
         ran_us = round((stopped - since).total_seconds() * 1_000_000)
         assert billed == milli * ran_us, f"{aid}: billed {billed} GPU-milli-µs, ran {milli} × {ran_us} µs"
         assert last == at, f"{aid}: usage until {last}, billing stopped at {at}"
+
+
+# ---------------------------------------------------------------- engine (no control plane)
+
+@pytest.mark.parametrize("policy", ["FAST_BEST_FIT", "BEST_FIT"])
+def test_engine_holds_the_free_part_of_a_preemptors_plan(policy):
+    """The free capacity a preemptor's plan counts on is held at once, not only its victims' capacity:
+    what is placed while the victims are cleaned up cannot make the preemptor miss, and giving the hold
+    up returns everything exactly."""
+    from scheduler import PolicyName, Request
+    from tests.scheduler.sched_helpers import engine, node
+
+    def one(key, prio=1, milli=1000):
+        return Request(key=key, tenant="t", num_gpu=1, gpu_milli=milli, cpu_milli=1000, memory_mib=1024,
+                       priority=prio)
+
+    e = engine(PolicyName[policy], [node("a", gpus=4, cpu=8000, mem=8192)])
+    for k in ("lo1", "lo2"):
+        assert e.place(one(k), now_s=0).placed
+    hi = Request(key="hi", tenant="t", num_gpu=4, gpu_milli=1000, cpu_milli=4000, memory_mib=4096, priority=10)
+    d = e.place(hi, preempt=True, now_s=10)
+    assert not d.placed and set(d.victims) == {"lo1", "lo2"}
+    e.check_invariants()
+    assert not e.place(one("thief", prio=100, milli=250)).placed, "the two free GPUs are held for the preemptor"
+    assert e.place(Request(key="cpu-only", tenant="t", cpu_milli=2000, memory_mib=2048)).placed, \
+        "what the preemptor does not need stays free"
+    for k in ("lo1", "lo2"):
+        e.release(k)
+        e.check_invariants()
+    assert e.place(hi, now_s=20).placed
+    e.check_invariants()
+    e.release("hi")
+    e.release("cpu-only")
+    # giving a hold up returns the held free part too
+    for k in ("lo1", "lo2"):
+        assert e.place(one(k), now_s=30).placed
+    assert e.place(hi, preempt=True, now_s=40).victims
+    e.dequeue("hi")
+    e.release("lo1")
+    e.release("lo2")
+    e.check_invariants()
+    assert all(f == 1000 for f in e.snapshot_free()["a"]["gpu_milli"])
+    assert e.snapshot_free()["a"]["cpu_milli"] == 8000
 
 
 # ---------------------------------------------------------------- tests
