@@ -83,12 +83,18 @@ class FragModel:
         total = gfree.sum(axis=1).astype(float)
         ci = np.searchsorted(self.cpu_thr, cpu_left, side="right")
         m = model if self.typed else 0
+        U = len(self.u_vals)
+        # every demand u at once (rows × U × G); the subtractions stay in the order of u so that the
+        # result is bit-identical to subtracting one u at a time
+        ge = gfree[:, None, :] >= self.u_vals[None, :, None]
+        cnt = np.minimum(ge.sum(axis=2), self.G)
+        usable = (gfree[:, None, :] * ge).sum(axis=2)
+        ui = np.arange(U)[None, :]
+        w = self.W[np.asarray(m)[:, None] if self.typed else 0, ui, cnt, ci[:, None]]
+        contrib = usable * w
         F = total
-        for ui in range(len(self.u_vals)):
-            ge = gfree >= self.u_vals[ui]
-            cnt = np.minimum(ge.sum(axis=1), self.G)
-            usable = (gfree * ge).sum(axis=1)
-            F = F - usable * self.W[m, ui, cnt, ci]
+        for u in range(U):
+            F = F - contrib[:, u]
         return F
 
 
@@ -109,15 +115,17 @@ class OnlineWorkload:
 
     It keeps
       - the count of each task shape, from which the typical tasks (the most frequent
-        shapes covering ``coverage`` of the tasks) are rebuilt at arrivals 1, 2, 4, …,
-        ``refresh_max`` and then every ``refresh_max`` arrivals (each rebuild
-        invalidates the fragmentation memo tables, so rebuilds are kept rare);
+        shapes covering ``coverage`` of the tasks) are rebuilt at arrivals 1, g, g², …
+        (g = ``refresh_growth``) up to ``refresh_max`` and then every ``refresh_max``
+        arrivals (each rebuild invalidates the fragmentation memo tables, so rebuilds
+        are kept rare: six in the first 3,000 arrivals with g = 4);
       - the CPU milli of GPU tasks, their GPU milli, and the CPU milli of CPU-only tasks,
         for the CPU-stranding term of the fgd-balanced policy.
     """
 
-    def __init__(self, *, coverage: float = 0.95, refresh_max: int = 4096):
+    def __init__(self, *, coverage: float = 0.95, refresh_growth: int = 4, refresh_max: int = 4096):
         self.coverage = coverage
+        self.refresh_growth = max(2, refresh_growth)
         self.refresh_max = refresh_max
         self.counts: Counter = Counter()
         self.arrived = 0
@@ -139,7 +147,7 @@ class OnlineWorkload:
         if self.arrived >= self._next_refresh:
             self._fm = None
             while self._next_refresh <= self.arrived:
-                self._next_refresh = (self._next_refresh * 2 if self._next_refresh < self.refresh_max
+                self._next_refresh = (self._next_refresh * self.refresh_growth if self._next_refresh < self.refresh_max
                                       else self._next_refresh + self.refresh_max)
 
     def model(self, model_id: dict[str, int], gpus_max: int) -> FragModel:

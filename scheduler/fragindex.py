@@ -217,8 +217,8 @@ class FragIndex:
         filled = t[3]
         if len(self.st) > len(filled) or not filled[s].all():
             lim = len(filled)
-            todo = {x for x in s.tolist() if x >= lim or not filled[x]}
-            self._fill_task(t, sorted(todo), num, milli, models)
+            todo = (s >= lim) | ~filled[np.minimum(s, lim - 1)] if lim else np.ones(len(s), dtype=bool)
+            self._fill_task(t, np.unique(s[todo]).tolist(), num, milli, models)
         keep = t[0][s]
         cand = cand[keep]
         if len(cand) == 0:

@@ -68,12 +68,18 @@ def shape(cluster, cpu: int, num: int, milli: int, models) -> TaskShape:
 
 
 def stranding_growth(gpu_free, cpu_free, gpu_taken, cpu_taken, k: float):
-    """ΔS per candidate: growth of the GPU milli that the node's CPU cannot feed at k GPU milli per CPU milli."""
-    g0 = gpu_free.astype(float)
-    c0 = cpu_free.astype(float)
-    s0 = np.maximum(0.0, g0 - k * c0)
-    s1 = np.maximum(0.0, g0 - gpu_taken - k * (c0 - cpu_taken))
-    return s1 - s0
+    """ΔS per candidate: growth of the GPU milli that the node's CPU cannot feed at k GPU milli per CPU milli.
+
+    With t = gpu_free − k·cpu_free and x = gpu_taken − k·cpu_taken (what the task takes, net):
+    ΔS = max(0, t − x) − max(0, t) = −clip(t, 0, x) for x ≥ 0, clip(t − x, 0, −x) for x < 0.
+    """
+    t = cpu_free * -k
+    t += gpu_free
+    x = gpu_taken - k * cpu_taken
+    if x >= 0:
+        return -np.clip(t, 0.0, x)
+    t -= x
+    return np.clip(t, 0.0, -x)
 
 
 def _balanced(d, gpu_free, cpu_free, gpu_taken, cpu_taken, engine, o):
@@ -81,7 +87,29 @@ def _balanced(d, gpu_free, cpu_free, gpu_taken, cpu_taken, engine, o):
     lam = o["strand"]
     if lam and k > 0:
         d = d - lam * stranding_growth(gpu_free, cpu_free, gpu_taken, cpu_taken, k)
-    return score_fgd.quantise(d)
+    return d
+
+
+def _q(d):
+    """score_fgd.quantise for values that cannot overflow exp (|d| < 500,000): same arithmetic, no errstate."""
+    return np.floor(100.0 / (1.0 + np.exp(-d / 1000.0)))
+
+
+def _select(d, cand, rank):
+    """score_fgd.select over quantise(d), quantising only the candidates that can tie with the best."""
+    j = int(d.argmax())
+    if not -500_000.0 < d[j] < 500_000.0:          # far outside the sigmoid's range: quantise everything
+        q = score_fgd.quantise(d)
+        return score_fgd.select(q, cand, rank)
+    qbest = _q(d[j:j + 1])[0]
+    if not 0 < qbest < 99:
+        return score_fgd.select(score_fgd.quantise(d), cand, rank)
+    # quantise(x) ≥ qbest needs x ≥ 1000·logit(qbest/100); a margin keeps rounding at the edge exact
+    near = np.flatnonzero(d >= 1000.0 * np.log(qbest / (100.0 - qbest)) - 1.0)
+    tie = near[_q(d[near]) == qbest]
+    if len(tie) == 1:
+        return int(tie[0])
+    return int(tie[np.argmin(rank[cand[tie]])])
 
 
 def score(a, need, cand, ctx):
@@ -94,7 +122,7 @@ def score(a, need, cand, ctx):
         ctx.gpu_hint = q.argmax(axis=1)  # FGD's GPU: first with the best integer gradient
         d = d.max(axis=1)
     gfree = (a["gfree"][cand] * a["gusable"][cand]).sum(axis=1)
-    sc = _balanced(d, gfree, a["cpu_free"][cand], need.gpu_total, need.cpu, e, o)
+    sc = score_fgd.quantise(_balanced(d, gfree, a["cpu_free"][cand], need.gpu_total, need.cpu, e, o))
     # learn from this arrival only after scoring it, exactly as the fast path does
     workload(e).observe(shape(e.cluster, need.cpu, need.num, need.milli, need.models))
     return sc
@@ -110,8 +138,8 @@ def fast(fx, req, rank):
     if r is None:
         return None
     cand, d, t, s, cia, num, milli, cib = r
-    sc = _balanced(d, fx.state_total[s], fx.c.arrays()["cpu_free"][cand], num * milli, req.cpu_milli, e, o)
-    j = score_fgd.select(sc, cand, rank)
+    j = _select(_balanced(d, fx.state_total[s], fx.c.arrays()["cpu_free"][cand], num * milli, req.cpu_milli, e, o),
+                cand, rank)
     asg = fx.commit(req, int(cand[j]), t, int(s[j]), int(cia[j]), num, milli, score_fgd.quantise, int(cib[j]))
     workload(e).observe(shape(fx.c, req.cpu_milli, num, milli, e._models_of(req)))
     return asg

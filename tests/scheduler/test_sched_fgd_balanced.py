@@ -73,8 +73,8 @@ def test_placements_table(case, nodes, used, order, req, fgd_node, ours_node):
 
 
 def test_online_workload_learns_only_what_arrived_and_refreshes_rarely():
-    """The typical tasks are those of the arrivals so far; the model is rebuilt at 1, 2, 4, … arrivals."""
-    w = OnlineWorkload(refresh_max=8)
+    """The typical tasks are those of the arrivals so far; the model is rebuilt at 1, g, g², … arrivals."""
+    w = OnlineWorkload(refresh_growth=2, refresh_max=8)
     a, b = TaskShape(4000, 1, 500), TaskShape(12_000, 1, 1000)
     w.observe(a)
     m1 = w.model({"H100": 0}, 8)
@@ -88,6 +88,14 @@ def test_online_workload_learns_only_what_arrived_and_refreshes_rarely():
         w.observe(b)
     assert w._next_refresh == 24
     assert w.model({"H100": 0, "A100": 1}, 8) is not m2    # a new GPU model also rebuilds
+    d = OnlineWorkload()                          # default: 1, 4, 16, …, 4096, then every 4096
+    points = []
+    for i in range(1, 9000):
+        before = d._next_refresh
+        d.observe(a)
+        if d._next_refresh != before:
+            points.append(i)
+    assert points == [1, 4, 16, 64, 256, 1024, 4096, 8192]
 
 
 def test_gpu_per_cpu_counts_part_of_the_cpu_only_demand():
