@@ -106,7 +106,7 @@ def transport(nodes: int, gpus: int, procs: int, warmup_s: float, seconds: float
     firsts = [sum(per[:i]) for i in range(procs)]
     fleet = [subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "telemetry_fleet.py"),
                                "--count", str(n), "--first", str(f), "--gpus", str(gpus),
-                               "--out", f"{tmp}/fleet{i}.json"], stdout=subprocess.DEVNULL,
+                               "--out", f"{tmp}/fleet{i}.json", "--sched-idle"], stdout=subprocess.DEVNULL,
                               stderr=open(f"{tmp}/fleet{i}.log", "wb"))
              for i, (n, f) in enumerate(zip(per, firsts)) if n]
 
@@ -154,7 +154,7 @@ def transport(nodes: int, gpus: int, procs: int, warmup_s: float, seconds: float
             lags = sorted(core.lags)
             frames, samples = core.stats["frames"] - f0, core.stats["gpu_samples"] - s0
             silent = sum(1 for w in core.nodes.values() if time.monotonic() - w.last_frame_mono > cfg.heartbeat_grace_s)
-            out = {"nodes": len(core.nodes), "daemons": len(addresses), "streams_per_daemon": k,
+            out = {"nodes": len(core.nodes), "daemons": len(addresses), "streams_per_daemon": k, "warmup_s": warmup_s,
                    "gpus_per_node": gpus, "fleet_processes": len(fleet),
                    "fleet_start_s": round(fleet_start_s, 1), "seconds": round(wall, 1),
                    "frames_per_s": frames / wall, "gpu_samples_per_s": samples / wall,
@@ -269,13 +269,15 @@ def main() -> int:
     ap.add_argument("--gpus", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=3.0, help="length of one ceiling run")
     ap.add_argument("--repeats", type=int, default=3, help="ceiling runs (median)")
-    ap.add_argument("--transport-nodes", default="250,500,1000,2000,2000/8",
+    ap.add_argument("--transport-nodes", default="250,500,1000,1500,2000",
                     help="node counts of the end-to-end curve (real daemons, real gRPC, one shard); "
                          "N/k: N streams served k per daemon by N/k daemons")
     ap.add_argument("--nodes-per-fleet", type=int, default=125,
                     help="streams (nodes) served per fleet process: more per process and the daemons' threads "
                          "fight over one GIL (1,000 nodes: 500 per process collapses, 125 per process keeps up)")
-    ap.add_argument("--transport-warmup-s", type=float, default=10.0)
+    ap.add_argument("--transport-warmup-s", type=float, default=None,
+                    help="wait after the streams open before measuring (default 10 s + N/50 s: opening N "
+                         "streams at once on a small machine is a storm that takes a while to settle)")
     ap.add_argument("--transport-seconds", type=float, default=20.0)
     ap.add_argument("--daemons", type=int, default=8, help="daemons of the control plane for fault → action")
     ap.add_argument("--injections", type=int, default=100)
@@ -287,7 +289,7 @@ def main() -> int:
     ap.add_argument("--streams-per-daemon", type=int, default=1, help=argparse.SUPPRESS)
     ns = ap.parse_args()
     if ns.transport_one:
-        r = transport(ns.transport_one, ns.gpus, ns.fleet_procs, ns.transport_warmup_s, ns.transport_seconds,
+        r = transport(ns.transport_one, ns.gpus, ns.fleet_procs, ns.transport_warmup_s or 10.0, ns.transport_seconds,
                       ns.streams_per_daemon)
         print("RESULT " + json.dumps(r), flush=True)
         return 0
@@ -308,7 +310,8 @@ def main() -> int:
             n, k = int(n), int(kk or 1)
             procs = min(-(-n // k), max(1, -(-n // ns.nodes_per_fleet)))  # streams per fleet process ≤ --nodes-per-fleet
             try:
-                r = transport_isolated(n, ns.gpus, procs, ns.transport_warmup_s, ns.transport_seconds, k)
+                warmup = ns.transport_warmup_s if ns.transport_warmup_s is not None else 10 + n / 50
+                r = transport_isolated(n, ns.gpus, procs, warmup, ns.transport_seconds, k)
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
                 print(f"end to end with {spec} nodes did not run: {str(exc)[-500:]}", flush=True)
                 curve.append({"nodes": n, "streams_per_daemon": k, "error": str(exc)[-2000:]})
