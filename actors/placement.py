@@ -58,7 +58,9 @@ SCHEDULABLE_NODE_STATES = frozenset({NodeState.READY})
 DISPATCH_COALESCE_S = 0.003
 
 # Preemption tuning.
-PREEMPT_RETRY_S = 2.0           # a queued request asks for victims at most this often
+PREEMPT_RETRY_S = 0.5           # a queued request asks for victims at most this often (each search: one
+                                # indexed query + one plan per candidate tried; PLACED ones are not yet
+                                # candidates, so under churn a search may need a few tries)
 PREEMPTORS_PER_PASS = 8         # preemption attempts per queue pass (each plans over the cluster)
 PREEMPT_HOLD_MAX_S = 300.0      # victims not all back by then: give the hold up, the preemptor queues again
 _MASKED = "\x00not-a-victim"    # engine.victim_of marker: excluded from this victim search

@@ -154,6 +154,7 @@ def bench_cluster(runs: int, scale: int, skip_scenarios: bool, only: list[str] |
                     res = fn(cp, admin, seed, scale)
                     table.append(res.row() | {"violations_detail": res.violations[:5]})
                     extra = {k: v for k, v in res.notes.items() if k in ("victims", "preemptors",
+                                                                          "preemptor_wait_s_median",
                                                                           "preemptor_wait_s_max")}
                     print(f"{res.scenario:32s} seed={seed:<7d} ops={res.operations:<6d} faults={res.faults:<4d} "
                           f"violations={len(res.violations)}" + "".join(f" {k}={v}" for k, v in extra.items()),

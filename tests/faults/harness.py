@@ -62,13 +62,16 @@ class Workload:
     def __init__(self, address: str, token: str, tenant: str, *, seed: int, threads: int = 3,
                  ops_max: int = 10_000, duration_s: float = 30.0, node_selector: dict | None = None,
                  lease_s: int = 0, call_timeout_s: float = 10.0, retry_window_s: float = 60.0,
-                 hold_max: int = 3, release_p: float = 0.4, priority: int = 0):
+                 hold_max: int = 3, release_p: float = 0.4, priority: int = 0, release_placed: bool = True):
         self.address, self.token, self.tenant, self.seed = address, token, tenant, seed
         self.threads, self.ops_max, self.duration_s = threads, ops_max, duration_s
         self.node_selector, self.lease_s = node_selector or {}, lease_s
         self.call_timeout_s, self.retry_window_s, self.hold_max = call_timeout_s, retry_window_s, hold_max
         self.release_p = release_p
         self.priority = priority                 # e.g. < 0: preemptible (spot) load
+        # False: release an allocation only once it is past PLACED (prepare done), so a scenario
+        # exercises its own fault rather than release-during-prepare.
+        self.release_placed = release_placed
         self.stats = Stats()
         self.acked: dict[str, str] = {}          # request id → allocation id
         self.sent: set[str] = set()              # every request id ever sent
@@ -171,6 +174,11 @@ class Workload:
 
     def _release(self, client: Client, aid: str) -> None:
         try:
+            if not self.release_placed:
+                deadline = time.monotonic() + self.call_timeout_s
+                while (self._retrying("get", client.get, aid).state == pb.ALLOCATION_STATE_PLACED
+                       and time.monotonic() < deadline):
+                    time.sleep(0.02)
             self._retrying("release", client.release, aid)
             with self._lock:
                 self.release_acked.add(aid)

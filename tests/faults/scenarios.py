@@ -341,16 +341,19 @@ def preemption_load(cp, admin, seed: int, scale: int = 1) -> Result:
     node = start_pool_node(cp)
     pool = {"pool": node}
     tenant, token = new_tenant(admin, cp.address)
+    # release_placed=False: the load releases only what has finished preparing, so a preemptor's
+    # Prepare meets no replica whose release overtook its own prepare on the node.
     load = _load(cp, token, tenant, seed, scale, node_selector=pool, priority=-1, hold_max=4, release_p=0.2,
-                 duration_s=25.0 * scale)
+                 duration_s=25.0 * scale, release_placed=False)
     c = Client(cp.address, token, timeout_s=10)
     preemptors, waits = [], []
     try:
-        for _ in range(3 * scale):
+        for i in range(3 * scale):
             time.sleep(rng.uniform(1.0, 2.0))
             prid = f"pre-{uuid.uuid4().hex[:8]}"
             load.sent.add(prid)
-            a = load._retrying("place", c.place, prid, gpu_count=rng.choice([2, 4]), priority=10, wait=True,
+            gpus = 4 if i == 0 else rng.choice([2, 4])   # the whole node first: the load is on it, so it preempts
+            a = load._retrying("place", c.place, prid, gpu_count=gpus, priority=10, wait=True,
                                queue_timeout_s=60, node_selector=pool)
             load.acked[prid] = a.allocation_id
             preemptors.append(a.allocation_id)
@@ -379,7 +382,9 @@ def preemption_load(cp, admin, seed: int, scale: int = 1) -> Result:
             ray.get(cp.placement.check_invariants.remote(), timeout=30)
         except Exception as exc:  # noqa: BLE001 - an AssertionError inside the actor: allocated + held + free ≠ capacity
             res.violations.append(f"[seed {seed}] the placement actor's capacity invariants fail: {exc}")
+        import statistics
         res.notes.update(preemptors=len(preemptors), victims=len(ev),
+                         preemptor_wait_s_median=round(statistics.median(waits), 2) if waits else 0.0,
                          preemptor_wait_s_max=round(max(waits, default=0.0), 2))
         return _finish(cp, admin, res, load, tenant)
     finally:
