@@ -40,7 +40,12 @@ def typical_shapes(shapes: list[TaskShape], *, coverage: float = 0.95,
     CPU-only tasks take part (as in the paper's runs): they cannot use any GPU,
     so for them every free GPU milli counts as fragment.
     """
-    counts = Counter(s for s in shapes if include_cpu or (s.num_gpu > 0 and s.gpu_milli > 0))
+    return typical_of_counts(Counter(s for s in shapes if include_cpu or (s.num_gpu > 0 and s.gpu_milli > 0)),
+                             coverage=coverage)
+
+
+def typical_of_counts(counts: Counter, *, coverage: float = 0.95) -> list[tuple[TaskShape, float]]:
+    """``typical_shapes`` from shape counts."""
     total = sum(counts.values())
     if not total:
         return []
@@ -98,6 +103,26 @@ class FragModel:
         return F
 
 
+    def frag_bands(self, gfree: np.ndarray, model: np.ndarray) -> np.ndarray:
+        """F of each node state (rows of ``gfree``) at every CPU index 0..len(cpu_thr): rows × indices.
+
+        The same numbers as ``frag`` with cpu_left at each threshold, but the GPU part is computed once
+        per state instead of once per CPU index; bit-identical (the same products, subtracted in the
+        same order of u).
+        """
+        total = gfree.sum(axis=1).astype(float)
+        U = len(self.u_vals)
+        ge = gfree[:, None, :] >= self.u_vals[None, :, None]
+        cnt = np.minimum(ge.sum(axis=2), self.G)                               # rows × U
+        usable = (gfree[:, None, :] * ge).sum(axis=2)                          # rows × U
+        m = np.asarray(model)[:, None] if self.typed else 0
+        w = self.W[m, np.arange(U)[None, :], cnt, :]                           # rows × U × C
+        terms = np.empty((len(gfree), U + 1, w.shape[2]))
+        terms[:, 0, :] = total[:, None]
+        terms[:, 1:, :] = usable[:, :, None] * w
+        return np.subtract.reduce(terms, axis=1)                              # total − t₁ − t₂ − …
+
+
 def demand_weighted(typical: list[tuple[TaskShape, float]]) -> list[tuple[TaskShape, float]]:
     """Re-weigh typical tasks by frequency × GPU demand: a GPU left unusable for an 8-GPU task costs
     eight times what it costs a 1-GPU task, and unallocated GPU is what we minimise."""
@@ -118,16 +143,16 @@ class OnlineWorkload:
         shapes covering ``coverage`` of the tasks) are rebuilt at arrivals 1, g, g², …
         (g = ``refresh_growth``) up to ``refresh_max`` and then every ``refresh_max``
         arrivals (each rebuild invalidates the fragmentation memo tables, so rebuilds
-        are kept rare: six in the first 3,000 arrivals with g = 4);
+        are kept rare: four in the first 3,000 arrivals with g = 8);
       - the CPU milli of GPU tasks, their GPU milli, and the CPU milli of CPU-only tasks,
         for the CPU-stranding term of the fgd-balanced policy.
     """
 
-    def __init__(self, *, coverage: float = 0.95, refresh_growth: int = 4, refresh_max: int = 4096):
+    def __init__(self, *, coverage: float = 0.95, refresh_growth: int = 8, refresh_max: int = 4096):
         self.coverage = coverage
         self.refresh_growth = max(2, refresh_growth)
         self.refresh_max = refresh_max
-        self.counts: Counter = Counter()
+        self.counts: Counter = Counter()         # (cpu_milli, num_gpu, gpu_milli, models) → arrivals
         self.arrived = 0
         self.gpu_task_cpu_milli = 0
         self.gpu_task_gpu_milli = 0
@@ -137,13 +162,18 @@ class OnlineWorkload:
         self._fm_key: tuple = ()
 
     def observe(self, shape: TaskShape, count: int = 1) -> None:
-        self.counts[shape] += count
+        self.observe_parts(shape.cpu_milli, shape.num_gpu, shape.gpu_milli, shape.models, count)
+
+    def observe_parts(self, cpu_milli: int, num_gpu: int, gpu_milli: int, models: tuple = (),
+                      count: int = 1) -> None:
+        """``observe(TaskShape(...))`` without building the shape (the per-decision path)."""
+        self.counts[(cpu_milli, num_gpu, gpu_milli, models)] += count
         self.arrived += count
-        if shape.num_gpu > 0 and shape.gpu_milli > 0:
-            self.gpu_task_cpu_milli += shape.cpu_milli * count
-            self.gpu_task_gpu_milli += shape.num_gpu * shape.gpu_milli * count
+        if num_gpu > 0 and gpu_milli > 0:
+            self.gpu_task_cpu_milli += cpu_milli * count
+            self.gpu_task_gpu_milli += num_gpu * gpu_milli * count
         else:
-            self.cpu_task_cpu_milli += shape.cpu_milli * count
+            self.cpu_task_cpu_milli += cpu_milli * count
         if self.arrived >= self._next_refresh:
             self._fm = None
             while self._next_refresh <= self.arrived:
@@ -155,7 +185,8 @@ class OnlineWorkload:
         or when the cluster gains a GPU model or a larger node)."""
         key = (len(model_id), gpus_max)
         if self._fm is None or key != self._fm_key:
-            typical = typical_shapes(list(self.counts.elements()), coverage=self.coverage)
+            typical = typical_of_counts(Counter({TaskShape(*k): c for k, c in self.counts.items()}),
+                                        coverage=self.coverage)
             self._fm = FragModel(typical, model_id, gpus_max)
             self._fm_key = key
         return self._fm

@@ -120,11 +120,8 @@ class FragIndex:
         for i, (m, free) in enumerate(self.st[n0:n1]):
             gf[i, :len(free)] = free[:G]
             mod[i] = max(m, 0)
-        # F at every CPU index: cpu_left = the threshold just at/above each index
-        thr = np.concatenate([[-1], fm.cpu_thr]).astype(np.int64)  # ci = searchsorted(thr, cpu, 'right')
-        k = n1 - n0
-        cpu = np.repeat(thr[:C], k)                      # row ci·k + i: state i at CPU index ci
-        self.Fb[n0:n1, :] = fm.frag(cpu, np.tile(gf, (C, 1)), np.tile(mod, C)).reshape(C, k).T
+        # F at every CPU index (cpu_left at each threshold), the GPU part once per state
+        self.Fb[n0:n1, :] = fm.frag_bands(gf, mod)
         self.n_fb = n1
         self.state_total = np.concatenate([self.state_total[:n0], gf.sum(axis=1)])
 

@@ -29,7 +29,7 @@ import weakref
 
 import numpy as np
 
-from scheduler.frag import OnlineWorkload, TaskShape
+from scheduler.frag import OnlineWorkload
 from scheduler.plugins import score_fgd
 from scheduler.types import PolicyName
 
@@ -37,21 +37,38 @@ NAME = "FGDBalanced"
 POLICY = PolicyName.FGD_BALANCED
 DEFAULTS = {"strand": 1.0, "alpha": 0.4, "typical": "online"}
 
-_WORKLOADS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # engine → OnlineWorkload
+class _PerEngine:
+    """What the policy keeps per engine: its online workload and its options (re-read when replaced)."""
+
+    __slots__ = ("workload", "opts_src", "opts")
+
+    def __init__(self):
+        self.workload = OnlineWorkload()
+        self.opts_src = self.opts = None
+
+
+_ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()      # engine → _PerEngine
+
+
+def _state(engine) -> _PerEngine:
+    st = _ENGINES.get(engine)
+    if st is None:
+        st = _ENGINES[engine] = _PerEngine()
+    src = getattr(engine, "policy_options", None)
+    if st.opts is None or src is not st.opts_src:
+        st.opts = dict(DEFAULTS)
+        st.opts.update(src or {})
+        st.opts_src = src
+    return st
 
 
 def options(engine) -> dict:
-    o = dict(DEFAULTS)
-    o.update(getattr(engine, "policy_options", None) or {})
-    return o
+    return _state(engine).opts
 
 
 def workload(engine) -> OnlineWorkload:
     """The engine's online view of its arrivals (one per engine)."""
-    w = _WORKLOADS.get(engine)
-    if w is None:
-        w = _WORKLOADS[engine] = OnlineWorkload()
-    return w
+    return _state(engine).workload
 
 
 def frag_model(engine, o):
@@ -61,10 +78,9 @@ def frag_model(engine, o):
     return workload(engine).model(c.model_id, c.gpus_max)
 
 
-def shape(cluster, cpu: int, num: int, milli: int, models) -> TaskShape:
-    """The task shape of one replica; ``models``: acceptable model ids, None for any."""
-    names = () if models is None else tuple(sorted(cluster.models[m] for m in models))
-    return TaskShape(cpu, num if milli > 0 else 0, milli if num > 0 else 0, names)
+def model_names(cluster, models) -> tuple:
+    """Acceptable model ids (None: any) as the sorted names a task shape carries."""
+    return () if models is None else tuple(sorted(cluster.models[m] for m in models))
 
 
 def stranding_growth(gpu_free, cpu_free, gpu_taken, cpu_taken, k: float):
@@ -82,9 +98,9 @@ def stranding_growth(gpu_free, cpu_free, gpu_taken, cpu_taken, k: float):
     return np.clip(t, 0.0, -x)
 
 
-def _balanced(d, gpu_free, cpu_free, gpu_taken, cpu_taken, engine, o):
-    k = workload(engine).gpu_per_cpu(o["alpha"])
-    lam = o["strand"]
+def _balanced(d, gpu_free, cpu_free, gpu_taken, cpu_taken, st: _PerEngine):
+    k = st.workload.gpu_per_cpu(st.opts["alpha"])
+    lam = st.opts["strand"]
     if lam and k > 0:
         d = d - lam * stranding_growth(gpu_free, cpu_free, gpu_taken, cpu_taken, k)
     return d
@@ -114,32 +130,35 @@ def _select(d, cand, rank):
 
 def score(a, need, cand, ctx):
     e = ctx.engine
-    o = options(e)
-    d = score_fgd.deltas(a, need, cand, ctx, frag_model(e, o))
+    st = _state(e)
+    d = score_fgd.deltas(a, need, cand, ctx, frag_model(e, st.opts))
     if d.ndim == 2:
         ok = np.isfinite(d)
         q = np.where(ok, score_fgd.quantise(np.where(ok, d, 0.0)), -1)
         ctx.gpu_hint = q.argmax(axis=1)  # FGD's GPU: first with the best integer gradient
         d = d.max(axis=1)
     gfree = (a["gfree"][cand] * a["gusable"][cand]).sum(axis=1)
-    sc = score_fgd.quantise(_balanced(d, gfree, a["cpu_free"][cand], need.gpu_total, need.cpu, e, o))
+    sc = score_fgd.quantise(_balanced(d, gfree, a["cpu_free"][cand], need.gpu_total, need.cpu, st))
     # learn from this arrival only after scoring it, exactly as the fast path does
-    workload(e).observe(shape(e.cluster, need.cpu, need.num, need.milli, need.models))
+    num, milli = (need.num, need.milli) if need.milli > 0 and need.num > 0 else (0, 0)
+    st.workload.observe_parts(need.cpu, num, milli, model_names(e.cluster, need.models))
     return sc
 
 
 def fast(fx, req, rank):
     """The memoised path (scheduler/fragindex.py): the same decisions as filter → score."""
     e = fx.engine
-    o = options(e)
-    if o["typical"] != "sample" and fx.model_source is None:
-        fx.model_source = lambda: frag_model(e, o)
+    st = _state(e)
+    if st.opts["typical"] != "sample" and fx.model_source is None:
+        fx.model_source = lambda: frag_model(e, _state(e).opts)
     r = fx.candidates(req)
     if r is None:
         return None
     cand, d, t, s, cia, num, milli, cib = r
-    j = _select(_balanced(d, fx.state_total[s], fx.c.arrays()["cpu_free"][cand], num * milli, req.cpu_milli, e, o),
+    j = _select(_balanced(d, fx.state_total[s], fx.c.arrays()["cpu_free"][cand], num * milli, req.cpu_milli, st),
                 cand, rank)
     asg = fx.commit(req, int(cand[j]), t, int(s[j]), int(cia[j]), num, milli, score_fgd.quantise, int(cib[j]))
-    workload(e).observe(shape(fx.c, req.cpu_milli, num, milli, e._models_of(req)))
+    num, milli = (num, milli) if milli > 0 and num > 0 else (0, 0)
+    st.workload.observe_parts(req.cpu_milli, num, milli,
+                              model_names(fx.c, e._models_of(req)) if req.gpu_models else ())
     return asg

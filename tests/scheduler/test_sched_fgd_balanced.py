@@ -88,14 +88,14 @@ def test_online_workload_learns_only_what_arrived_and_refreshes_rarely():
         w.observe(b)
     assert w._next_refresh == 24
     assert w.model({"H100": 0, "A100": 1}, 8) is not m2    # a new GPU model also rebuilds
-    d = OnlineWorkload()                          # default: 1, 4, 16, …, 4096, then every 4096
+    d = OnlineWorkload()                          # default: 1, 8, 64, 512, 4096, then every 4096
     points = []
     for i in range(1, 9000):
         before = d._next_refresh
         d.observe(a)
         if d._next_refresh != before:
             points.append(i)
-    assert points == [1, 4, 16, 64, 256, 1024, 4096, 8192]
+    assert points == [1, 8, 64, 512, 4096, 8192]
 
 
 def test_gpu_per_cpu_counts_part_of_the_cpu_only_demand():
