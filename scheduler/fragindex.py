@@ -34,6 +34,7 @@ class FragIndex:
         self.engine = engine
         self.c = engine.cluster
         self.model_source = None            # callable → FragModel; None: the engine's (workload sample)
+        self.cand_cpu_free = None           # free CPU of the last candidates() answer, in its order
         self.reset()
 
     def reset(self) -> None:
@@ -222,7 +223,7 @@ class FragIndex:
             return None
         s = s[keep]
         thr = self.fm.cpu_thr
-        c0 = cf[cand]
+        c0 = self.cand_cpu_free = cf[cand]          # kept for policies that score CPU too
         cib = np.searchsorted(thr, c0, side="right")
         cia = np.searchsorted(thr, c0 - cpu, side="right")
         d = self.Fb[s, cib] + t[1][s, cia]

@@ -25,6 +25,7 @@ Options (``Engine(policy_options={...})``, defaults in ``DEFAULTS``): ``strand``
 ``alpha`` (α), ``typical`` (``online``, or ``sample``: the engine's workload
 sample, as FGD — for comparison only).
 """
+import math
 import weakref
 
 import numpy as np
@@ -99,30 +100,41 @@ def stranding_growth(gpu_free, cpu_free, gpu_taken, cpu_taken, k: float):
 
 
 def _balanced(d, gpu_free, cpu_free, gpu_taken, cpu_taken, st: _PerEngine):
+    """d − λ·ΔS (the same arithmetic as with ``stranding_growth``, with fewer array passes)."""
     k = st.workload.gpu_per_cpu(st.opts["alpha"])
     lam = st.opts["strand"]
-    if lam and k > 0:
-        d = d - lam * stranding_growth(gpu_free, cpu_free, gpu_taken, cpu_taken, k)
-    return d
+    if not lam or k <= 0:
+        return d
+    t = cpu_free * -k
+    t += gpu_free
+    x = gpu_taken - k * cpu_taken
+    if x >= 0:
+        gain = np.clip(t, 0.0, x)                   # −ΔS
+        return d + gain if lam == 1 else d + lam * gain
+    t -= x
+    cost = np.clip(t, 0.0, -x)                      # ΔS
+    return d - cost if lam == 1 else d - lam * cost
 
 
 def _q(d):
-    """score_fgd.quantise for values that cannot overflow exp (|d| < 500,000): same arithmetic, no errstate."""
+    """score_fgd.quantise for values that cannot overflow exp: same arithmetic, no errstate."""
     return np.floor(100.0 / (1.0 + np.exp(-d / 1000.0)))
 
 
 def _select(d, cand, rank):
     """score_fgd.select over quantise(d), quantising only the candidates that can tie with the best."""
     j = int(d.argmax())
-    if not -500_000.0 < d[j] < 500_000.0:          # far outside the sigmoid's range: quantise everything
-        q = score_fgd.quantise(d)
-        return score_fgd.select(q, cand, rank)
-    qbest = _q(d[j:j + 1])[0]
-    if not 0 < qbest < 99:
+    x = float(d[j])
+    if not -500_000.0 < x < 500_000.0:              # far outside the sigmoid's range: quantise everything
         return score_fgd.select(score_fgd.quantise(d), cand, rank)
-    # quantise(x) ≥ qbest needs x ≥ 1000·logit(qbest/100); a margin keeps rounding at the edge exact
-    near = np.flatnonzero(d >= 1000.0 * np.log(qbest / (100.0 - qbest)) - 1.0)
-    tie = near[_q(d[near]) == qbest]
+    # the best integer score is about qa; every candidate at qa − 1 or above has x ≥ 1000·logit((qa − 1)/100)
+    # (the −1 margin absorbs rounding); the exact integers are then computed as quantise does
+    lo = math.floor(100.0 / (1.0 + math.exp(-x / 1000.0))) - 1
+    if lo < 1:
+        return score_fgd.select(score_fgd.quantise(d), cand, rank)
+    near = np.flatnonzero(d >= 1000.0 * math.log(lo / (100.0 - lo)) - 1.0)
+    qn = _q(d[near])
+    tie = near[qn == qn.max()]
     if len(tie) == 1:
         return int(tie[0])
     return int(tie[np.argmin(rank[cand[tie]])])
@@ -149,14 +161,15 @@ def fast(fx, req, rank):
     """The memoised path (scheduler/fragindex.py): the same decisions as filter → score."""
     e = fx.engine
     st = _state(e)
-    if st.opts["typical"] != "sample" and fx.model_source is None:
-        fx.model_source = lambda: frag_model(e, _state(e).opts)
+    if fx.model_source is None:
+        w, c = st.workload, fx.c
+        fx.model_source = lambda: (w.model(c.model_id, c.gpus_max) if st.opts["typical"] != "sample"
+                                   else e.frag_model())
     r = fx.candidates(req)
     if r is None:
         return None
     cand, d, t, s, cia, num, milli, cib = r
-    j = _select(_balanced(d, fx.state_total[s], fx.c.arrays()["cpu_free"][cand], num * milli, req.cpu_milli, st),
-                cand, rank)
+    j = _select(_balanced(d, fx.state_total[s], fx.cand_cpu_free, num * milli, req.cpu_milli, st), cand, rank)
     asg = fx.commit(req, int(cand[j]), t, int(s[j]), int(cia[j]), num, milli, score_fgd.quantise, int(cib[j]))
     num, milli = (num, milli) if milli > 0 and num > 0 else (0, 0)
     st.workload.observe_parts(req.cpu_milli, num, milli,
