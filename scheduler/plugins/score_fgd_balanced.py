@@ -21,6 +21,12 @@ need.
 The share's GPU on the chosen node is FGD's (lowest-indexed GPU of the best
 integer gradient): S does not depend on which GPU of the node takes the share.
 
+What counts as an arrival: every request the policy scores. Through the
+filter → score pipeline that includes dry runs (``Engine.explain``, preemption
+planning), which therefore also count towards the learned mix; the fast path
+only sees real placements. Releases do not un-count anything: the mix is that of
+arrivals, not of what is running.
+
 Options (``Engine(policy_options={...})``, defaults in ``DEFAULTS``): ``strand`` (λ),
 ``alpha`` (α), ``typical`` (``online``, or ``sample``: the engine's workload
 sample, as FGD — for comparison only).
