@@ -121,7 +121,7 @@ class NodeAgentServicer(node_pb2_grpc.NodeAgentServicer):
             self.buffers.add(buf)
         sub = d.hub.subscribe()
         stop = threading.Event()
-        context.add_callback(lambda: (stop.set(), buf.close()))
+        context.add_callback(lambda: (stop.set(), sub.wake.set(), buf.close()))
         producer = threading.Thread(target=d.hub.produce, args=(sub, buf, interval_ms / 1000, stop),
                                     name="telemetry-producer", daemon=True)
         producer.start()
@@ -134,6 +134,7 @@ class NodeAgentServicer(node_pb2_grpc.NodeAgentServicer):
                     yield convert.frame_pb(frame, d.config.node_name)
         finally:
             stop.set()
+            sub.wake.set()
             buf.close()
             d.hub.unsubscribe(sub)
             with self._lock:

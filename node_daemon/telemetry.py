@@ -6,6 +6,7 @@
                               │                       └─► every Subscription (bounded)
                               ▼
     per stream: producer thread, every interval ──► Frame(seq, samples, xids) ──► StreamBuffer
+                (and at once when an XID arrives)
                                                                                  (≤ frames_max, drop oldest;
     gRPC generator ◄── StreamBuffer.get() ◄─────────────────────────────────────  a dropped frame's XIDs
        sets dropped_frames = frames dropped since the last delivered one          move to the next frame)
@@ -100,10 +101,14 @@ class Subscription:
         self.hub = hub
         self._xids: collections.deque[XidRecord] = collections.deque(maxlen=XIDS_PER_SUBSCRIPTION_MAX)
         self._lock = threading.Lock()
+        # Set by a new XID (and by stop): the producer sends a frame at once instead of at
+        # the next interval, so a fault never waits up to a whole interval on the node.
+        self.wake = threading.Event()
 
     def add_xid(self, x: XidRecord) -> None:
         with self._lock:
             self._xids.append(x)
+        self.wake.set()
 
     def take_xids(self) -> list[XidRecord]:
         with self._lock:
@@ -138,6 +143,9 @@ class TelemetryHub:
     def stop(self) -> None:
         self._stop.set()
         self.backend.wake_xid_poll()
+        with self._subs_lock:
+            for sub in self._subs:
+                sub.wake.set()
         for t in self._threads:
             t.join(timeout=2)
 
@@ -206,13 +214,17 @@ class TelemetryHub:
                 self.last_stream_change_mono = self._mono()
 
     def produce(self, sub: Subscription, buf: StreamBuffer, interval_s: float, stop: threading.Event) -> None:
-        """Producer loop of one stream (runs on its own thread until ``stop``)."""
+        """Producer loop of one stream (runs on its own thread until ``stop``; whoever sets
+        ``stop`` also sets ``sub.wake``). A frame every interval, plus one at once when an
+        XID arrives (that early frame does not move the schedule)."""
         seq = 0
         next_t = self._mono()
+        scheduled = True
         while not stop.is_set() and not self._stop.is_set():
             if self.frozen:
                 stop.wait(FROZEN_POLL_S)
                 next_t = self._mono()
+                scheduled = True
                 continue
             try:
                 at_s, samples = self.snapshot(interval_s / 2)
@@ -223,11 +235,13 @@ class TelemetryHub:
             seq += 1
             buf.put(Frame(seq, at_s, samples, sub.take_xids()))
             self.stats["frames"] += 1
-            next_t += interval_s
             now = self._mono()
-            if next_t < now:  # fell behind (e.g. after a freeze): no catch-up burst
-                next_t = now + interval_s
-            stop.wait(next_t - now)
+            if scheduled:
+                next_t += interval_s
+                if next_t < now:  # fell behind (e.g. after a freeze): no catch-up burst
+                    next_t = now + interval_s
+            scheduled = not sub.wake.wait(max(0.0, next_t - now))
+            sub.wake.clear()
 
     # ------------------------------------------------------------ freeze
 

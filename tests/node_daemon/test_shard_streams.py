@@ -119,3 +119,33 @@ def test_fleet_runner_hosts_real_daemons_and_exits_on_sigterm(tmp_path):
         if p.poll() is None:
             os.kill(p.pid, signal.SIGKILL)
             p.wait()
+
+
+def test_an_xid_goes_out_at_once_not_at_the_next_interval(daemon_factory):
+    d = daemon_factory(gpus=2)
+    call = stub_for(d).StreamTelemetry(node_pb2.StreamTelemetryRequest(interval_ms=5000))
+    frames: list[tuple[float, node_pb2.TelemetryFrame]] = []
+
+    def read():
+        try:
+            for f in call:
+                frames.append((time.monotonic(), f))
+        except grpc.RpcError:
+            pass
+
+    threading.Thread(target=read, daemon=True).start()
+    wait_for(lambda: frames, 5)  # the first frame comes at once; the next one is due in 5 s
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    drop_fault(d, {"fault": "xid", "gpu": 1, "xid": 79})
+    wait_for(lambda: len(frames) >= 2, 3)
+    at, f = frames[1]
+    assert [(x.gpu_index, x.xid) for x in f.xid_events] == [(1, 79)]
+    assert at - t0 < 2.0  # not the 5 s interval
+    assert f.seq == 2 and f.dropped_frames == 0
+    # The early frame does not move the schedule: the next regular one is still due
+    # 5 s after the first, and carries no XID.
+    wait_for(lambda: len(frames) >= 3, 8)
+    assert not frames[2][1].xid_events and frames[2][1].seq == 3
+    assert 3.5 < frames[2][0] - frames[0][0] < 7.0
+    call.cancel()
