@@ -146,6 +146,7 @@ class PlacementCore:
         self.preempting: dict[str, _Preemption] = {}   # preemptor id → its victims (engine holds the capacity)
         self._preempt_tried: dict[str, float] = {}     # queued id → monotonic time of its last victim search
         self._preempt_note: dict[str, str] = {}        # queued id → why its last victim search found none
+        self._requeue_pending: set[str] = set()        # back to QUEUED, row not read yet
         self._dispatch_q: queue.Queue[list] = queue.Queue()
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="placement-dispatch", daemon=True)
         self._dispatcher.start()
@@ -412,18 +413,45 @@ class PlacementCore:
         """An allocation shard returned capacity (RELEASED, prepare failed, …).
 
         A preemption victim's capacity goes into its preemptor's hold (the
-        engine keeps it reserved), not back to the pool."""
+        engine keeps it reserved), not back to the pool. ``requeue``: the
+        allocations went back to QUEUED (prepare failed); they join the queue
+        once their rows are read, retried by the tick if the database is away."""
         with self.lock:
             for aid in allocation_ids:
                 self.engine.release(aid)
             if requeue:
-                rows = store.load_allocations(self.reader(), "allocation_id = ANY(%s) AND state = 'QUEUED'",
-                                              ([uuid.UUID(a) for a in allocation_ids],))
-                for row in rows:
-                    req = common_pb2.PlacementRequest.FromString(row.request)
-                    self.engine.enqueue(convert.to_domain(req, key=row.allocation_id, tenant=row.tenant_id))
-                    self.queued[row.allocation_id] = row
+                self._requeue_pending.update(allocation_ids)
+        if requeue:
+            self._requeue()
         self.schedule_pending()
+
+    def _requeue(self) -> None:
+        # Read under the lock: a row read here cannot be placed (and so go stale) before it is queued.
+        with self.lock:
+            ids = list(self._requeue_pending)
+            if not ids:
+                return
+            try:
+                rows = self._read(lambda c: store.load_allocations(
+                    c, "allocation_id = ANY(%s) AND state = 'QUEUED'", ([uuid.UUID(a) for a in ids],)))
+            except (psycopg.Error, Unavailable) as exc:
+                log.warning("requeue of %d allocation(s) deferred: %s", len(ids), exc)
+                return
+            for row in rows:
+                cur = self.queued.get(row.allocation_id)
+                if cur is None or cur.version < row.version:
+                    self.engine.enqueue(self._domain(row))
+                    self.queued[row.allocation_id] = row
+            self._requeue_pending.difference_update(ids)
+
+    def _read(self, fn):
+        """Run ``fn(reader connection)``; once more on a fresh connection if this thread's was broken
+        (a database restart leaves every thread's idle connection dead)."""
+        try:
+            return fn(self.reader())
+        except psycopg.OperationalError:
+            self._read_local.conn = None
+            return fn(self.reader())
 
     def schedule_pending(self) -> int:
         """Place what the queue can place now; each placement is its own transition.
@@ -463,7 +491,10 @@ class PlacementCore:
                 if new is not None:
                     placed_rows.append(new)
             if unplaced:
-                placed_rows += self._preempt_for(unplaced, releases)
+                try:
+                    placed_rows += self._preempt_for(unplaced, releases)
+                except (psycopg.Error, Unavailable) as exc:  # the placements above still go out
+                    log.warning("victim search skipped: %s", exc)
         self._dispatch(placed_rows)
         self._send_preemptions(releases)
         return len(placed_rows)
@@ -561,7 +592,8 @@ class PlacementCore:
         return item[0] if item else None
 
     def _lowest_running_priority(self) -> int | None:
-        r = self.reader().execute("SELECT min(priority) FROM control.allocations WHERE state = 'RUNNING'").fetchone()
+        r = self._read(lambda c: c.execute(
+            "SELECT min(priority) FROM control.allocations WHERE state = 'RUNNING'").fetchone())
         return None if r is None else r[0]
 
     def _victim_candidates(self, row: AllocRow) -> dict[str, tuple[float, bool]]:
@@ -573,9 +605,9 @@ class PlacementCore:
         cost no GPU-time, and holding their capacity as it comes back keeps a big
         request from starving while small ones churn around it."""
         out = {}
-        for aid, tenant, prio, since, state in self.reader().execute(
+        for aid, tenant, prio, since, state in self._read(lambda c: c.execute(
                 "SELECT allocation_id, tenant_id, priority, running_since, state FROM control.allocations"
-                " WHERE state IN ('RUNNING', 'RELEASING') AND priority < %s", (row.priority,)):
+                " WHERE state IN ('RUNNING', 'RELEASING') AND priority < %s", (row.priority,)).fetchall()):
             if state == "RELEASING":
                 out[str(aid)] = (float("inf"), False)
             elif may_preempt(row.tenant_id, row.priority, tenant, prio):
@@ -625,19 +657,22 @@ class PlacementCore:
             items = list(self.preempting.items())
         for pid, pe in items:
             bad = []
-            pending = []
-            for victim, ref in list(pe.refs):
+            done = []
+            for item in list(pe.refs):
+                victim, ref = item
                 ready, _ = ray.wait([ref], timeout=0)
                 if not ready:
-                    pending.append((victim, ref))
                     continue
+                done.append(item)
                 try:
                     state = ray.get(ref)
                 except Exception as exc:  # noqa: BLE001 - the shard refused or died: treat as not released
                     state = f"error {exc.__class__.__name__}"
                 if state not in ("RELEASING", "RELEASED"):
                     bad.append(f"{victim}: {state}")
-            pe.refs = pending
+            with self.lock:  # _send_preemptions may append meanwhile
+                gone = {id(x) for x in done}
+                pe.refs = [x for x in pe.refs if id(x) not in gone]
             late = time.monotonic() - pe.started > PREEMPT_HOLD_MAX_S
             if bad or late:
                 self._give_up_preemption(pid, "; ".join(bad) if bad else f"victims not back after "
@@ -732,6 +767,8 @@ class PlacementCore:
                 expired = [a for a, r in list(self.queued.items()) if r.queue_deadline and r.queue_deadline <= now]
                 for aid in expired:
                     self.cancel_queued(aid, AllocEvent.QUEUE_TIMEOUT)
+                if self._requeue_pending:
+                    self._requeue()
                 if self.preempting:
                     self._reap_preemptions()
                 if self.queued:
