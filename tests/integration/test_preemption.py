@@ -262,3 +262,61 @@ def ray_invariants(cp) -> bool:
     import ray
 
     return ray.get(cp.placement.check_invariants.remote(), timeout=30)
+
+
+def test_preemptor_waiting_on_failed_cleanup_is_cancelled_and_its_hold_returned(control_plane, tenant, admin):
+    """Victims whose cleanup keeps failing end RELEASE_FAILED: the preemptor waits (nothing else gets the
+    capacity), a cancel returns its hold, and the operator's resolve returns the victims' GPUs to the pool."""
+    from tests.faults.scenarios import inject, start_pool_node, stop_pool_node, wait_for
+
+    cp = control_plane
+    node = start_pool_node(cp)
+    pool = {"pool": node}
+    try:
+        low = [tenant.place(rid(), gpu_count=1, priority=1, node_selector=pool) for _ in range(4)]
+        for a in low:
+            tenant.wait_state(a.allocation_id, {RUNNING}, 30)
+        # every cleanup attempt of both victims fails (each retries up to release_attempts_max times)
+        inject(cp, node, {"fault": "cleanup_fail", "times": 4 * cp.cfg.release_attempts_max + 10})
+        hi = tenant.place(rid(), gpu_count=2, priority=10, wait=True, queue_timeout_s=120, node_selector=pool)
+        wait_for(lambda: len(preempted_events(cp, tenant.tenant_id)) == 2, 30, "two victims")
+        victims = preempted_events(cp, tenant.tenant_id)
+        for v in victims:
+            wait_for(lambda: q(cp, "SELECT state FROM control.allocations WHERE allocation_id = %s", v)[0][0]
+                     in ("RELEASE_FAILED", "RELEASED"), 30, f"victim {v} out of RELEASING")
+            history = q(cp, "SELECT event, to_state, reason FROM control.allocation_events WHERE allocation_id = %s"
+                            " ORDER BY event_id", v)
+            assert history[-1][1] == "RELEASE_FAILED", history
+        waiting = tenant.get(hi.allocation_id)
+        assert waiting.state == QUEUED and "preempting 2" in waiting.pending_explanation, waiting.pending_explanation
+        assert ray_invariants(cp)
+
+        assert tenant.release(hi.allocation_id).state == pb.ALLOCATION_STATE_CANCELLED
+        assert ray_invariants(cp)
+        inject(cp, node, {"fault": "cleanup_fail", "times": 0})
+        # the operator cleans up on the node by hand, then resolves
+        import grpc
+        from gpuaas.v1 import node_pb2, node_pb2_grpc
+        (address,), = q(cp, "SELECT address FROM control.nodes WHERE node_id = %s", node)
+        with grpc.insecure_channel(address) as ch:
+            for v in victims:
+                node_pb2_grpc.NodeAgentStub(ch).Cleanup(node_pb2.CleanupRequest(allocation_id=v), timeout=10)
+        for v in victims:
+            admin.resolve(v, "cleaned by hand")
+            tenant.wait_state(v, {RELEASED}, 30)
+        wait_for(lambda: q(cp, "SELECT count(*) FROM control.gpus WHERE node_id = %s AND state = 'READY'", node)
+                 == [(4,)], 30, "the quarantined GPUs back in service")
+        # the two GPUs are free again, for anyone: an ordinary request takes them without preempting
+        again = tenant.place(rid(), gpu_count=2, priority=1, node_selector=pool)
+        got = tenant.wait_state(again.allocation_id, {RUNNING}, 30)
+        assert gpus_of(got) == set().union(*(gpus_of(a) for a in low if a.allocation_id in victims))
+        assert len(preempted_events(cp, tenant.tenant_id)) == 2
+        assert not double_booked(cp)
+        assert ray_invariants(cp)
+    finally:
+        try:
+            inject(cp, node, {"fault": "cleanup_fail", "times": 0})
+        except Exception:  # noqa: BLE001 - the daemon may be gone already
+            pass
+        _give_back(tenant)
+        stop_pool_node(cp, node)
