@@ -1,7 +1,6 @@
 """Engine API behaviour: placement, gangs, topology, quotas, health, explanations, restore, queue, preemption."""
 from __future__ import annotations
 
-import time
 
 import pytest
 
@@ -134,17 +133,16 @@ def test_explain_reserves_nothing():
     assert d.placed and e.snapshot_free() == before and "k" not in e.allocs
 
 
-def test_restore_rebuilds_100k_allocations_fast():
-    """100k restores of known allocations rebuild the exact free state in well under 5 s."""
+def test_restore_rebuilds_100k_allocations_exactly():
+    """100k restores of known allocations rebuild the exact free state (its time: benchmarks/recovery.py)."""
     nodes = [node(f"n{i}") for i in range(12_500)]
     e = engine(PolicyName.FAST_BEST_FIT, nodes)
-    t0 = time.perf_counter()
     for i in range(100_000):
         n, g = divmod(i, 8)
         e.restore(f"a{i}", Request(key=f"a{i}", num_gpu=1, gpu_milli=1000, cpu_milli=100),
                   (Assignment(f"n{n}", (g,), 1000, 100, 0),))
-    took = time.perf_counter() - t0
-    assert took < 5.0, took
+    free = e.snapshot_free()
+    assert all(f["gpu_milli"] == [0] * 8 for f in free.values()), "every GPU of the 12,500 nodes is taken"
     assert e.place(Request(key="x", num_gpu=1, gpu_milli=1000)).placed is False
     with pytest.raises(SchedulerError):
         e.restore("a0", Request(key="a0", num_gpu=1, gpu_milli=1000), (Assignment("n0", (0,), 1000, 0, 0),))
