@@ -320,3 +320,20 @@ def test_preemptor_waiting_on_failed_cleanup_is_cancelled_and_its_hold_returned(
             pass
         _give_back(tenant)
         stop_pool_node(cp, node)
+
+
+def test_quota_is_not_bypassed_by_preemption(control_plane, tenant, admin):
+    """A tenant at its quota cannot preempt its way past it: the higher-priority request is refused for quota
+    (RESOURCE_EXHAUSTED, not queued) and nothing is evicted."""
+    import grpc
+
+    cp = control_plane
+    admin.set_quota(tenant.tenant_id, "H100", 2000)
+    low = fill(tenant, 2, priority=1)
+    with pytest.raises(grpc.RpcError) as err:
+        tenant.place(rid(), gpu_count=1, priority=10, wait=True, queue_timeout_s=60, node_selector=ZONE)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+    time.sleep(1.5)
+    assert not preempted_events(cp, tenant.tenant_id)
+    assert all(tenant.get(a.allocation_id).state == RUNNING for a in low)
+    assert ray_invariants(cp)
