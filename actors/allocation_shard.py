@@ -60,6 +60,7 @@ class AllocationShardCore:
         self._prep_flushers: dict[str, asyncio.Task] = {}
         self._prep_single: set[str] = set()
         self._freed_pending: list[str] = []
+        self._preparing: dict[str, asyncio.Task] = {}
         self._tx_flusher: asyncio.Task | None = None
         self._placement = None
 
@@ -83,8 +84,19 @@ class AllocationShardCore:
     def _spawn(self, aid: str, coro) -> None:
         old = self.tasks.get(aid)
         if old is not None and not old.done():
-            old.cancel()
+            if old is self._preparing.get(aid):
+                # A prepare is never cut off: its replicas may be on the wire or queued for a
+                # PrepareBatch. It finishes (and sees the new state), and the cleanup that
+                # replaces it waits for it first, so a late Prepare cannot leave an orphan.
+                pass
+            else:
+                old.cancel()
+        is_prepare = getattr(coro, "__qualname__", "").endswith("._prepare")
         t = asyncio.get_running_loop().create_task(coro)
+        if is_prepare:
+            self._preparing[aid] = t
+            t.add_done_callback(
+                lambda _t, a=aid: self._preparing.pop(a, None) if self._preparing.get(a) is _t else None)
         self.tasks[aid] = t
         t.add_done_callback(lambda _t, a=aid: self.tasks.pop(a, None) if self.tasks.get(a) is _t else None)
 
@@ -237,6 +249,8 @@ class AllocationShardCore:
         while self._prep_pending.get(address):
             batch, seen, later = [], set(), []
             for item in self._prep_pending[address]:
+                if item[1].done():
+                    continue  # its caller is gone: nothing waits for this Prepare, so it is not sent
                 # An allocation id appears once per batch (the daemon refuses duplicates).
                 aid = item[0].allocation_id
                 (later if aid in seen or len(batch) >= PREPARE_BATCH_MAX else batch).append(item)
@@ -327,7 +341,8 @@ class AllocationShardCore:
 
     # ------------------------------------------------------------ release
 
-    async def release(self, aid: str, event_name: str = "release_requested", at_iso: str | None = None) -> str:
+    async def release(self, aid: str, event_name: str = "release_requested", at_iso: str | None = None,
+                      reason: str | None = None) -> str:
         """RUNNING/PLACED → RELEASING (billing stops at ``at``), then clean up."""
         event = AllocEvent(event_name)
         at = dt.datetime.fromisoformat(at_iso) if at_iso else utcnow()
@@ -341,7 +356,7 @@ class AllocationShardCore:
                     self.rows[aid] = row
             if row.state not in (AllocState.PLACED, AllocState.RUNNING):
                 return row.state.name
-            new = await self._transition(aid, event, at=at, reason=event.value)
+            new = await self._transition(aid, event, at=at, reason=(reason or event.value)[:500])
             if new is None:
                 return self.rows[aid].state.name if aid in self.rows else "UNKNOWN"
             if event is AllocEvent.LEASE_EXPIRED:
@@ -352,6 +367,9 @@ class AllocationShardCore:
     # ------------------------------------------------------------ cleanup
 
     async def _cleanup(self, aid: str) -> None:
+        prep = self._preparing.get(aid)
+        if prep is not None and not prep.done():
+            await asyncio.wait([prep])  # its Prepare lands (or fails) before our Cleanup goes out
         while True:
             row = self.rows.get(aid)
             if row is None or row.state not in (AllocState.RELEASING, AllocState.FAILED):

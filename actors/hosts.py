@@ -112,9 +112,10 @@ class AllocationShardActor:
         await self._ensure()
         return await self.core.adopt(items)
 
-    async def release(self, aid: str, event_name: str = "release_requested", at_iso: str | None = None):
+    async def release(self, aid: str, event_name: str = "release_requested", at_iso: str | None = None,
+                      reason: str | None = None):
         await self._ensure()
-        return await self.core.release(aid, event_name, at_iso)
+        return await self.core.release(aid, event_name, at_iso, reason)
 
     async def fail_on_node(self, node_id, gpu_index, event_name, at_iso):
         await self._ensure()

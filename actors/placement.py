@@ -643,7 +643,9 @@ class PlacementCore:
         """Ask each victim's shard for RUNNING → RELEASING (event ``preempted``), outside the lock."""
         for pid, victim, at_iso in releases:
             shard = self.alloc_shards[shard_of(victim, len(self.alloc_shards))]
-            ref = shard.release.remote(victim, AllocEvent.PREEMPTED.value, at_iso)
+            pre = self.queued.get(pid)
+            why = f"preempted by {pid}" + (f" (tenant {pre.tenant_id}, priority {pre.priority})" if pre else "")
+            ref = shard.release.remote(victim, AllocEvent.PREEMPTED.value, at_iso, why)
             with self.lock:
                 pe = self.preempting.get(pid)
                 if pe is not None:

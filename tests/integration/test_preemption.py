@@ -174,7 +174,7 @@ def test_preemptor_runs_on_freed_gpus_victims_released_billing_stops(control_pla
     assert set().union(*(gpus_of(by_id[v]) for v in victims)) == gpus_of(got), \
         "the preemptor must run on exactly the GPUs its victims gave up"
     for v, (src, dst, reason, _) in victims.items():
-        assert (src, dst) == ("RUNNING", "RELEASING") and reason.startswith("preempted"), (v, src, dst, reason)
+        assert (src, dst) == ("RUNNING", "RELEASING") and reason.startswith("preempted by "), (v, src, dst, reason)
         assert tenant.get(v).state == RELEASED
     (placed_reason,), = q(cp, "SELECT reason FROM control.allocation_events WHERE allocation_id = %s"
                               " AND event = 'placed'", hi.allocation_id)
