@@ -12,7 +12,11 @@ from tests.node_daemon.conftest import drop_fault, stub_for, wait_for
 
 
 def _stream(d, interval_ms=100):
-    return stub_for(d).StreamTelemetry(node_pb2.StreamTelemetryRequest(interval_ms=interval_ms), timeout=30)
+    """A live stream: its first frame has arrived, so the server has subscribed it before any fault
+    is injected (an XID raised before a consumer subscribes is in the health view, not in its stream)."""
+    call = stub_for(d).StreamTelemetry(node_pb2.StreamTelemetryRequest(interval_ms=interval_ms), timeout=30)
+    next(call)
+    return call
 
 
 def _until(call, pred, limit=60):
