@@ -128,7 +128,9 @@ class ControlPlane:
         try:
             from actors.ledger_actor import LedgerActor
             self.ledger = LedgerActor.options(name=runtime.LEDGER, namespace=ns, max_restarts=-1).remote(
-                app, meter_interval_s=self.cfg.meter_interval_s)
+                app, meter_interval_s=self.cfg.meter_interval_s,
+                # An interval closes only once the telemetry window covering its end has arrived.
+                close_lag_s=max(2.0, self.cfg.usage_window_s + 1.0))
         except ImportError:
             log.warning("ledger actor not available in this build")
         self.placement = PlacementActor.options(name=runtime.PLACEMENT, namespace=ns).remote(

@@ -106,6 +106,14 @@ class LedgerActor:
         await asyncio.to_thread(self._locked, self._consumer.record_telemetry, allocation_id, util_pct_avg,
                                 energy_j, _as_us(window_start), _as_us(window_end))
 
+    async def record_telemetry_many(self, items: list) -> int:
+        """Many windows at once: [(allocation_id, util % avg, energy J, start, end), …]."""
+        def apply():
+            for aid, util, energy, start, end in items:
+                self._consumer.record_telemetry(aid, util, energy, _as_us(start), _as_us(end))
+        await asyncio.to_thread(self._locked, apply)
+        return len(items)
+
     async def stats(self) -> dict:
         out = await asyncio.to_thread(self._locked, self._consumer.stats)
         out["loop_errors"] = self._loop_errors

@@ -51,6 +51,9 @@ class NodeWatch:
     gpu_states: dict = dataclasses.field(default_factory=dict)
     last_ecc: dict = dataclasses.field(default_factory=dict)
     last_sample: dict = dataclasses.field(default_factory=dict)
+    # Usage window per GPU: [util % sum, samples, first energy mJ, last energy mJ] since window_start_us
+    window: dict = dataclasses.field(default_factory=dict)
+    window_start_us: int = 0
 
 
 # Hardware thermal slowdown bit of NVML's clocks-throttle reasons.
@@ -184,8 +187,17 @@ class NodeShardCore:
                 w.faults.append((ALL_GPUS, f"XID {x.xid} (node-wide): {x.message}"[:200], detected))
             elif xidmod.takes_gpu_out_of_service(x.xid):
                 w.faults.append((x.gpu_index, f"XID {x.xid}: {x.message}"[:200], detected))
+        if not w.window_start_us:
+            w.window_start_us = int(time.time() * 1_000_000)
         for s in frame.samples:
             w.last_sample[s.index] = (s.gpu_util_pct, s.energy_mj, s.power_mw)
+            acc = w.window.get(s.index)
+            if acc is None:
+                w.window[s.index] = [s.gpu_util_pct, 1, s.energy_mj, s.energy_mj]
+            else:
+                acc[0] += s.gpu_util_pct
+                acc[1] += 1
+                acc[3] = s.energy_mj
             prev = w.last_ecc.get(s.index, s.ecc_volatile_uncorrected)
             w.last_ecc[s.index] = s.ecc_volatile_uncorrected
             if s.ecc_volatile_uncorrected > prev:
@@ -198,6 +210,7 @@ class NodeShardCore:
     # ------------------------------------------------------------ health rules
 
     async def _tick_loop(self) -> None:
+        last_usage = time.monotonic()
         while True:
             await asyncio.sleep(self.cfg.health_tick_s)
             for w in list(self.nodes.values()):
@@ -205,6 +218,66 @@ class NodeShardCore:
                     await self._apply_rules(w)
                 except Exception as exc:  # noqa: BLE001
                     log.warning("health rules for %s failed: %s", w.node_id, exc)
+            if time.monotonic() - last_usage >= self.cfg.usage_window_s:
+                last_usage = time.monotonic()
+                try:
+                    await self._send_usage_windows()
+                except Exception as exc:  # noqa: BLE001 - a lost window bills zeros, never a wrong amount
+                    log.warning("usage telemetry window failed: %s", exc)
+
+    def _close_windows(self) -> dict[str, tuple[int, int, dict]]:
+        """node → (start µs, end µs, {gpu: (util % avg, energy J)}) of the windows closed now."""
+        end = int(time.time() * 1_000_000)
+        out = {}
+        for w in self.nodes.values():
+            if w.window and w.window_start_us and end > w.window_start_us:
+                out[w.node_id] = (w.window_start_us, end, {
+                    g: (u / n, max(0, e1 - e0) / 1000.0) for g, (u, n, e0, e1) in w.window.items() if n})
+            w.window, w.window_start_us = {}, end
+        return out
+
+    async def _send_usage_windows(self) -> int:
+        """Per-allocation utilization and energy for the ledger's metering.
+
+        GPU windows are attributed to the RUNNING allocations on those GPUs: each
+        gets its GPUs' mean utilization and, of their energy, its milli share.
+        """
+        windows = self._close_windows()
+        if not windows:
+            return 0
+        try:
+            ledger = ray.get_actor(runtime.LEDGER, namespace=runtime.NAMESPACE)
+        except Exception:  # noqa: BLE001 - no ledger in this deployment (a shard run on its own): nothing to feed
+            if not self.stats.get("usage_no_ledger"):
+                log.info("no ledger actor: usage telemetry windows are not recorded")
+            self.stats["usage_no_ledger"] = self.stats.get("usage_no_ledger", 0) + 1
+            return 0
+        nodes = list(windows)
+        running = await self.db.tx(lambda c: c.execute(
+            "SELECT allocation_id::text, assignments FROM control.allocations WHERE state = 'RUNNING'"
+            " AND EXISTS (SELECT 1 FROM jsonb_array_elements(assignments) a WHERE a->>'node_id' = ANY(%s))",
+            (nodes,)).fetchall())
+        items = []
+        for aid, assignments in running:
+            utils, energy, start, end = [], 0.0, None, None
+            for a in assignments:
+                win = windows.get(a["node_id"])
+                if win is None:
+                    continue
+                start = win[0] if start is None else min(start, win[0])
+                end = win[1] if end is None else max(end, win[1])
+                share = (a.get("gpu_milli") or 1000) / 1000.0
+                for g in a["gpu_indices"]:
+                    if g in win[2]:
+                        u, e = win[2][g]
+                        utils.append(u)
+                        energy += e * share
+            if utils:
+                items.append((aid, sum(utils) / len(utils), energy, start, end))
+        if items:
+            ledger.record_telemetry_many.remote(items)
+        self.stats["usage_windows"] = self.stats.get("usage_windows", 0) + len(items)
+        return len(items)
 
     async def _apply_rules(self, w: NodeWatch) -> None:
         silent_s = time.monotonic() - w.last_frame_mono

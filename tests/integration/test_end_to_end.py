@@ -1,6 +1,8 @@
 """What the demo does, against real Postgres, Ray, gRPC and node daemons."""
 from __future__ import annotations
 
+import time
+
 import psycopg
 import ray
 
@@ -107,3 +109,22 @@ def test_queue_waits_then_places_when_capacity_frees(tenant, control_plane):
     tenant.release(big[0].allocation_id)
     done = tenant.wait_state(waiting.allocation_id, {RUNNING}, 30)
     assert done.assignments[0].node_id == big[0].assignments[0].node_id
+
+
+def test_usage_carries_the_gpus_utilization_and_energy(control_plane, tenant):
+    """Telemetry reaches metering: the node shard attributes its GPUs' utilization and energy to the
+    RUNNING allocation on them, and the ledger's usage rows carry them (not zeros)."""
+    a = tenant.place(rid(), gpu_count=1)
+    tenant.wait_state(a.allocation_id, {RUNNING}, 30)
+    # A few usage windows (usage_window_s) inside RUNNING, across metering intervals.
+    time.sleep(control_plane.cfg.usage_window_s * 2 + control_plane.cfg.meter_interval_s + 1)
+    tenant.release(a.allocation_id)
+    tenant.wait_state(a.allocation_id, {RELEASED}, 30)
+    ray.get(control_plane.ledger.flush.remote(timeout_s=30), timeout=40)
+    with psycopg.connect(control_plane.urls.app) as conn:
+        rows = conn.execute("SELECT util_bp, energy_mj FROM ledger.usage_entries WHERE allocation_id=%s AND kind=0",
+                            (a.allocation_id,)).fetchall()
+    assert rows, "no usage rows"
+    assert max(u for u, _ in rows) > 0, rows
+    assert sum(e for _, e in rows) > 0, rows
+    assert all(0 <= u <= 10_000 for u, _ in rows)  # an average, in basis points
