@@ -32,8 +32,9 @@ class ControlPlaneConfig:
     meter_interval_s: float = 60.0
     # Node shards attribute GPU utilization and energy to the RUNNING allocations
     # and hand them to the ledger's metering at this period (the ledger closes
-    # intervals this much + 1 s late, so the window covering an interval's end is in).
-    usage_window_s: float = 2.0
+    # intervals this much + 1 s late, so the window covering an interval's end is in). Each window
+    # costs one read of the RUNNING allocations on the shard's nodes.
+    usage_window_s: float = 10.0
     allocation_tick_s: float = 0.2
     # How often the placement actor appends a capacity snapshot (ledger.capacity_samples) for analytics.
     capacity_sample_s: float = 10.0

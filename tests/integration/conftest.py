@@ -25,7 +25,7 @@ def control_plane(ray_session):
     shutil.rmtree(data, ignore_errors=True)
     cfg = ControlPlaneConfig(listen="127.0.0.1:0", meter_interval_s=1.0, heartbeat_grace_s=2.0,
                              heartbeat_offline_s=4.0, telemetry_interval_ms=250, cleanup_backoff_base_s=0.05,
-                             cleanup_backoff_max_s=0.2, allocation_shards=2)
+                             cleanup_backoff_max_s=0.2, allocation_shards=2, usage_window_s=1.0)
     cp = ControlPlane(config=cfg, data_dir=data / "pg", sim=SimNodes(NODES, GPUS, "H100"))
     cp.start(wait_nodes_s=90)
     yield cp
