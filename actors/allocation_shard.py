@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import time
 
 import grpc
 import ray
@@ -28,6 +29,7 @@ log = logging.getLogger("gpuaas.allocations")
 
 ACTIVE = ("PLACED", "RUNNING", "RELEASING", "FAILED", "RELEASE_FAILED")
 PREPARE_BATCH_MAX = 4096  # the NodeAgent contract's bound on one PrepareBatch
+SCAN_EVERY_S = 1.0  # supervisor and lease pass over the shard's rows
 
 
 class PrepareRefused(RuntimeError):
@@ -485,6 +487,7 @@ class AllocationShardCore:
     # ------------------------------------------------------------ tick
 
     async def _tick_loop(self) -> None:
+        last_scan = 0.0
         while True:
             await asyncio.sleep(self.cfg.allocation_tick_s)
             try:
@@ -509,19 +512,29 @@ class AllocationShardCore:
                                 self.placement().capacity_freed.remote([aid], True)
                         else:
                             self.rows[aid] = r
+                if time.monotonic() - last_scan < SCAN_EVERY_S:
+                    continue
+                last_scan = time.monotonic()
+                # One pass over the rows, at most once a second: a shard holds tens of thousands
+                # of RUNNING allocations and a pass per tick would be most of its CPU.
+                expired = []
                 for aid, row in list(self.rows.items()):
+                    st = row.state
+                    if st is AllocState.RUNNING:
+                        if row.lease_expires_at and row.lease_expires_at <= now:
+                            expired.append((aid, row.lease_expires_at))
+                        continue
                     # Supervisor: work whose task died (database gone mid-transition) is started again.
                     busy = self.tasks.get(aid)
                     if busy is None or busy.done():
-                        if row.state is AllocState.PLACED:
+                        if st is AllocState.PLACED:
                             self._spawn(aid, self._prepare(aid))
-                        elif row.state in (AllocState.RELEASING, AllocState.FAILED) and not (
+                        elif st in (AllocState.RELEASING, AllocState.FAILED) and not (
                                 row.node_ids() & self.nodes_down):
                             self._spawn(aid, self._cleanup(aid))
-                for aid, row in list(self.rows.items()):
-                    if row.state is AllocState.RUNNING and row.lease_expires_at and row.lease_expires_at <= now:
-                        # Billing stops at the lease's end, not when this tick noticed it.
-                        await self.release(aid, AllocEvent.LEASE_EXPIRED.value, row.lease_expires_at.isoformat())
+                for aid, at in expired:
+                    # Billing stops at the lease's end, not when this pass noticed it.
+                    await self.release(aid, AllocEvent.LEASE_EXPIRED.value, at.isoformat())
             except Exception as exc:  # noqa: BLE001
                 log.warning("allocation tick failed: %s", exc)
 
