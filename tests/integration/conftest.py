@@ -40,15 +40,17 @@ def admin(control_plane):
     c.close()
 
 
-@pytest.fixture
-def tenant(admin, control_plane):
-    """A fresh tenant and a client holding its placement token."""
+def new_tenant(admin: Client, control_plane) -> Client:
+    """A fresh tenant and a client holding its placement token (``.tenant_id`` set)."""
     tid = "t-" + uuid.uuid4().hex[:8]
     admin.create_tenant(tid)
     c = Client(control_plane.address, admin.create_token(tid))
     c.tenant_id = tid
-    yield c
-    # Give the GPUs back so tests do not starve each other.
+    return c
+
+
+def give_back(c: Client) -> None:
+    """Release everything the tenant still holds and wait for it, so tests do not starve each other."""
     from gpuaas.v1 import common_pb2 as pb
     live = [a for a in c.list() if a.state in (pb.ALLOCATION_STATE_QUEUED, pb.ALLOCATION_STATE_PLACED,
                                                pb.ALLOCATION_STATE_RUNNING)]
@@ -62,6 +64,21 @@ def tenant(admin, control_plane):
             c.wait_state(a.allocation_id, {pb.ALLOCATION_STATE_RELEASED, pb.ALLOCATION_STATE_CANCELLED}, 30)
         except Exception:  # noqa: BLE001
             pass
+
+
+def q(cp, sql, *params):
+    """Read Postgres directly (as the owner): what the tests assert is what was committed."""
+    import psycopg
+
+    with psycopg.connect(cp.urls.owner, autocommit=True, connect_timeout=5) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+@pytest.fixture
+def tenant(admin, control_plane):
+    c = new_tenant(admin, control_plane)
+    yield c
+    give_back(c)
     c.close()
 
 

@@ -9,15 +9,13 @@ actors.placement.may_preempt.
 from __future__ import annotations
 
 import time
-import uuid
 
-import psycopg
 import pytest
 
 from gpuaas.client import Client
 from gpuaas.v1 import common_pb2 as pb
 from tests.faults.harness import HOLDS_SQL, flush_ledger
-from tests.integration.conftest import GPUS, NODES, rid
+from tests.integration.conftest import GPUS, NODES, give_back, new_tenant, q, rid
 
 QUEUED, RUNNING, RELEASED = pb.ALLOCATION_STATE_QUEUED, pb.ALLOCATION_STATE_RUNNING, pb.ALLOCATION_STATE_RELEASED
 ZONE = {"zone": "sim-a"}   # the session's simulated nodes only (fault scenarios add other pools)
@@ -28,37 +26,15 @@ CAPACITY = NODES * GPUS
 
 @pytest.fixture
 def other_tenant(admin, control_plane):
-    tid = "t-" + uuid.uuid4().hex[:8]
-    admin.create_tenant(tid)
-    c = Client(control_plane.address, admin.create_token(tid))
-    c.tenant_id = tid
+    c = new_tenant(admin, control_plane)
     yield c
-    _give_back(c)
+    give_back(c)
     c.close()
-
-
-def _give_back(c: Client) -> None:
-    live = [a for a in c.list() if a.state in (QUEUED, pb.ALLOCATION_STATE_PLACED, RUNNING)]
-    for a in live:
-        try:
-            c.release(a.allocation_id)
-        except Exception:  # noqa: BLE001
-            pass
-    for a in live:
-        try:
-            c.wait_state(a.allocation_id, {RELEASED, pb.ALLOCATION_STATE_CANCELLED}, 30)
-        except Exception:  # noqa: BLE001
-            pass
 
 
 def fill(c: Client, n: int, priority: int, **fields) -> list[pb.Allocation]:
     out = [c.place(rid(), gpu_count=1, priority=priority, node_selector=ZONE, **fields) for _ in range(n)]
     return [c.wait_state(a.allocation_id, {RUNNING}, 30) for a in out]
-
-
-def q(cp, sql, *params):
-    with psycopg.connect(cp.urls.owner, autocommit=True, connect_timeout=5) as conn:
-        return conn.execute(sql, params).fetchall()
 
 
 def preempted_events(cp, tenant_id: str) -> dict[str, tuple]:
@@ -318,7 +294,7 @@ def test_preemptor_waiting_on_failed_cleanup_is_cancelled_and_its_hold_returned(
             inject(cp, node, {"fault": "cleanup_fail", "times": 0})
         except Exception:  # noqa: BLE001 - the daemon may be gone already
             pass
-        _give_back(tenant)
+        give_back(tenant)
         stop_pool_node(cp, node)
 
 

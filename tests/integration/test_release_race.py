@@ -7,19 +7,13 @@ does not hold must take a whole-GPU Prepare. An orphan share makes the node refu
 from __future__ import annotations
 
 import grpc
-import psycopg
 
 from gpuaas.client import Client
 from gpuaas.v1 import common_pb2 as pb
 from gpuaas.v1 import node_pb2, node_pb2_grpc
-from tests.integration.conftest import rid
+from tests.integration.conftest import q, rid
 
 ZONE = {"zone": "sim-a"}   # the session's simulated nodes only
-
-
-def q(cp, sql, *params):
-    with psycopg.connect(cp.urls.owner, autocommit=True, connect_timeout=5) as conn:
-        return conn.execute(sql, params).fetchall()
 
 
 def test_release_while_preparing_leaves_nothing_on_the_nodes(control_plane, tenant):
