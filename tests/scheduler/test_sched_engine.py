@@ -83,6 +83,22 @@ def test_fractional_shares_pack_one_gpu():
     assert e.place(Request(key="y", gpu_milli=300, num_gpu=1)).placed
     e.check_invariants()
 
+def test_random_policy_spreads_shares_over_the_gpus_that_fit():
+    """Random picks the GPU of a sharing task at random among those with room (the paper's Random runs with
+    random GPU selection); best fit stacks the same shares onto the fullest GPU that fits."""
+    placed_gpus = {}
+    for policy in (PolicyName.RANDOM, PolicyName.BEST_FIT):
+        e = engine(policy, [node("a", gpus=8)], seed=7)
+        big = e.place(Request(key="big", gpu_milli=900, num_gpu=1)).assignments[0].gpu_indices[0]
+        gpus = [e.place(Request(key=f"s{i}", gpu_milli=200, num_gpu=1)).assignments[0].gpu_indices[0]
+                for i in range(12)]
+        assert big not in gpus  # 100 free there: too small for 200
+        e.check_invariants()
+        placed_gpus[policy] = gpus
+    assert len(set(placed_gpus[PolicyName.RANDOM])) >= 4
+    assert len(set(placed_gpus[PolicyName.BEST_FIT])) == 3  # five shares of 200 fill a GPU, then the next
+
+
 
 @pytest.mark.parametrize("policy", [PolicyName.FAST_BEST_FIT, PolicyName.BEST_FIT])
 def test_quota_per_model_and_star(policy):
