@@ -168,8 +168,13 @@ class TelemetryHub:
 
     def _health_loop(self) -> None:
         while not self._stop.wait(HEALTH_SAMPLE_INTERVAL_S):
+            # While a stream samples at least every other second its snapshots feed the
+            # health view already. Sampling here as well would double the backend's cost
+            # (NVML reads are the daemon's main expense) and hand that stream a cached
+            # sample up to half its interval old instead of a fresh one.
+            max_age_s = HEALTH_SAMPLE_INTERVAL_S * (2 if self.streams_active else 1)
             try:
-                self.snapshot(HEALTH_SAMPLE_INTERVAL_S)
+                self.snapshot(max_age_s)
             except Exception as exc:  # noqa: BLE001 - a sampling hiccup must not end health tracking
                 log.warning("background sample failed: %s", exc)
 

@@ -82,3 +82,29 @@ def test_many_streams_share_one_sampler(daemon_factory):
     samples = d.hub.stats["samples"] - before
     # 4 streams × 10 frames = 40 frames, sampled from about elapsed/25ms snapshots at most, not 40 × 4
     assert samples <= elapsed / 0.025 + 4 and samples < 40, (samples, elapsed)
+
+
+def test_a_1hz_stream_gets_fresh_samples_not_the_health_samplers(daemon_factory):
+    """The background health sampler stands aside while a stream samples: a 1 Hz stream opened 0.4 s after a
+    background sample still carries fresh samples from its second frame on (it once reused the health
+    sampler's snapshot, 0.4 s old, every second), and the backend is not sampled twice a second."""
+    d = daemon_factory(gpus=8)
+    n0 = d.hub.stats["samples"]
+    deadline = time.monotonic() + 5
+    while d.hub.stats["samples"] == n0:  # no stream yet: only the health sampler samples (once a second)
+        assert time.monotonic() < deadline, "the health sampler never sampled"
+        time.sleep(0.01)
+    time.sleep(0.4)
+    call = node_pb2_grpc.NodeAgentStub(grpc.insecure_channel(d.address)).StreamTelemetry(
+        node_pb2.StreamTelemetryRequest(interval_ms=1000), timeout=20)
+    it = iter(call)
+    staleness, s0, t0 = [], None, None
+    for i in range(4):
+        f = next(it)
+        staleness.append(time.time() - f.at.ToMicroseconds() / 1e6)
+        if i == 0:
+            s0, t0 = d.hub.stats["samples"], time.monotonic()
+    call.cancel()
+    samples, elapsed = d.hub.stats["samples"] - s0, time.monotonic() - t0
+    assert max(staleness[1:]) < 0.2, staleness
+    assert samples <= elapsed + 1, (samples, elapsed)  # about one sample per frame, not two
