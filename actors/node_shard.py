@@ -246,6 +246,10 @@ class NodeShardCore:
         if not windows:
             return 0
         try:
+            # Outside Ray (a shard core run on its own) get_actor would start a whole local
+            # Ray cluster in this process just to find no ledger there: ask only inside Ray.
+            if not ray.is_initialized():
+                raise LookupError("not running inside Ray")
             ledger = ray.get_actor(runtime.LEDGER, namespace=runtime.NAMESPACE)
         except Exception:  # noqa: BLE001 - no ledger in this deployment (a shard run on its own): nothing to feed
             if not self.stats.get("usage_no_ledger"):

@@ -404,6 +404,20 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return self._node_action(context, request, "drain")
 
     @grpc_handler
+    def ClearNode(self, request, context):
+        return self._node_action(context, request, "clear")
+
+    @grpc_handler
+    def ClearGpu(self, request, context):
+        self._admin(context)
+        if request.gpu_index < 0:
+            raise InvalidArgument(f"gpu_index must be >= 0, got {request.gpu_index}")
+        shard = self._node_shard(request.node_id)
+        _ray_get(shard.clear_gpu.remote(request.node_id, request.gpu_index, request.reason or "operator cleared"),
+                 self.core.cfg.rpc_timeout_s * 2)
+        return self._status(request.node_id)
+
+    @grpc_handler
     def ResolveAllocation(self, request, context):
         self._admin(context)
         aid = _uuid_or_404(request.allocation_id)

@@ -95,6 +95,8 @@ def transport(nodes: int, gpus: int, procs: int, warmup_s: float, seconds: float
     import sys
     import tempfile
 
+    import ray
+
     from actors.node_shard import NodeShardCore, NodeWatch
     from gpuaas.config import ControlPlaneConfig
     from gpuaas.lifecycle import GpuState, NodeState
@@ -164,7 +166,10 @@ def transport(nodes: int, gpus: int, procs: int, warmup_s: float, seconds: float
                    "dropped_frames": core.stats["dropped_frames"] - d0,
                    "shard_cpu_pct": 100 * cpu / wall, "shard_cpu_us_per_frame": 1e6 * cpu / frames if frames else None,
                    "fleet_cpu_pct": 100 * fcpu / wall,
-                   "nodes_silent_past_grace_at_end": silent, "health_rule_warnings": Count.n - fail0}
+                   "nodes_silent_past_grace_at_end": silent, "health_rule_warnings": Count.n - fail0,
+                   # must stay false: a local Ray cluster starting in the shard's process would
+                   # starve the SCHED_IDLE daemons (an earlier bug did exactly that)
+                   "ray_started_in_shard_process": ray.is_initialized()}
             tick.cancel()
             for w in core.nodes.values():
                 w.task.cancel()

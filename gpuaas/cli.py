@@ -124,7 +124,18 @@ def cmd_admin(ns, rest) -> int:
                 print(f"{n.node_id:20} {common_pb2.NodeState.Name(n.state).removeprefix('NODE_STATE_'):12} "
                       f"{n.address:22} {'sim' if n.simulated else 'nvml'}  {gpus}")
             return 0
-        if len(what) == 3 and what[0] == "nodes" and what[1] in ("cordon", "uncordon", "drain"):
+        if len(what) == 4 and what[:2] == ["gpus", "clear"]:
+            from gpuaas.v1 import common_pb2
+            try:
+                index = int(what[3])
+            except ValueError:
+                print(f"GPU index must be a number, got {what[3]!r}", file=sys.stderr)
+                return 2
+            st = c.clear_gpu(what[2], index, reason=ns.reason)
+            g = next((g for g in st.gpus if g.index == index), None)
+            print(f"{st.node_id}/{index}: {common_pb2.GpuState.Name(g.state).removeprefix('GPU_STATE_') if g else '?'}")
+            return 0
+        if len(what) == 3 and what[0] == "nodes" and what[1] in ("cordon", "uncordon", "drain", "clear"):
             from gpuaas.v1 import common_pb2
             st = c.node_action(what[1], what[2], reason=ns.reason)
             print(f"{st.node_id}: {common_pb2.NodeState.Name(st.state).removeprefix('NODE_STATE_')}")
@@ -169,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("name")
     sub.add_parser("analytics", help="reports and SQL over the analytics copy", add_help=False)
     a = sub.add_parser("admin", help="operator commands")
-    a.add_argument("what", nargs="+", help="nodes list | nodes cordon|uncordon|drain NODE | allocations resolve ID"
+    a.add_argument("what", nargs="+", help="nodes list | nodes cordon|uncordon|drain|clear NODE | gpus clear NODE INDEX"
+                                          " | allocations resolve ID"
                                           " | tenants create ID | tokens create TENANT | ledger verify")
     a.add_argument("--address", default=os.environ.get("GPUAAS_ADDRESS", "127.0.0.1:50051"))
     a.add_argument("--token", default=None)

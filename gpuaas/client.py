@@ -107,9 +107,14 @@ class Client:
 
     def node_action(self, action: str, node_id: str, reason: str = ""):
         method = {"cordon": self.admin.CordonNode, "uncordon": self.admin.UncordonNode,
-                  "drain": self.admin.DrainNode}[action]
+                  "drain": self.admin.DrainNode, "clear": self.admin.ClearNode}[action]
         return method(admin_pb2.NodeActionRequest(node_id=node_id, reason=reason), metadata=self._md,
                       timeout=self.timeout_s)
+
+    def clear_gpu(self, node_id: str, gpu_index: int, reason: str = ""):
+        """An UNHEALTHY GPU back to READY, once an operator has reset or replaced it."""
+        return self.admin.ClearGpu(admin_pb2.ClearGpuRequest(node_id=node_id, gpu_index=gpu_index, reason=reason),
+                                   metadata=self._md, timeout=self.timeout_s)
 
     def resolve(self, allocation_id: str, note: str = "") -> common_pb2.Allocation:
         return self.admin.ResolveAllocation(admin_pb2.ResolveAllocationRequest(allocation_id=allocation_id,

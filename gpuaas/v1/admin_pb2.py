@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from gpuaas.v1 import common_pb2 as gpuaas_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15gpuaas/v1/admin.proto\x12\tgpuaas.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16gpuaas/v1/common.proto\"e\n\rNodeGpuStatus\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05model\x18\x02 \x01(\t\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.gpuaas.v1.GpuState\x12\x12\n\nfree_milli\x18\x04 \x01(\x05\"\xd0\x01\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tnode_name\x18\x02 \x01(\t\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.gpuaas.v1.NodeState\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x11\n\tsimulated\x18\x05 \x01(\x08\x12&\n\x04gpus\x18\x06 \x03(\x0b\x32\x18.gpuaas.v1.NodeGpuStatus\x12-\n\tlast_seen\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x12\n\x10ListNodesRequest\"9\n\x11ListNodesResponse\x12$\n\x05nodes\x18\x01 \x03(\x0b\x32\x15.gpuaas.v1.NodeStatus\"4\n\x11NodeActionRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"?\n\x18ResolveAllocationRequest\x12\x15\n\rallocation_id\x18\x01 \x01(\t\x12\x0c\n\x04note\x18\x02 \x01(\t\")\n\x06Tenant\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"6\n\x13\x43reateTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"F\n\x12\x43reateTokenRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06scopes\x18\x02 \x03(\t\x12\r\n\x05ttl_s\x18\x03 \x01(\x03\"7\n\x13\x43reateTokenResponse\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\t\"&\n\x12RevokeTokenRequest\x12\x10\n\x08token_id\x18\x01 \x01(\t\"\x15\n\x13RevokeTokenResponse\"D\n\x05Quota\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tgpu_model\x18\x02 \x01(\t\x12\x15\n\rgpu_milli_max\x18\x03 \x01(\x03\"2\n\x0fSetQuotaRequest\x12\x1f\n\x05quota\x18\x01 \x01(\x0b\x32\x10.gpuaas.v1.Quota\"&\n\x11ListQuotasRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"6\n\x12ListQuotasResponse\x12 \n\x06quotas\x18\x01 \x03(\x0b\x32\x10.gpuaas.v1.Quota\"\x15\n\x13VerifyLedgerRequest\"_\n\x14VerifyLedgerResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x17\n\x0f\x65ntries_checked\x18\x02 \x01(\x03\x12\x11\n\tfirst_bad\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t2\xa6\x06\n\x0c\x41\x64minService\x12\x46\n\tListNodes\x12\x1b.gpuaas.v1.ListNodesRequest\x1a\x1c.gpuaas.v1.ListNodesResponse\x12\x41\n\nCordonNode\x12\x1c.gpuaas.v1.NodeActionRequest\x1a\x15.gpuaas.v1.NodeStatus\x12\x43\n\x0cUncordonNode\x12\x1c.gpuaas.v1.NodeActionRequest\x1a\x15.gpuaas.v1.NodeStatus\x12@\n\tDrainNode\x12\x1c.gpuaas.v1.NodeActionRequest\x1a\x15.gpuaas.v1.NodeStatus\x12O\n\x11ResolveAllocation\x12#.gpuaas.v1.ResolveAllocationRequest\x1a\x15.gpuaas.v1.Allocation\x12\x41\n\x0c\x43reateTenant\x12\x1e.gpuaas.v1.CreateTenantRequest\x1a\x11.gpuaas.v1.Tenant\x12L\n\x0b\x43reateToken\x12\x1d.gpuaas.v1.CreateTokenRequest\x1a\x1e.gpuaas.v1.CreateTokenResponse\x12L\n\x0bRevokeToken\x12\x1d.gpuaas.v1.RevokeTokenRequest\x1a\x1e.gpuaas.v1.RevokeTokenResponse\x12\x38\n\x08SetQuota\x12\x1a.gpuaas.v1.SetQuotaRequest\x1a\x10.gpuaas.v1.Quota\x12I\n\nListQuotas\x12\x1c.gpuaas.v1.ListQuotasRequest\x1a\x1d.gpuaas.v1.ListQuotasResponse\x12O\n\x0cVerifyLedger\x12\x1e.gpuaas.v1.VerifyLedgerRequest\x1a\x1f.gpuaas.v1.VerifyLedgerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15gpuaas/v1/admin.proto\x12\tgpuaas.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16gpuaas/v1/common.proto\"e\n\rNodeGpuStatus\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05model\x18\x02 \x01(\t\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.gpuaas.v1.GpuState\x12\x12\n\nfree_milli\x18\x04 \x01(\x05\"\xd0\x01\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tnode_name\x18\x02 \x01(\t\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.gpuaas.v1.NodeState\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x11\n\tsimulated\x18\x05 \x01(\x08\x12&\n\x04gpus\x18\x06 \x03(\x0b\x32\x18.gpuaas.v1.NodeGpuStatus\x12-\n\tlast_seen\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x12\n\x10ListNodesRequest\"9\n\x11ListNodesResponse\x12$\n\x05nodes\x18\x01 \x03(\x0b\x32\x15.gpuaas.v1.NodeStatus\"4\n\x11NodeActionRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"E\n\x0f\x43learGpuRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tgpu_index\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\"?\n\x18ResolveAllocationRequest\x12\x15\n\rallocation_id\x18\x01 \x01(\t\x12\x0c\n\x04note\x18\x02 \x01(\t\")\n\x06Tenant\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"6\n\x13\x43reateTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"F\n\x12\x43reateTokenRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06scopes\x18\x02 \x03(\t\x12\r\n\x05ttl_s\x18\x03 \x01(\x03\"7\n\x13\x43reateTokenResponse\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\t\"&\n\x12RevokeTokenRequest\x12\x10\n\x08token_id\x18\x01 \x01(\t\"\x15\n\x13RevokeTokenResponse\"D\n\x05Quota\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tgpu_model\x18\x02 \x01(\t\x12\x15\n\rgpu_milli_max\x18\x03 \x01(\x03\"2\n\x0fSetQuotaRequest\x12\x1f\n\x05quota\x18\x01 \x01(\x0b\x32\x10.gpuaas.v1.Quota\"&\n\x11ListQuotasRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"6\n\x12ListQuotasResponse\x12 \n\x06quotas\x18\x01 \x03(\x0b\x32\x10.gpuaas.v1.Quota\"\x15\n\x13VerifyLedgerRequest\"_\n\x14VerifyLedgerResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x17\n\x0f\x65ntries_checked\x18\x02 \x01(\x03\x12\x11\n\tfirst_bad\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t2\xa7\x07\n\x0c\x41\x64minService\x12\x46\n\tListNodes\x12\x1b.gpuaas.v1.ListNodesRequest\x1a\x1c.gpuaas.v1.ListNodesResponse\x12\x41\n\nCordonNode\x12\x1c.gpuaas.v1.NodeActionRequest\x1a\x15.gpuaas.v1.NodeStatus\x12\x43\n\x0cUncordonNode\x12\x1c.gpuaas.v1.NodeActionRequest\x1a\x15.gpuaas.v1.NodeStatus\x12@\n\tDrainNode\x12\x1c.gpuaas.v1.NodeActionRequest\x1a\x15.gpuaas.v1.NodeStatus\x12@\n\tClearNode\x12\x1c.gpuaas.v1.NodeActionRequest\x1a\x15.gpuaas.v1.NodeStatus\x12=\n\x08\x43learGpu\x12\x1a.gpuaas.v1.ClearGpuRequest\x1a\x15.gpuaas.v1.NodeStatus\x12O\n\x11ResolveAllocation\x12#.gpuaas.v1.ResolveAllocationRequest\x1a\x15.gpuaas.v1.Allocation\x12\x41\n\x0c\x43reateTenant\x12\x1e.gpuaas.v1.CreateTenantRequest\x1a\x11.gpuaas.v1.Tenant\x12L\n\x0b\x43reateToken\x12\x1d.gpuaas.v1.CreateTokenRequest\x1a\x1e.gpuaas.v1.CreateTokenResponse\x12L\n\x0bRevokeToken\x12\x1d.gpuaas.v1.RevokeTokenRequest\x1a\x1e.gpuaas.v1.RevokeTokenResponse\x12\x38\n\x08SetQuota\x12\x1a.gpuaas.v1.SetQuotaRequest\x1a\x10.gpuaas.v1.Quota\x12I\n\nListQuotas\x12\x1c.gpuaas.v1.ListQuotasRequest\x1a\x1d.gpuaas.v1.ListQuotasResponse\x12O\n\x0cVerifyLedger\x12\x1e.gpuaas.v1.VerifyLedgerRequest\x1a\x1f.gpuaas.v1.VerifyLedgerResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,32 +43,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTNODESRESPONSE']._serialized_end=484
   _globals['_NODEACTIONREQUEST']._serialized_start=486
   _globals['_NODEACTIONREQUEST']._serialized_end=538
-  _globals['_RESOLVEALLOCATIONREQUEST']._serialized_start=540
-  _globals['_RESOLVEALLOCATIONREQUEST']._serialized_end=603
-  _globals['_TENANT']._serialized_start=605
-  _globals['_TENANT']._serialized_end=646
-  _globals['_CREATETENANTREQUEST']._serialized_start=648
-  _globals['_CREATETENANTREQUEST']._serialized_end=702
-  _globals['_CREATETOKENREQUEST']._serialized_start=704
-  _globals['_CREATETOKENREQUEST']._serialized_end=774
-  _globals['_CREATETOKENRESPONSE']._serialized_start=776
-  _globals['_CREATETOKENRESPONSE']._serialized_end=831
-  _globals['_REVOKETOKENREQUEST']._serialized_start=833
-  _globals['_REVOKETOKENREQUEST']._serialized_end=871
-  _globals['_REVOKETOKENRESPONSE']._serialized_start=873
-  _globals['_REVOKETOKENRESPONSE']._serialized_end=894
-  _globals['_QUOTA']._serialized_start=896
-  _globals['_QUOTA']._serialized_end=964
-  _globals['_SETQUOTAREQUEST']._serialized_start=966
-  _globals['_SETQUOTAREQUEST']._serialized_end=1016
-  _globals['_LISTQUOTASREQUEST']._serialized_start=1018
-  _globals['_LISTQUOTASREQUEST']._serialized_end=1056
-  _globals['_LISTQUOTASRESPONSE']._serialized_start=1058
-  _globals['_LISTQUOTASRESPONSE']._serialized_end=1112
-  _globals['_VERIFYLEDGERREQUEST']._serialized_start=1114
-  _globals['_VERIFYLEDGERREQUEST']._serialized_end=1135
-  _globals['_VERIFYLEDGERRESPONSE']._serialized_start=1137
-  _globals['_VERIFYLEDGERRESPONSE']._serialized_end=1232
-  _globals['_ADMINSERVICE']._serialized_start=1235
-  _globals['_ADMINSERVICE']._serialized_end=2041
+  _globals['_CLEARGPUREQUEST']._serialized_start=540
+  _globals['_CLEARGPUREQUEST']._serialized_end=609
+  _globals['_RESOLVEALLOCATIONREQUEST']._serialized_start=611
+  _globals['_RESOLVEALLOCATIONREQUEST']._serialized_end=674
+  _globals['_TENANT']._serialized_start=676
+  _globals['_TENANT']._serialized_end=717
+  _globals['_CREATETENANTREQUEST']._serialized_start=719
+  _globals['_CREATETENANTREQUEST']._serialized_end=773
+  _globals['_CREATETOKENREQUEST']._serialized_start=775
+  _globals['_CREATETOKENREQUEST']._serialized_end=845
+  _globals['_CREATETOKENRESPONSE']._serialized_start=847
+  _globals['_CREATETOKENRESPONSE']._serialized_end=902
+  _globals['_REVOKETOKENREQUEST']._serialized_start=904
+  _globals['_REVOKETOKENREQUEST']._serialized_end=942
+  _globals['_REVOKETOKENRESPONSE']._serialized_start=944
+  _globals['_REVOKETOKENRESPONSE']._serialized_end=965
+  _globals['_QUOTA']._serialized_start=967
+  _globals['_QUOTA']._serialized_end=1035
+  _globals['_SETQUOTAREQUEST']._serialized_start=1037
+  _globals['_SETQUOTAREQUEST']._serialized_end=1087
+  _globals['_LISTQUOTASREQUEST']._serialized_start=1089
+  _globals['_LISTQUOTASREQUEST']._serialized_end=1127
+  _globals['_LISTQUOTASRESPONSE']._serialized_start=1129
+  _globals['_LISTQUOTASRESPONSE']._serialized_end=1183
+  _globals['_VERIFYLEDGERREQUEST']._serialized_start=1185
+  _globals['_VERIFYLEDGERREQUEST']._serialized_end=1206
+  _globals['_VERIFYLEDGERRESPONSE']._serialized_start=1208
+  _globals['_VERIFYLEDGERRESPONSE']._serialized_end=1303
+  _globals['_ADMINSERVICE']._serialized_start=1306
+  _globals['_ADMINSERVICE']._serialized_end=2241
 # @@protoc_insertion_point(module_scope)

@@ -58,6 +58,16 @@ class NodeActionRequest(_message.Message):
     reason: str
     def __init__(self, node_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class ClearGpuRequest(_message.Message):
+    __slots__ = ("node_id", "gpu_index", "reason")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    GPU_INDEX_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    gpu_index: int
+    reason: str
+    def __init__(self, node_id: _Optional[str] = ..., gpu_index: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class ResolveAllocationRequest(_message.Message):
     __slots__ = ("allocation_id", "note")
     ALLOCATION_ID_FIELD_NUMBER: _ClassVar[int]

@@ -55,6 +55,16 @@ class AdminServiceStub:
                 request_serializer=gpuaas_dot_v1_dot_admin__pb2.NodeActionRequest.SerializeToString,
                 response_deserializer=gpuaas_dot_v1_dot_admin__pb2.NodeStatus.FromString,
                 _registered_method=True)
+        self.ClearNode = channel.unary_unary(
+                '/gpuaas.v1.AdminService/ClearNode',
+                request_serializer=gpuaas_dot_v1_dot_admin__pb2.NodeActionRequest.SerializeToString,
+                response_deserializer=gpuaas_dot_v1_dot_admin__pb2.NodeStatus.FromString,
+                _registered_method=True)
+        self.ClearGpu = channel.unary_unary(
+                '/gpuaas.v1.AdminService/ClearGpu',
+                request_serializer=gpuaas_dot_v1_dot_admin__pb2.ClearGpuRequest.SerializeToString,
+                response_deserializer=gpuaas_dot_v1_dot_admin__pb2.NodeStatus.FromString,
+                _registered_method=True)
         self.ResolveAllocation = channel.unary_unary(
                 '/gpuaas.v1.AdminService/ResolveAllocation',
                 request_serializer=gpuaas_dot_v1_dot_admin__pb2.ResolveAllocationRequest.SerializeToString,
@@ -115,6 +125,25 @@ class AdminServiceServicer:
 
     def DrainNode(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearNode(self, request, context):
+        """UNHEALTHY → READY once an operator has dealt with a node-level fault (a fatal
+        XID whose catalog action is a node drain or reboot waits for this).
+        FAILED_PRECONDITION when the node is not UNHEALTHY.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearGpu(self, request, context):
+        """One GPU UNHEALTHY → READY once an operator has reset or replaced it; the
+        placement view offers it again at once. FAILED_PRECONDITION when that GPU is
+        not UNHEALTHY; INVALID_ARGUMENT for a negative index; NOT_FOUND for an
+        unknown node or a GPU index the node does not have.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -184,6 +213,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
             'DrainNode': grpc.unary_unary_rpc_method_handler(
                     servicer.DrainNode,
                     request_deserializer=gpuaas_dot_v1_dot_admin__pb2.NodeActionRequest.FromString,
+                    response_serializer=gpuaas_dot_v1_dot_admin__pb2.NodeStatus.SerializeToString,
+            ),
+            'ClearNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearNode,
+                    request_deserializer=gpuaas_dot_v1_dot_admin__pb2.NodeActionRequest.FromString,
+                    response_serializer=gpuaas_dot_v1_dot_admin__pb2.NodeStatus.SerializeToString,
+            ),
+            'ClearGpu': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearGpu,
+                    request_deserializer=gpuaas_dot_v1_dot_admin__pb2.ClearGpuRequest.FromString,
                     response_serializer=gpuaas_dot_v1_dot_admin__pb2.NodeStatus.SerializeToString,
             ),
             'ResolveAllocation': grpc.unary_unary_rpc_method_handler(
@@ -329,6 +368,60 @@ class AdminService:
             target,
             '/gpuaas.v1.AdminService/DrainNode',
             gpuaas_dot_v1_dot_admin__pb2.NodeActionRequest.SerializeToString,
+            gpuaas_dot_v1_dot_admin__pb2.NodeStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuaas.v1.AdminService/ClearNode',
+            gpuaas_dot_v1_dot_admin__pb2.NodeActionRequest.SerializeToString,
+            gpuaas_dot_v1_dot_admin__pb2.NodeStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearGpu(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuaas.v1.AdminService/ClearGpu',
+            gpuaas_dot_v1_dot_admin__pb2.ClearGpuRequest.SerializeToString,
             gpuaas_dot_v1_dot_admin__pb2.NodeStatus.FromString,
             options,
             channel_credentials,

@@ -85,6 +85,42 @@ def test_fatal_xid_fails_allocation_stops_billing_and_withdraws_gpu(control_plan
     assert billed == expected
 
 
+def test_operator_clears_an_unhealthy_gpu_back_into_service(control_plane, pool_node, admin, tenant):
+    """AdminService.ClearGpu: UNHEALTHY → READY (recorded as an operator event) and offered again at once;
+    bad input gets its documented status and changes nothing."""
+    import grpc
+
+    node, _ = pool_node
+    inject(control_plane, node, {"fault": "xid", "gpu": 2, "xid": 79, "message": "fell off the bus"})
+    gpu_state = lambda: _db(control_plane, "SELECT state FROM control.gpus WHERE node_id=%s AND gpu_index=2",  # noqa: E731
+                            node)[0][0]
+    _wait(lambda: gpu_state() == "UNHEALTHY", 15, "GPU UNHEALTHY")
+    held = [tenant.place(rid(), gpu_count=1, node_selector={"pool": node}) for _ in range(3)]
+    assert 2 not in {h.assignments[0].gpu_indices[0] for h in held}
+    for kwargs, code in [({"node_id": node, "gpu_index": -1}, grpc.StatusCode.INVALID_ARGUMENT),
+                         ({"node_id": node, "gpu_index": 99}, grpc.StatusCode.NOT_FOUND),
+                         ({"node_id": "no-such-node", "gpu_index": 0}, grpc.StatusCode.NOT_FOUND),
+                         ({"node_id": node, "gpu_index": 0}, grpc.StatusCode.FAILED_PRECONDITION)]:  # READY already
+        with pytest.raises(grpc.RpcError) as err:
+            admin.clear_gpu(**kwargs)
+        assert err.value.code() == code, kwargs
+    with pytest.raises(grpc.RpcError) as err:
+        tenant.clear_gpu(node, 2)  # a tenant token has no admin scope
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert gpu_state() == "UNHEALTHY"
+
+    inject(control_plane, node, {"fault": "clear", "gpu": 2})  # the GPU was reset on the node
+    st = admin.clear_gpu(node, 2, reason="GPU reset by the operator")
+    assert [g.state for g in st.gpus if g.index == 2] == [pb.GPU_STATE_READY]
+    assert gpu_state() == "READY"
+    ev = _db(control_plane, "SELECT to_state, automatic, reason FROM control.node_events WHERE node_id=%s"
+                            " AND gpu_index=2 ORDER BY event_id DESC LIMIT 1", node)
+    assert ev == [("READY", False, "GPU reset by the operator")]
+    a = tenant.place(rid(), gpu_count=1, node_selector={"pool": node})
+    assert a.assignments[0].gpu_indices == [2]
+    tenant.wait_state(a.allocation_id, {RUNNING}, 30)  # the node prepares it: its own health view agrees
+
+
 def test_application_xid_keeps_the_gpu_in_service(control_plane, pool_node, tenant):
     """XID 13 (an application error) leaves the GPU READY and the allocation RUNNING."""
     node, _ = pool_node
