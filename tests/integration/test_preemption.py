@@ -15,7 +15,7 @@ import pytest
 from gpuaas.client import Client
 from gpuaas.v1 import common_pb2 as pb
 from tests.faults.harness import HOLDS_SQL, flush_ledger
-from tests.integration.conftest import GPUS, NODES, give_back, new_tenant, q, rid
+from tests.integration.conftest import GPUS, NODES, give_back, q, rid, tenant_fixture
 
 QUEUED, RUNNING, RELEASED = pb.ALLOCATION_STATE_QUEUED, pb.ALLOCATION_STATE_RUNNING, pb.ALLOCATION_STATE_RELEASED
 ZONE = {"zone": "sim-a"}   # the session's simulated nodes only (fault scenarios add other pools)
@@ -24,12 +24,7 @@ CAPACITY = NODES * GPUS
 
 # ---------------------------------------------------------------- helpers
 
-@pytest.fixture
-def other_tenant(admin, control_plane):
-    c = new_tenant(admin, control_plane)
-    yield c
-    give_back(c)
-    c.close()
+other_tenant = tenant_fixture()
 
 
 def fill(c: Client, n: int, priority: int, **fields) -> list[pb.Allocation]:

@@ -53,6 +53,32 @@ def test_runtime_role_holds_only_insert_and_select(ledger_db):
             conn.execute("SET session_replication_role = replica")
 
 
+def _raw_usage_reversal(conn, seq_expr: str, reverses_id: int) -> None:
+    """A reversal row of usage entry 1 inserted by hand, past the writer's own checks."""
+    conn.execute(
+        "INSERT INTO ledger.usage_entries (id, allocation_id, seq, replica, kind, interval_start, interval_end,"
+        " gpu_count, gpu_milli, gpu_milli_us, util_bp, energy_mj, reverses_id, tenant_id, node_id, gpu_model,"
+        f" hash) SELECT 99, allocation_id, {seq_expr}, replica, 1, interval_start, interval_end, gpu_count,"
+        f" gpu_milli, -gpu_milli_us, util_bp, 0, {int(reverses_id)}, tenant_id, node_id, gpu_model, hash"
+        " FROM ledger.usage_entries WHERE id = 1")
+
+
+def _raw_billing_reversal(conn, usage_entry_id: int, side: int, reverses_id: int) -> None:
+    """A reversal line of billing entry 1 inserted by hand, past the writer's own checks."""
+    conn.execute(
+        "INSERT INTO ledger.billing_entries (id, usage_entry_id, side, amount_micros, price_id, at,"
+        f" reverses_id, account_id, currency, hash) SELECT 99, {int(usage_entry_id)}, {int(side)}, amount_micros,"
+        f" price_id, at, {int(reverses_id)}, account_id, currency, hash FROM ledger.billing_entries WHERE id = 1")
+
+
+def _append_unbilled_usage(conn) -> None:
+    st = store.LedgerStore(conn)
+    with conn.transaction():
+        st.lock()
+        st.append_usage([store.UsageRow("00000000-0000-0000-0000-000000000002", 0, 0, 0, us(0), us(60), 1, 1000,
+                                        "acme", "n1", "H100")], bill=False)
+
+
 def test_an_entry_can_be_reversed_only_once_by_the_database(ledger_db):
     """Past the writer's own check, a second reversal row of the same entry violates a unique index."""
     _one_usage(ledger_db.app)
@@ -62,22 +88,11 @@ def test_an_entry_can_be_reversed_only_once_by_the_database(ledger_db):
             st.lock()
             assert st.reverse_usage([1]).written == 1
         with pytest.raises(psycopg.errors.UniqueViolation, match="usage_entries_reverses_uq"):
-            conn.execute(
-                "INSERT INTO ledger.usage_entries (id, allocation_id, seq, replica, kind, interval_start, interval_end,"
-                " gpu_count, gpu_milli, gpu_milli_us, util_bp, energy_mj, reverses_id, tenant_id, node_id, gpu_model,"
-                " hash) SELECT 99, allocation_id, seq + 1, replica, 1, interval_start, interval_end, gpu_count,"
-                " gpu_milli, -gpu_milli_us, util_bp, 0, 1, tenant_id, node_id, gpu_model, hash"
-                " FROM ledger.usage_entries WHERE id = 1")
+            _raw_usage_reversal(conn, "seq + 1", 1)
         conn.rollback()
-        with conn.transaction():  # entry 3, without billing lines
-            st.lock()
-            st.append_usage([store.UsageRow("00000000-0000-0000-0000-000000000002", 0, 0, 0, us(0), us(60), 1, 1000,
-                                            "acme", "n1", "H100")], bill=False)
+        _append_unbilled_usage(conn)  # entry 3
         with pytest.raises(psycopg.errors.UniqueViolation, match="billing_entries_reverses_uq"):
-            conn.execute(
-                "INSERT INTO ledger.billing_entries (id, usage_entry_id, side, amount_micros, price_id, at,"
-                " reverses_id, account_id, currency, hash) SELECT 99, 3, 2, amount_micros, price_id, at, 1,"
-                " account_id, currency, hash FROM ledger.billing_entries WHERE id = 1")
+            _raw_billing_reversal(conn, 3, 2, 1)
 
 
 def test_a_reversal_must_reference_an_existing_entry(ledger_db):
@@ -85,20 +100,8 @@ def test_a_reversal_must_reference_an_existing_entry(ledger_db):
     _one_usage(ledger_db.app)
     with psycopg.connect(ledger_db.app) as conn:
         with pytest.raises(psycopg.errors.ForeignKeyViolation, match="reverses id 42, which does not exist"):
-            conn.execute(
-                "INSERT INTO ledger.usage_entries (id, allocation_id, seq, replica, kind, interval_start, interval_end,"
-                " gpu_count, gpu_milli, gpu_milli_us, util_bp, energy_mj, reverses_id, tenant_id, node_id, gpu_model,"
-                " hash) SELECT 99, allocation_id, seq, replica, 1, interval_start, interval_end, gpu_count,"
-                " gpu_milli, -gpu_milli_us, util_bp, 0, 42, tenant_id, node_id, gpu_model, hash"
-                " FROM ledger.usage_entries WHERE id = 1")
+            _raw_usage_reversal(conn, "seq", 42)
         conn.rollback()
-        st = store.LedgerStore(conn)
-        with conn.transaction():  # entry 2, without billing lines
-            st.lock()
-            st.append_usage([store.UsageRow("00000000-0000-0000-0000-000000000002", 0, 0, 0, us(0), us(60), 1, 1000,
-                                            "acme", "n1", "H100")], bill=False)
+        _append_unbilled_usage(conn)  # entry 2
         with pytest.raises(psycopg.errors.ForeignKeyViolation, match="reverses id 42, which does not exist"):
-            conn.execute(
-                "INSERT INTO ledger.billing_entries (id, usage_entry_id, side, amount_micros, price_id, at,"
-                " reverses_id, account_id, currency, hash) SELECT 99, 2, 1, amount_micros, price_id, at, 42,"
-                " account_id, currency, hash FROM ledger.billing_entries WHERE id = 1")
+            _raw_billing_reversal(conn, 2, 1, 42)
