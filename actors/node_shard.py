@@ -53,11 +53,16 @@ class NodeWatch:
     # Usage window per GPU: [util % sum, samples, first energy mJ, last energy mJ] since window_start_us
     window: dict = dataclasses.field(default_factory=dict)
     window_start_us: int = 0
+    # A CORDONED/DRAINING node whose daemon went silent past the offline timeout: its
+    # allocations were failed (once); cleared when the daemon registers again.
+    lost: bool = False
 
 
 # Hardware thermal slowdown bit of NVML's clocks-throttle reasons.
 THROTTLE_HW_THERMAL = 0x40
 ALL_GPUS = -1  # a fault that takes every GPU of the node out (XID catalog: drain the node)
+# Out of service by an operator's choice: a lost daemon fails their allocations without leaving the state.
+OPERATOR_HELD = (NodeState.CORDONED, NodeState.DRAINING)
 
 
 class NodeShardCore:
@@ -118,17 +123,19 @@ class NodeShardCore:
         except IllegalTransition as exc:
             raise FailedPrecondition(str(exc)) from None
         w = self.nodes.get(node_id)
+        was_lost = False
         if w is None:
             w = self.nodes[node_id] = NodeWatch(node_id, address, dst, time.monotonic())
         else:
             if w.address != address:
                 await self.agents.drop(w.address)
+            was_lost, w.lost = w.lost, False
             w.address, w.state, w.last_frame_mono = address, dst, time.monotonic()
         w.gpu_states = {i: GpuState[s] for i, s in gstates.items()}
         if w.task is not None:
             w.task.cancel()
         w.task = asyncio.get_running_loop().create_task(self._watch(w))
-        if src in (NodeState.OFFLINE, NodeState.SUSPECT) or orphans:
+        if src in (NodeState.OFFLINE, NodeState.SUSPECT) or orphans or was_lost:
             for shard in self.alloc_shards():
                 shard.node_ready.remote(node_id, address)
         return dst.name, orphans, {i: s for i, s in gstates.items()}
@@ -288,9 +295,12 @@ class NodeShardCore:
             await self._node_transition(w, NodeEvent.HEARTBEAT_MISSED, f"no telemetry for {silent_s:.1f}s")
         elif w.state is NodeState.SUSPECT and silent_s <= self.cfg.heartbeat_grace_s:
             await self._node_transition(w, NodeEvent.HEARTBEAT_BACK, "telemetry resumed")
-        elif w.state is NodeState.SUSPECT and silent_s > self.cfg.heartbeat_offline_s:
+        elif (w.state is NodeState.SUSPECT or (w.state in OPERATOR_HELD and not w.lost)) \
+                and silent_s > self.cfg.heartbeat_offline_s:
+            # SUSPECT → OFFLINE; a cordoned or draining node stays so (its own table rows)
             at = utcnow()
             await self._node_transition(w, NodeEvent.HEARTBEAT_TIMEOUT, f"no telemetry for {silent_s:.1f}s", at)
+            w.lost = True
             for shard in self.alloc_shards():
                 shard.fail_on_node.remote(w.node_id, None, "node_lost", at.isoformat())
             if w.task is not None:

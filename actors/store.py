@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import io
 import json
 import uuid
 from typing import Iterable, Sequence
@@ -336,7 +335,9 @@ def register_node(conn, node_id: str, address: str, inventory, inventory_bytes: 
                          " state, updated_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
                          (node_id, g.index, g.uuid, g.model, g.memory_mib, g.nvlink_island, gt.dst.name, at))
             _node_event(conn, node_id, g.index, None, gt.dst, GpuEvent.DISCOVERED, "", True, at)
-    if src != t.dst:
+    # A live READY node re-registering (the control plane restarted) is not news; a daemon
+    # coming back to a node held out of service by an operator is (its orphans get cleaned up).
+    if src != t.dst or src in (NodeState.CORDONED, NodeState.DRAINING, NodeState.DRAINED):
         _node_event(conn, node_id, None, src, t.dst, NodeEvent.REGISTERED, "", True, at)
     return src, t.dst
 

@@ -61,6 +61,7 @@ def main() -> int:
         clients = [Client(cp.address, token) for _ in range(ns.threads)]
         run = uuid.uuid4().hex[:6]
         batch_rates, unary_rates, p50s, p99s = [], [], [], []
+        timeline: list[list[float]] = []  # per repeat: each paced request's latency (ms), in send order
         for rep in range(ns.repeats):
             # --- PlaceBatch
             placed = 0
@@ -108,6 +109,7 @@ def main() -> int:
 
             with cf.ThreadPoolExecutor(ns.threads * 4) as ex:
                 lat = list(ex.map(one, range(n)))
+            timeline.append([round(x * 1000, 2) for x in lat])
             p50s.append(percentile(lat, 50) * 1000)
             p99s.append(percentile(lat, 99) * 1000)
             print(f"run {rep + 1}: PlaceBatch {batch_rates[-1]:,.0f} durable placements/s | Place unary "
@@ -118,7 +120,8 @@ def main() -> int:
                "place_unary_p99_ms_at_500": median(p99s), "place_unary_p50_ms_at_500": median(p50s),
                "runs": {"batch": batch_rates, "unary": unary_rates, "p99_ms": p99s, "p50_ms": p50s},
                "placement_actor_stats": stats, "rate": ns.rate, "threads": ns.threads,
-               "nodes": ns.nodes, "gpus_per_node": ns.gpus_per_node}
+               "nodes": ns.nodes, "gpus_per_node": ns.gpus_per_node,
+               "paced_latency_ms_in_send_order": timeline}
         print(f"\nmedian of {ns.repeats}: PlaceBatch {res['place_batch_per_s']:,.0f}/s (target ≥ 20,000) | "
               f"Place unary {res['place_unary_per_s']:,.0f}/s (target ≥ 1,500) | p99 at {ns.rate:.0f}/s "
               f"{res['place_unary_p99_ms_at_500']:.1f} ms (target ≤ 10)")

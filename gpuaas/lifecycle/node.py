@@ -65,6 +65,17 @@ NODE_TABLE = TransitionTable("node", [
     T(N.OFFLINE, NE.REGISTERED, N.READY, True, "daemon re-registered; orphans cleaned up"),
     T(N.SUSPECT, NE.REGISTERED, N.READY, True, "daemon restarted within the grace period"),
     T(N.READY, NE.REGISTERED, N.READY, True, "re-registration of a live node (control plane restarted)"),
+    # A node out of service by an operator's choice keeps that choice through a lost daemon:
+    # no SUSPECT step (nothing is placed there anyway), but its RUNNING allocations are failed
+    # and their billing stopped exactly as on an OFFLINE node, and the daemon may come back.
+    T(N.CORDONED, NE.HEARTBEAT_TIMEOUT, N.CORDONED, True,
+      "telemetry silent past the offline timeout: its RUNNING allocations → FAILED, billing stopped; stays cordoned"),
+    T(N.DRAINING, NE.HEARTBEAT_TIMEOUT, N.DRAINING, True,
+      "telemetry silent past the offline timeout: its RUNNING allocations → FAILED, billing stopped; DRAINED once empty"),
+    T(N.CORDONED, NE.REGISTERED, N.CORDONED, True, "daemon re-registered; orphans cleaned up; stays cordoned"),
+    T(N.DRAINING, NE.REGISTERED, N.DRAINING, True, "daemon re-registered; orphans cleaned up; still draining"),
+    T(N.DRAINED, NE.REGISTERED, N.DRAINED, True, "daemon re-registered (e.g. after maintenance); out of service "
+      "until uncordoned"),
 ] + [T(s, NE.DECOMMISSION, N.DECOMMISSIONED, False, "removed from the fleet") for s in NodeState
      if s is not N.DECOMMISSIONED])
 

@@ -157,3 +157,39 @@ def test_killed_daemon_goes_suspect_offline_then_back_after_orphan_cleanup(contr
     events = [e for (e,) in _db(control_plane, "SELECT event FROM control.node_events WHERE node_id=%s"
                                 " AND gpu_index IS NULL ORDER BY event_id", node)]
     assert events == ["registered", "heartbeat_missed", "heartbeat_timeout", "registered"]
+
+
+def test_cordoned_node_losing_its_daemon_stops_billing_and_stays_cordoned(control_plane, pool_node, admin, tenant):
+    """A cordoned node keeps the cordon through a lost daemon, yet its RUNNING allocations fail with billing
+    stopped (as on an OFFLINE node); when the daemon comes back the orphan is cleaned up and the node is still
+    CORDONED until the operator uncordons it."""
+    node, proc = pool_node
+    a = tenant.place(rid(), gpu_count=1, node_selector={"pool": node})
+    tenant.wait_state(a.allocation_id, {RUNNING}, 30)
+    admin.node_action("cordon", node, "maintenance")
+    proc.kill()
+    t_kill = time.time()
+    failed = tenant.wait_state(a.allocation_id, {FAILED}, control_plane.cfg.heartbeat_offline_s + 15)
+    stop = failed.stopped_at.ToMicroseconds() / 1e6
+    assert t_kill + control_plane.cfg.heartbeat_offline_s - 1 <= stop <= t_kill + control_plane.cfg.heartbeat_offline_s + 3
+    state = lambda: _db(control_plane, "SELECT state FROM control.nodes WHERE node_id=%s", node)[0][0]  # noqa: E731
+    assert state() == "CORDONED"
+    ray.get(control_plane.ledger.flush.remote(timeout_s=30), timeout=40)
+    billed = _db(control_plane, "SELECT coalesce(sum(gpu_milli_us), 0) FROM ledger.usage_entries"
+                 " WHERE allocation_id = %s", a.allocation_id)[0][0]
+    assert billed == 1000 * (failed.stopped_at.ToMicroseconds() - failed.running_since.ToMicroseconds())
+    # The daemon comes back (e.g. after the maintenance reboot): accepted, still CORDONED, orphan cleaned up.
+    control_plane.start_daemon(node, 4, "H100", ["--cpu-milli", "64000", "--memory-mib", "262144",
+                                                 "--labels", f"pool={node}"])
+    tenant.wait_state(a.allocation_id, {RELEASED}, 30)
+    assert state() == "CORDONED"
+    events = [e for (e,) in _db(control_plane, "SELECT event FROM control.node_events WHERE node_id=%s"
+                                " AND gpu_index IS NULL ORDER BY event_id", node)]
+    assert events == ["registered", "cordon", "heartbeat_timeout", "registered"]
+    import grpc
+    with pytest.raises(grpc.RpcError):
+        tenant.place(rid(), gpu_count=1, node_selector={"pool": node})
+    admin.node_action("uncordon", node, "maintenance done")
+    _wait(lambda: state() == "READY", 5, "READY")
+    b = tenant.place(rid(), gpu_count=1, node_selector={"pool": node})
+    tenant.wait_state(b.allocation_id, {RUNNING}, 30)
