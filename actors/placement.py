@@ -37,6 +37,7 @@ import dataclasses
 import datetime as dt
 import logging
 import queue
+import re
 import threading
 import time
 import uuid
@@ -47,7 +48,7 @@ import psycopg
 from actors import convert, store
 from actors.store import AllocRow, utcnow
 from gpuaas.config import ControlPlaneConfig
-from gpuaas.errors import (AlreadyExists, GpuaasError, InvalidArgument, NotFound, ResourceExhausted, Unavailable)
+from gpuaas.errors import AlreadyExists, GpuaasError, ResourceExhausted, Unavailable
 from gpuaas.lifecycle import AllocEvent, AllocState, NodeState
 from gpuaas.lifecycle.allocation import HOLDS_CAPACITY
 from gpuaas.v1 import common_pb2
@@ -97,6 +98,10 @@ class _Pending:
     request: common_pb2.PlacementRequest
     future: cf.Future
     field_prefix: str = "request"
+
+
+# The reason of a victim's ``preempted`` event (``_send_preemptions``) starts with this.
+_PREEMPTED_BY = re.compile(r"preempted by ([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
 
 
 @dataclasses.dataclass
@@ -197,10 +202,13 @@ class PlacementCore:
                     " WHERE state <> 'DECOMMISSIONED'"):
                 self._add_node_locked(node_id, address, NodeState[state], cpu, mem, labels, gpus.get(node_id, []))
             n = 0
+            leaving: list[str] = []  # RELEASING / RELEASE_FAILED: maybe preemption victims
             for rec in conn.execute(
                     f"SELECT {', '.join(store.ALLOC_COLUMNS)} FROM control.allocations WHERE state IN"
                     " ('QUEUED','PLACED','RUNNING','RELEASING','FAILED','RELEASE_FAILED')"):
                 row = AllocRow.from_db(rec)
+                if row.state in (AllocState.RELEASING, AllocState.RELEASE_FAILED):
+                    leaving.append(row.allocation_id)
                 req = common_pb2.PlacementRequest.FromString(row.request)
                 dom = convert.to_domain(req, key=row.allocation_id, tenant=row.tenant_id)
                 self.owner_tenant[row.allocation_id] = row.tenant_id
@@ -223,9 +231,35 @@ class PlacementCore:
                 self.idem[(tenant, rid)] = (bytes(h), str(aid))
             for tenant, model, milli in conn.execute("SELECT tenant_id, gpu_model, gpu_milli_max FROM iam.quotas"):
                 self.engine.set_quota(tenant, model, milli)
+            held = self._rebuild_preemptions(conn, leaving)
         took = time.perf_counter() - t0
-        log.info("capacity view rebuilt: %d nodes, %d active allocations in %.2fs", len(self.nodes), n, took)
-        return {"nodes": len(self.nodes), "allocations": n, "seconds": took}
+        log.info("capacity view rebuilt: %d nodes, %d active allocations, %d preemption hold(s) in %.2fs",
+                 len(self.nodes), n, held, took)
+        return {"nodes": len(self.nodes), "allocations": n, "preemption_holds": held, "seconds": took}
+
+    def _rebuild_preemptions(self, conn, leaving: list[str]) -> int:
+        """Preemptions in flight when the previous incarnation died: victims already told to go (their
+        ``preempted`` event names the preemptor) that still hold capacity, for a preemptor still QUEUED.
+        Their hold is rebuilt, free part included, so the capacity freed for the preemptor goes to no
+        one else after a restart either."""
+        if not leaving:
+            return 0
+        by_pre: dict[str, list[tuple[str, dt.datetime]]] = {}
+        for aid, reason, at in conn.execute(
+                "SELECT allocation_id, reason, at FROM control.allocation_events"
+                " WHERE allocation_id = ANY(%s::uuid[]) AND event = %s", (leaving, AllocEvent.PREEMPTED.value)):
+            m = _PREEMPTED_BY.match(reason or "")
+            if m and m.group(1) in self.queued:
+                by_pre.setdefault(m.group(1), []).append((str(aid), at))
+        n = 0
+        for pid, victims in by_pre.items():
+            row = self.queued[pid]
+            ids = tuple(v for v, _ in victims)
+            if self.engine.rehold(self._domain(row), ids):
+                self.preempting[pid] = _Preemption(row=row, victims=ids, preempted=ids,
+                                                   at=min(at for _, at in victims), started=time.monotonic())
+                n += 1
+        return n
 
     def _add_node_locked(self, node_id, address, state, cpu, mem, labels, gpus) -> None:
         from scheduler import GpuSpec, NodeSpec

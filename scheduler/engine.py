@@ -673,6 +673,20 @@ class Engine:
                         f"allocation(s), losing {lost:.0f} GPU·s; their capacity is held for {req.key}",
                         reasons, victims)
 
+    def rehold(self, req: Request, victims: Iterable[str]) -> bool:
+        """Rebuild a preemption hold after a restart: ``victims`` (restored, still holding capacity,
+        already told to go) are linked to the preemptor ``req`` again, so their capacity joins its hold
+        as each is released, and the free part of its plan is held again at once, exactly as when the
+        victims were chosen. False when there is nothing to hold (no such victim, or a hold exists)."""
+        victims = tuple(v for v in victims if v in self.allocs and v not in self.victim_of and v != req.key)
+        if not victims or req.key in self.holds or req.key in self.allocs:
+            return False
+        saved = {k: self.allocs[k] for k in victims}
+        self.holds[req.key] = {"pending": set(victims), "held": self._reserve_rest(req, victims, saved)}
+        for k in victims:
+            self.victim_of[k] = req.key
+        return True
+
     def _reserve_rest(self, req: Request, victims: tuple[str, ...], saved: dict) -> list[_Alloc]:
         """Hold now the free capacity that the preemptor's plan needs besides its victims' (the victims'
         own capacity joins the hold as each is released). Otherwise a placement made while the victims

@@ -122,6 +122,40 @@ def test_engine_holds_the_free_part_of_a_preemptors_plan(policy):
     assert e.snapshot_free()["a"]["cpu_milli"] == 8000
 
 
+@pytest.mark.parametrize("policy", ["FAST_BEST_FIT", "BEST_FIT"])
+def test_engine_rebuilds_a_preemption_hold_after_a_restart(policy):
+    """A fresh engine (the placement actor restarted) restored from the allocations, with the preemptor
+    queued again and ``rehold``: the free part of its plan is held again at once and its victims'
+    capacity joins the hold as they are released, exactly as in the engine that chose them."""
+    from scheduler import PolicyName, Request
+    from tests.scheduler.sched_helpers import engine, node
+
+    def one(key):
+        return Request(key=key, tenant="t", num_gpu=1, gpu_milli=1000, cpu_milli=1000, memory_mib=1024, priority=1)
+
+    hi = Request(key="hi", tenant="t", num_gpu=4, gpu_milli=1000, cpu_milli=4000, memory_mib=4096, priority=10)
+    before = engine(PolicyName[policy], [node("a", gpus=4, cpu=8000, mem=8192)])
+    for k in ("lo1", "lo2"):
+        assert before.place(one(k), now_s=0).placed
+    victims = before.place(hi, preempt=True, now_s=10).victims
+    assert set(victims) == {"lo1", "lo2"}
+
+    after = engine(PolicyName[policy], [node("a", gpus=4, cpu=8000, mem=8192)])
+    for k in ("lo1", "lo2"):  # still RELEASING: they hold their capacity
+        after.restore(k, one(k), before.allocs[k].assignments, now_s=0)
+    after.enqueue(hi)
+    assert after.rehold(hi, victims)
+    assert not after.rehold(hi, victims), "a second rehold of the same preemptor changes nothing"
+    after.check_invariants()
+    assert after.snapshot_free() == before.snapshot_free()
+    assert not after.place(Request(key="thief", tenant="t", num_gpu=1, gpu_milli=250, priority=100)).placed
+    for k in victims:
+        after.release(k)
+        after.check_invariants()
+    assert after.place(hi, now_s=20).placed
+    after.check_invariants()
+
+
 # ---------------------------------------------------------------- tests
 
 def test_preemptor_runs_on_freed_gpus_victims_released_billing_stops(control_plane, tenant):
@@ -288,6 +322,60 @@ def test_preemptor_waiting_on_failed_cleanup_is_cancelled_and_its_hold_returned(
         try:
             inject(cp, node, {"fault": "cleanup_fail", "times": 0})
         except Exception:  # noqa: BLE001 - the daemon may be gone already
+            pass
+        give_back(tenant)
+        stop_pool_node(cp, node)
+
+
+def test_preemption_in_flight_survives_a_placement_actor_restart(control_plane, tenant):
+    """The placement actor dies while a victim is still being cleaned up: the restarted actor rebuilds the
+    preemption from Postgres (the victim's ``preempted`` event names the preemptor), so the preemptor still
+    waits on that capacity, and it runs there once the victim is back."""
+    import os
+    import signal
+
+    import grpc
+    import ray
+
+    from tests.faults.scenarios import start_pool_node, stop_pool_node, wait_for
+
+    cp = control_plane
+    node = start_pool_node(cp)
+    pool = {"pool": node}
+    daemon = cp.daemon_by_name[node]
+    try:
+        low = tenant.place(rid(), gpu_count=2, priority=1, node_selector=pool)
+        tenant.wait_state(low.allocation_id, {RUNNING}, 30)
+        os.kill(daemon.pid, signal.SIGSTOP)  # the victim's cleanup will hang: it stays RELEASING
+        hi = tenant.place(rid(), gpu_count=4, priority=10, wait=True, queue_timeout_s=120, node_selector=pool)
+        ev = wait_preempted(cp, tenant.tenant_id, 1, 10)
+        assert list(ev) == [low.allocation_id] and hi.allocation_id in ev[low.allocation_id][2]
+        assert "preempting 1" in tenant.get(hi.allocation_id).pending_explanation
+
+        ray.kill(ray.get_actor("placement", namespace="gpuaas"), no_restart=False)
+
+        def explanation():
+            try:
+                return tenant.get(hi.allocation_id).pending_explanation
+            except grpc.RpcError:
+                return None  # restarting
+        wait_for(lambda: explanation() is None, 10, "the old placement actor to be gone")
+        wait_for(lambda: explanation() is not None, 90, "the placement actor to serve again")
+        assert q(cp, "SELECT state FROM control.allocations WHERE allocation_id = %s", low.allocation_id) == \
+            [("RELEASING",)]
+        assert "preempting 1" in explanation(), explanation()
+        assert ray_invariants(cp)
+
+        os.kill(daemon.pid, signal.SIGCONT)  # the node comes back, the victim is cleaned up
+        tenant.wait_state(low.allocation_id, {RELEASED}, 60)
+        got = tenant.wait_state(hi.allocation_id, {RUNNING}, 60)
+        assert len(gpus_of(got)) == 4
+        assert not double_booked(cp)
+        assert ray_invariants(cp)
+    finally:
+        try:
+            os.kill(daemon.pid, signal.SIGCONT)
+        except ProcessLookupError:
             pass
         give_back(tenant)
         stop_pool_node(cp, node)
