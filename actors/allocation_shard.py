@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import heapq
 import logging
 import time
 
@@ -44,12 +45,60 @@ class _Unbatched(Exception):
     pass
 
 
+class _Rows(dict):
+    """allocation id → its cached row, with the two indexes the once-a-second pass needs, so that the
+    pass costs what is due, not a walk over every RUNNING allocation of the shard:
+
+    - ``waiting``: the rows that are not RUNNING (PLACED, RELEASING, FAILED, …: the supervisor's work);
+    - ``leases``: a heap of (lease end, id) of RUNNING rows. An entry whose row has moved on (released,
+      lease renewed) is dropped when it comes up. Rows are replaced, never changed in place, so every
+      change passes through here."""
+
+    def __init__(self):
+        super().__init__()
+        self.waiting: set[str] = set()
+        self.leases: list[tuple] = []
+
+    def __setitem__(self, aid: str, row: AllocRow) -> None:
+        super().__setitem__(aid, row)
+        if row.state is AllocState.RUNNING:
+            self.waiting.discard(aid)
+            if row.lease_expires_at is not None:
+                heapq.heappush(self.leases, (row.lease_expires_at, aid))
+        else:
+            self.waiting.add(aid)
+
+    def pop(self, aid: str, *default):
+        self.waiting.discard(aid)
+        return super().pop(aid, *default)
+
+    def __delitem__(self, aid: str) -> None:
+        self.waiting.discard(aid)
+        super().__delitem__(aid)
+
+    def due_leases(self, now) -> list[tuple[str, object]]:
+        """(id, lease end) of the RUNNING rows whose lease has ended by ``now``; taken off the heap."""
+        out, seen = [], set()
+        while self.leases and self.leases[0][0] <= now:
+            at, aid = heapq.heappop(self.leases)
+            row = self.get(aid)
+            if row is not None and row.state is AllocState.RUNNING and row.lease_expires_at == at \
+                    and aid not in seen:  # the same row stored twice pushes its lease twice
+                seen.add(aid)
+                out.append((aid, at))
+        return out
+
+    def lease_again(self, aid: str, at) -> None:
+        """Put a due lease back (its release did not go through; the next pass tries again)."""
+        heapq.heappush(self.leases, (at, aid))
+
+
 class AllocationShardCore:
     def __init__(self, *, index: int, count: int, app_url: str, config: ControlPlaneConfig):
         self.index, self.count, self.cfg = index, count, config
         self.db = runtime.DbThread(app_url, f"alloc{index}")
         self.agents = runtime.AgentStubs()
-        self.rows: dict[str, AllocRow] = {}
+        self.rows = _Rows()
         self.locks: dict[str, asyncio.Lock] = {}
         self.addresses: dict[str, str] = {}
         self.nodes_down: set[str] = set()
@@ -515,15 +564,13 @@ class AllocationShardCore:
                 if time.monotonic() - last_scan < SCAN_EVERY_S:
                     continue
                 last_scan = time.monotonic()
-                # One pass over the rows, at most once a second: a shard holds tens of thousands
-                # of RUNNING allocations and a pass per tick would be most of its CPU.
-                expired = []
-                for aid, row in list(self.rows.items()):
-                    st = row.state
-                    if st is AllocState.RUNNING:
-                        if row.lease_expires_at and row.lease_expires_at <= now:
-                            expired.append((aid, row.lease_expires_at))
+                # At most once a second, and only over what is due: the leases that ended and the
+                # rows that are not RUNNING (a shard holds tens of thousands of RUNNING allocations).
+                for aid in list(self.rows.waiting):
+                    row = self.rows.get(aid)
+                    if row is None:
                         continue
+                    st = row.state
                     # Supervisor: work whose task died (database gone mid-transition) is started again.
                     busy = self.tasks.get(aid)
                     if busy is None or busy.done():
@@ -532,9 +579,15 @@ class AllocationShardCore:
                         elif st in (AllocState.RELEASING, AllocState.FAILED) and not (
                                 row.node_ids() & self.nodes_down):
                             self._spawn(aid, self._cleanup(aid))
-                for aid, at in expired:
+                expired = self.rows.due_leases(now)
+                for i, (aid, at) in enumerate(expired):
                     # Billing stops at the lease's end, not when this pass noticed it.
-                    await self.release(aid, AllocEvent.LEASE_EXPIRED.value, at.isoformat())
+                    try:
+                        await self.release(aid, AllocEvent.LEASE_EXPIRED.value, at.isoformat())
+                    except Exception:
+                        for later in expired[i:]:
+                            self.rows.lease_again(*later)
+                        raise
             except Exception as exc:  # noqa: BLE001
                 log.warning("allocation tick failed: %s", exc)
 
