@@ -158,7 +158,7 @@ class NodeShardCore:
             stub = self.agents.get(w.address)
             try:
                 stream = stub.StreamTelemetry(node_pb2.StreamTelemetryRequest(
-                    interval_ms=self.cfg.telemetry_interval_ms, buffer_frames_max=8))
+                    interval_ms=self.cfg.telemetry_interval_ms, buffer_frames_max=8, omit_processes=True))
                 async for frame in stream:
                     attempt = 0
                     self._on_frame(w, frame)

@@ -26,7 +26,7 @@ def inventory_pb(inv: Inventory, *, node_name: str, hostname: str, cpu_milli: in
               for g in inv.gpus])
 
 
-def sample_pb(s: GpuSample) -> node_pb2.GpuSample:
+def sample_pb(s: GpuSample, processes: bool = True) -> node_pb2.GpuSample:
     return node_pb2.GpuSample(
         index=s.index, uuid=s.uuid, gpu_util_pct=s.gpu_util_pct, memory_util_pct=s.memory_util_pct,
         memory_used_mib=s.memory_used_mib, temperature_c=s.temperature_c, power_mw=s.power_mw,
@@ -35,14 +35,14 @@ def sample_pb(s: GpuSample) -> node_pb2.GpuSample:
         ecc_aggregate_uncorrected=s.ecc_aggregate_uncorrected, retired_pages=s.retired_pages,
         energy_mj=s.energy_mj, lost=s.lost,
         processes=[node_pb2.ProcessInfo(pid=p.pid, used_memory_mib=p.used_memory_mib, name=p.name)
-                   for p in s.processes])
+                   for p in s.processes] if processes else ())
 
 
 def xid_pb(x: XidRecord) -> node_pb2.XidEvent:
     return node_pb2.XidEvent(gpu_index=x.gpu_index, xid=x.xid, at=_ts(x.at_s), message=x.message)
 
 
-def frame_pb(f: Frame, node_name: str) -> node_pb2.TelemetryFrame:
+def frame_pb(f: Frame, node_name: str, processes: bool = True) -> node_pb2.TelemetryFrame:
     return node_pb2.TelemetryFrame(seq=f.seq, at=_ts(f.at_s), node_name=node_name,
-                                   samples=[sample_pb(s) for s in f.samples],
+                                   samples=[sample_pb(s, processes) for s in f.samples],
                                    xid_events=[xid_pb(x) for x in f.xids], dropped_frames=f.dropped_frames)

@@ -131,7 +131,7 @@ class NodeAgentServicer(node_pb2_grpc.NodeAgentServicer):
             while not stop.is_set() and not d.closing and context.is_active():
                 frame = buf.get(STREAM_POLL_S)
                 if frame is not None:
-                    yield convert.frame_pb(frame, d.config.node_name)
+                    yield convert.frame_pb(frame, d.config.node_name, not request.omit_processes)
         finally:
             stop.set()
             sub.wake.set()

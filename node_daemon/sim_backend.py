@@ -90,6 +90,9 @@ class _SimGpu:
     lost: bool = False
     # allocation_id → (gpu_milli, simulated pids still "running")
     holders: dict = dataclasses.field(default_factory=dict)
+    # (processes, milli of the holders with processes, their memory) derived from holders; None: rebuild.
+    # A shared GPU can hold hundreds of allocations, and samples come every interval.
+    derived: tuple | None = None
 
 
 class SimulatedBackend(GpuBackend):
@@ -156,6 +159,7 @@ class SimulatedBackend(GpuBackend):
                 for aid, (milli, pids) in list(g.holders.items()):
                     ended += len(pids)
                     g.holders[aid] = (milli, [])
+                g.derived = None
         return ended
 
     def on_prepare(self, allocation_id: str, gpu_indices: list[int], gpu_milli: int) -> None:
@@ -165,11 +169,13 @@ class SimulatedBackend(GpuBackend):
                 if allocation_id not in g.holders:
                     # The tenant's workload starts one process per GPU.
                     g.holders[allocation_id] = (gpu_milli or 1000, [self._new_pid()])
+                    g.derived = None
 
     def on_release(self, allocation_id: str) -> None:
         with self._lock:
             for g in self._gpus:
-                g.holders.pop(allocation_id, None)
+                if g.holders.pop(allocation_id, None) is not None:
+                    g.derived = None
 
     def close(self) -> None:
         with self._xid_cv:
@@ -234,7 +240,11 @@ class SimulatedBackend(GpuBackend):
         if g.lost:
             return GpuSample(index=d.index, uuid=d.uuid, lost=True, ecc_aggregate_uncorrected=g.ecc_aggregate_uncorrected,
                              retired_pages=g.retired_pages, energy_mj=int(g.energy_mj))
-        running = sum(m for m, pids in g.holders.values() if pids)
+        if g.derived is None:
+            procs = tuple(self._procs(g))
+            g.derived = (procs, sum(m for m, pids in g.holders.values() if pids),
+                         sum(p.used_memory_mib for p in procs))
+        procs, running, procs_mib = g.derived
         load = min(1.0, running / 1000)
         busy = load > 0
         util = min(100, max(0, round(100 * load * self._rng.uniform(0.88, 1.0)))) if busy else 0
@@ -250,8 +260,7 @@ class SimulatedBackend(GpuBackend):
             clock = s.sm_clock_max_mhz // 2
         power_w = s.power_idle_w + (s.power_max_w - s.power_idle_w) * util / 100 * self._rng.uniform(0.95, 1.0)
         g.energy_mj += power_w * 1000 * dt_s
-        procs = tuple(self._procs(g)) if g.holders else ()
-        used = BASE_MEMORY_MIB + sum(p.used_memory_mib for p in procs)
+        used = BASE_MEMORY_MIB + procs_mib
         return GpuSample(
             index=d.index, uuid=d.uuid, gpu_util_pct=util,
             memory_util_pct=min(100, round(util * 0.6)), memory_used_mib=min(d.memory_mib, used),

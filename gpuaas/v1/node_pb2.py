@@ -27,7 +27,7 @@ from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from gpuaas.v1 import common_pb2 as gpuaas_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14gpuaas/v1/node.proto\x12\tgpuaas.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x16gpuaas/v1/common.proto\"\x97\x01\n\x07GpuInfo\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x12\n\nmemory_mib\x18\x05 \x01(\x03\x12\x12\n\npci_bus_id\x18\x06 \x01(\t\x12\x13\n\x0bmig_enabled\x18\x07 \x01(\x08\x12\x15\n\rnvlink_island\x18\x08 \x01(\x05\"\xb4\x02\n\rNodeInventory\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x11\n\tsimulated\x18\x04 \x01(\x08\x12\x16\n\x0e\x64river_version\x18\x05 \x01(\t\x12\x14\n\x0cnvml_version\x18\x06 \x01(\t\x12\x11\n\tcpu_milli\x18\x07 \x01(\x05\x12\x12\n\nmemory_mib\x18\x08 \x01(\x03\x12\x34\n\x06labels\x18\t \x03(\x0b\x32$.gpuaas.v1.NodeInventory.LabelsEntry\x12 \n\x04gpus\x18\n \x03(\x0b\x32\x12.gpuaas.v1.GpuInfo\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Y\n\x13RegisterNodeRequest\x12+\n\tinventory\x18\x01 \x01(\x0b\x32\x18.gpuaas.v1.NodeInventory\x12\x15\n\ragent_address\x18\x02 \x01(\t\"\x8c\x01\n\x14RegisterNodeResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.gpuaas.v1.NodeState\x12\x1d\n\x15telemetry_interval_ms\x18\x03 \x01(\x05\x12\x1f\n\x17orphaned_allocation_ids\x18\x04 \x03(\t\"8\n\x15\x44\x65registerNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"=\n\x16\x44\x65registerNodeResponse\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.gpuaas.v1.NodeState\"\x15\n\x13GetInventoryRequest\"H\n\x16StreamTelemetryRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\x05\x12\x19\n\x11\x62uffer_frames_max\x18\x02 \x01(\x05\"A\n\x0bProcessInfo\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x17\n\x0fused_memory_mib\x18\x02 \x01(\x03\x12\x0c\n\x04name\x18\x03 \x01(\t\"\x91\x03\n\tGpuSample\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x14\n\x0cgpu_util_pct\x18\x03 \x01(\x05\x12\x17\n\x0fmemory_util_pct\x18\x04 \x01(\x05\x12\x17\n\x0fmemory_used_mib\x18\x05 \x01(\x03\x12\x15\n\rtemperature_c\x18\x06 \x01(\x05\x12\x10\n\x08power_mw\x18\x07 \x01(\x03\x12\x14\n\x0csm_clock_mhz\x18\x08 \x01(\x05\x12\x18\n\x10throttle_reasons\x18\t \x01(\x04\x12\x1e\n\x16\x65\x63\x63_volatile_corrected\x18\n \x01(\x03\x12 \n\x18\x65\x63\x63_volatile_uncorrected\x18\x0b \x01(\x03\x12!\n\x19\x65\x63\x63_aggregate_uncorrected\x18\x0c \x01(\x03\x12\x15\n\rretired_pages\x18\r \x01(\x03\x12\x11\n\tenergy_mj\x18\x0e \x01(\x03\x12)\n\tprocesses\x18\x0f \x03(\x0b\x32\x16.gpuaas.v1.ProcessInfo\x12\x0c\n\x04lost\x18\x10 \x01(\x08\"c\n\x08XidEvent\x12\x11\n\tgpu_index\x18\x01 \x01(\x05\x12\x0b\n\x03xid\x18\x02 \x01(\x05\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07message\x18\x04 \x01(\t\"\xc0\x01\n\x0eTelemetryFrame\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tnode_name\x18\x03 \x01(\t\x12%\n\x07samples\x18\x04 \x03(\x0b\x32\x14.gpuaas.v1.GpuSample\x12\'\n\nxid_events\x18\x05 \x03(\x0b\x32\x13.gpuaas.v1.XidEvent\x12\x16\n\x0e\x64ropped_frames\x18\x06 \x01(\x04\"b\n\x0ePrepareRequest\x12\x15\n\rallocation_id\x18\x01 \x01(\t\x12\x13\n\x0bgpu_indices\x18\x02 \x03(\x05\x12\x11\n\tgpu_milli\x18\x03 \x01(\x05\x12\x11\n\ttenant_id\x18\x04 \x01(\t\"@\n\x0fPrepareResponse\x12\x1c\n\x14\x63uda_visible_devices\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"B\n\x13PrepareBatchRequest\x12+\n\x08requests\x18\x01 \x03(\x0b\x32\x19.gpuaas.v1.PrepareRequest\"w\n\rPrepareResult\x12\x15\n\rallocation_id\x18\x01 \x01(\t\x12,\n\x08response\x18\x02 \x01(\x0b\x32\x1a.gpuaas.v1.PrepareResponse\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.Status\"A\n\x14PrepareBatchResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.gpuaas.v1.PrepareResult\"\'\n\x0e\x43leanupRequest\x12\x15\n\rallocation_id\x18\x01 \x01(\t\";\n\x0f\x43leanupResponse\x12\x17\n\x0fprocesses_ended\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x0f\n\rHealthRequest\"N\n\tGpuHealth\x12\r\n\x05index\x18\x01 \x01(\x05\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.gpuaas.v1.GpuState\x12\x0e\n\x06reason\x18\x03 \x01(\t\"E\n\x0eHealthResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\"\n\x04gpus\x18\x02 \x03(\x0b\x32\x14.gpuaas.v1.GpuHealth2\xae\x01\n\x0cNodeRegistry\x12K\n\x08Register\x12\x1e.gpuaas.v1.RegisterNodeRequest\x1a\x1f.gpuaas.v1.RegisterNodeResponse\x12Q\n\nDeregister\x12 .gpuaas.v1.DeregisterNodeRequest\x1a!.gpuaas.v1.DeregisterNodeResponse2\xbc\x03\n\tNodeAgent\x12H\n\x0cGetInventory\x12\x1e.gpuaas.v1.GetInventoryRequest\x1a\x18.gpuaas.v1.NodeInventory\x12Q\n\x0fStreamTelemetry\x12!.gpuaas.v1.StreamTelemetryRequest\x1a\x19.gpuaas.v1.TelemetryFrame0\x01\x12@\n\x07Prepare\x12\x19.gpuaas.v1.PrepareRequest\x1a\x1a.gpuaas.v1.PrepareResponse\x12O\n\x0cPrepareBatch\x12\x1e.gpuaas.v1.PrepareBatchRequest\x1a\x1f.gpuaas.v1.PrepareBatchResponse\x12@\n\x07\x43leanup\x12\x19.gpuaas.v1.CleanupRequest\x1a\x1a.gpuaas.v1.CleanupResponse\x12=\n\x06Health\x12\x18.gpuaas.v1.HealthRequest\x1a\x19.gpuaas.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14gpuaas/v1/node.proto\x12\tgpuaas.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x16gpuaas/v1/common.proto\"\x97\x01\n\x07GpuInfo\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x12\n\nmemory_mib\x18\x05 \x01(\x03\x12\x12\n\npci_bus_id\x18\x06 \x01(\t\x12\x13\n\x0bmig_enabled\x18\x07 \x01(\x08\x12\x15\n\rnvlink_island\x18\x08 \x01(\x05\"\xb4\x02\n\rNodeInventory\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x11\n\tsimulated\x18\x04 \x01(\x08\x12\x16\n\x0e\x64river_version\x18\x05 \x01(\t\x12\x14\n\x0cnvml_version\x18\x06 \x01(\t\x12\x11\n\tcpu_milli\x18\x07 \x01(\x05\x12\x12\n\nmemory_mib\x18\x08 \x01(\x03\x12\x34\n\x06labels\x18\t \x03(\x0b\x32$.gpuaas.v1.NodeInventory.LabelsEntry\x12 \n\x04gpus\x18\n \x03(\x0b\x32\x12.gpuaas.v1.GpuInfo\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Y\n\x13RegisterNodeRequest\x12+\n\tinventory\x18\x01 \x01(\x0b\x32\x18.gpuaas.v1.NodeInventory\x12\x15\n\ragent_address\x18\x02 \x01(\t\"\x8c\x01\n\x14RegisterNodeResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.gpuaas.v1.NodeState\x12\x1d\n\x15telemetry_interval_ms\x18\x03 \x01(\x05\x12\x1f\n\x17orphaned_allocation_ids\x18\x04 \x03(\t\"8\n\x15\x44\x65registerNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"=\n\x16\x44\x65registerNodeResponse\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.gpuaas.v1.NodeState\"\x15\n\x13GetInventoryRequest\"`\n\x16StreamTelemetryRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\x05\x12\x19\n\x11\x62uffer_frames_max\x18\x02 \x01(\x05\x12\x16\n\x0eomit_processes\x18\x03 \x01(\x08\"A\n\x0bProcessInfo\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x17\n\x0fused_memory_mib\x18\x02 \x01(\x03\x12\x0c\n\x04name\x18\x03 \x01(\t\"\x91\x03\n\tGpuSample\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x14\n\x0cgpu_util_pct\x18\x03 \x01(\x05\x12\x17\n\x0fmemory_util_pct\x18\x04 \x01(\x05\x12\x17\n\x0fmemory_used_mib\x18\x05 \x01(\x03\x12\x15\n\rtemperature_c\x18\x06 \x01(\x05\x12\x10\n\x08power_mw\x18\x07 \x01(\x03\x12\x14\n\x0csm_clock_mhz\x18\x08 \x01(\x05\x12\x18\n\x10throttle_reasons\x18\t \x01(\x04\x12\x1e\n\x16\x65\x63\x63_volatile_corrected\x18\n \x01(\x03\x12 \n\x18\x65\x63\x63_volatile_uncorrected\x18\x0b \x01(\x03\x12!\n\x19\x65\x63\x63_aggregate_uncorrected\x18\x0c \x01(\x03\x12\x15\n\rretired_pages\x18\r \x01(\x03\x12\x11\n\tenergy_mj\x18\x0e \x01(\x03\x12)\n\tprocesses\x18\x0f \x03(\x0b\x32\x16.gpuaas.v1.ProcessInfo\x12\x0c\n\x04lost\x18\x10 \x01(\x08\"c\n\x08XidEvent\x12\x11\n\tgpu_index\x18\x01 \x01(\x05\x12\x0b\n\x03xid\x18\x02 \x01(\x05\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07message\x18\x04 \x01(\t\"\xc0\x01\n\x0eTelemetryFrame\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tnode_name\x18\x03 \x01(\t\x12%\n\x07samples\x18\x04 \x03(\x0b\x32\x14.gpuaas.v1.GpuSample\x12\'\n\nxid_events\x18\x05 \x03(\x0b\x32\x13.gpuaas.v1.XidEvent\x12\x16\n\x0e\x64ropped_frames\x18\x06 \x01(\x04\"b\n\x0ePrepareRequest\x12\x15\n\rallocation_id\x18\x01 \x01(\t\x12\x13\n\x0bgpu_indices\x18\x02 \x03(\x05\x12\x11\n\tgpu_milli\x18\x03 \x01(\x05\x12\x11\n\ttenant_id\x18\x04 \x01(\t\"@\n\x0fPrepareResponse\x12\x1c\n\x14\x63uda_visible_devices\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"B\n\x13PrepareBatchRequest\x12+\n\x08requests\x18\x01 \x03(\x0b\x32\x19.gpuaas.v1.PrepareRequest\"w\n\rPrepareResult\x12\x15\n\rallocation_id\x18\x01 \x01(\t\x12,\n\x08response\x18\x02 \x01(\x0b\x32\x1a.gpuaas.v1.PrepareResponse\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.Status\"A\n\x14PrepareBatchResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.gpuaas.v1.PrepareResult\"\'\n\x0e\x43leanupRequest\x12\x15\n\rallocation_id\x18\x01 \x01(\t\";\n\x0f\x43leanupResponse\x12\x17\n\x0fprocesses_ended\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x0f\n\rHealthRequest\"N\n\tGpuHealth\x12\r\n\x05index\x18\x01 \x01(\x05\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.gpuaas.v1.GpuState\x12\x0e\n\x06reason\x18\x03 \x01(\t\"E\n\x0eHealthResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\"\n\x04gpus\x18\x02 \x03(\x0b\x32\x14.gpuaas.v1.GpuHealth2\xae\x01\n\x0cNodeRegistry\x12K\n\x08Register\x12\x1e.gpuaas.v1.RegisterNodeRequest\x1a\x1f.gpuaas.v1.RegisterNodeResponse\x12Q\n\nDeregister\x12 .gpuaas.v1.DeregisterNodeRequest\x1a!.gpuaas.v1.DeregisterNodeResponse2\xbc\x03\n\tNodeAgent\x12H\n\x0cGetInventory\x12\x1e.gpuaas.v1.GetInventoryRequest\x1a\x18.gpuaas.v1.NodeInventory\x12Q\n\x0fStreamTelemetry\x12!.gpuaas.v1.StreamTelemetryRequest\x1a\x19.gpuaas.v1.TelemetryFrame0\x01\x12@\n\x07Prepare\x12\x19.gpuaas.v1.PrepareRequest\x1a\x1a.gpuaas.v1.PrepareResponse\x12O\n\x0cPrepareBatch\x12\x1e.gpuaas.v1.PrepareBatchRequest\x1a\x1f.gpuaas.v1.PrepareBatchResponse\x12@\n\x07\x43leanup\x12\x19.gpuaas.v1.CleanupRequest\x1a\x1a.gpuaas.v1.CleanupResponse\x12=\n\x06Health\x12\x18.gpuaas.v1.HealthRequest\x1a\x19.gpuaas.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -53,37 +53,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETINVENTORYREQUEST']._serialized_start=937
   _globals['_GETINVENTORYREQUEST']._serialized_end=958
   _globals['_STREAMTELEMETRYREQUEST']._serialized_start=960
-  _globals['_STREAMTELEMETRYREQUEST']._serialized_end=1032
-  _globals['_PROCESSINFO']._serialized_start=1034
-  _globals['_PROCESSINFO']._serialized_end=1099
-  _globals['_GPUSAMPLE']._serialized_start=1102
-  _globals['_GPUSAMPLE']._serialized_end=1503
-  _globals['_XIDEVENT']._serialized_start=1505
-  _globals['_XIDEVENT']._serialized_end=1604
-  _globals['_TELEMETRYFRAME']._serialized_start=1607
-  _globals['_TELEMETRYFRAME']._serialized_end=1799
-  _globals['_PREPAREREQUEST']._serialized_start=1801
-  _globals['_PREPAREREQUEST']._serialized_end=1899
-  _globals['_PREPARERESPONSE']._serialized_start=1901
-  _globals['_PREPARERESPONSE']._serialized_end=1965
-  _globals['_PREPAREBATCHREQUEST']._serialized_start=1967
-  _globals['_PREPAREBATCHREQUEST']._serialized_end=2033
-  _globals['_PREPARERESULT']._serialized_start=2035
-  _globals['_PREPARERESULT']._serialized_end=2154
-  _globals['_PREPAREBATCHRESPONSE']._serialized_start=2156
-  _globals['_PREPAREBATCHRESPONSE']._serialized_end=2221
-  _globals['_CLEANUPREQUEST']._serialized_start=2223
-  _globals['_CLEANUPREQUEST']._serialized_end=2262
-  _globals['_CLEANUPRESPONSE']._serialized_start=2264
-  _globals['_CLEANUPRESPONSE']._serialized_end=2323
-  _globals['_HEALTHREQUEST']._serialized_start=2325
-  _globals['_HEALTHREQUEST']._serialized_end=2340
-  _globals['_GPUHEALTH']._serialized_start=2342
-  _globals['_GPUHEALTH']._serialized_end=2420
-  _globals['_HEALTHRESPONSE']._serialized_start=2422
-  _globals['_HEALTHRESPONSE']._serialized_end=2491
-  _globals['_NODEREGISTRY']._serialized_start=2494
-  _globals['_NODEREGISTRY']._serialized_end=2668
-  _globals['_NODEAGENT']._serialized_start=2671
-  _globals['_NODEAGENT']._serialized_end=3115
+  _globals['_STREAMTELEMETRYREQUEST']._serialized_end=1056
+  _globals['_PROCESSINFO']._serialized_start=1058
+  _globals['_PROCESSINFO']._serialized_end=1123
+  _globals['_GPUSAMPLE']._serialized_start=1126
+  _globals['_GPUSAMPLE']._serialized_end=1527
+  _globals['_XIDEVENT']._serialized_start=1529
+  _globals['_XIDEVENT']._serialized_end=1628
+  _globals['_TELEMETRYFRAME']._serialized_start=1631
+  _globals['_TELEMETRYFRAME']._serialized_end=1823
+  _globals['_PREPAREREQUEST']._serialized_start=1825
+  _globals['_PREPAREREQUEST']._serialized_end=1923
+  _globals['_PREPARERESPONSE']._serialized_start=1925
+  _globals['_PREPARERESPONSE']._serialized_end=1989
+  _globals['_PREPAREBATCHREQUEST']._serialized_start=1991
+  _globals['_PREPAREBATCHREQUEST']._serialized_end=2057
+  _globals['_PREPARERESULT']._serialized_start=2059
+  _globals['_PREPARERESULT']._serialized_end=2178
+  _globals['_PREPAREBATCHRESPONSE']._serialized_start=2180
+  _globals['_PREPAREBATCHRESPONSE']._serialized_end=2245
+  _globals['_CLEANUPREQUEST']._serialized_start=2247
+  _globals['_CLEANUPREQUEST']._serialized_end=2286
+  _globals['_CLEANUPRESPONSE']._serialized_start=2288
+  _globals['_CLEANUPRESPONSE']._serialized_end=2347
+  _globals['_HEALTHREQUEST']._serialized_start=2349
+  _globals['_HEALTHREQUEST']._serialized_end=2364
+  _globals['_GPUHEALTH']._serialized_start=2366
+  _globals['_GPUHEALTH']._serialized_end=2444
+  _globals['_HEALTHRESPONSE']._serialized_start=2446
+  _globals['_HEALTHRESPONSE']._serialized_end=2515
+  _globals['_NODEREGISTRY']._serialized_start=2518
+  _globals['_NODEREGISTRY']._serialized_end=2692
+  _globals['_NODEAGENT']._serialized_start=2695
+  _globals['_NODEAGENT']._serialized_end=3139
 # @@protoc_insertion_point(module_scope)

@@ -101,12 +101,14 @@ class GetInventoryRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StreamTelemetryRequest(_message.Message):
-    __slots__ = ("interval_ms", "buffer_frames_max")
+    __slots__ = ("interval_ms", "buffer_frames_max", "omit_processes")
     INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     BUFFER_FRAMES_MAX_FIELD_NUMBER: _ClassVar[int]
+    OMIT_PROCESSES_FIELD_NUMBER: _ClassVar[int]
     interval_ms: int
     buffer_frames_max: int
-    def __init__(self, interval_ms: _Optional[int] = ..., buffer_frames_max: _Optional[int] = ...) -> None: ...
+    omit_processes: bool
+    def __init__(self, interval_ms: _Optional[int] = ..., buffer_frames_max: _Optional[int] = ..., omit_processes: _Optional[bool] = ...) -> None: ...
 
 class ProcessInfo(_message.Message):
     __slots__ = ("pid", "used_memory_mib", "name")

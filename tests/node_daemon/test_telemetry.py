@@ -108,3 +108,24 @@ def test_a_1hz_stream_gets_fresh_samples_not_the_health_samplers(daemon_factory)
     samples, elapsed = d.hub.stats["samples"] - s0, time.monotonic() - t0
     assert max(staleness[1:]) < 0.2, staleness
     assert samples <= elapsed + 1, (samples, elapsed)  # about one sample per frame, not two
+
+
+def test_a_consumer_may_leave_the_process_lists_out(daemon_factory):
+    """StreamTelemetryRequest.omit_processes: the frames carry no per-GPU process list (the node shard does
+    not read it); without it they carry one process per allocation on the GPU, as the backend lists them."""
+    d = daemon_factory(gpus=2)
+    stub = node_pb2_grpc.NodeAgentStub(grpc.insecure_channel(d.address))
+    for i in range(3):
+        stub.Prepare(node_pb2.PrepareRequest(allocation_id=f"00000000-0000-0000-0000-00000000000{i + 1}",
+                                             gpu_indices=[1], gpu_milli=100, tenant_id="t"), timeout=10)
+    assert len(d.backend.processes(1)) == 3
+    frames = {}
+    for omit in (False, True):
+        call = stub.StreamTelemetry(node_pb2.StreamTelemetryRequest(interval_ms=50, omit_processes=omit), timeout=10)
+        it = iter(call)
+        next(it)
+        frames[omit] = next(it)  # sampled after the prepares
+        call.cancel()
+    assert [len(s.processes) for s in frames[False].samples] == [0, 3]
+    assert [len(s.processes) for s in frames[True].samples] == [0, 0]
+    assert frames[True].samples[1].memory_used_mib == frames[False].samples[1].memory_used_mib > 512
