@@ -110,6 +110,26 @@ def _next_event_ids(conn, n: int) -> list[int]:
         "SELECT nextval('control.allocation_events_event_id_seq') FROM generate_series(1, %s)", (n,))]
 
 
+# Up to this many new allocations go in one INSERT … FROM unnest(…) statement (one round trip for the
+# three tables); larger batches use COPY, whose per-row cost is lower but which pays two round trips
+# per table before the first row. Unary traffic makes batches of one to a few. Measured against the
+# embedded Postgres (client CPU per batch, COPY → one statement): 1 row 407 → 284 µs, 2 rows
+# 525 → 373 µs, 4 rows 532 → 496 µs, 8 rows 698 → 745 µs: the crossover is between 4 and 8.
+SMALL_INSERT_MAX = 4
+
+_INSERT_SMALL = (
+    "WITH a AS (INSERT INTO control.allocations (" + ", ".join(ALLOC_COLUMNS) + ")"
+    " SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::bytea[], %s::bytea[], %s::text[], %s::text[],"
+    " %s::bigint[], %s::int[], %s::text[], %s::bigint[], %s::jsonb[], %s::int[], %s::int[], %s::timestamptz[],"
+    " %s::timestamptz[], %s::timestamptz[], %s::timestamptz[], %s::timestamptz[], %s::timestamptz[],"
+    " %s::timestamptz[])),"
+    " e AS (INSERT INTO control.allocation_events (event_id, allocation_id, tenant_id, from_state, to_state, event,"
+    " reason, version, at) SELECT * FROM unnest(%s::bigint[], %s::uuid[], %s::text[], %s::text[], %s::text[],"
+    " %s::text[], %s::text[], %s::bigint[], %s::timestamptz[]))"
+    " INSERT INTO control.outbox (topic, key, payload) SELECT u.topic, u.key, u.payload"
+    " FROM unnest(%s::text[], %s::text[], %s::bytea[]) WITH ORDINALITY AS u(topic, key, payload, n) ORDER BY u.n")
+
+
 def insert_new_allocations(conn, items: Iterable[tuple[AllocRow, list[tuple[AllocEvent, AllocState | None]]]]):
     """Insert brand-new allocations in their first committed state.
 
@@ -141,6 +161,11 @@ def insert_new_allocations(conn, items: Iterable[tuple[AllocRow, list[tuple[Allo
             state = t.dst
         assert state == final_state and version == final_version, "event chain must end in the row's state"
         per_item.append(mine)
+    if len(alloc_buf) <= SMALL_INSERT_MAX:
+        cols = [list(c) for c in zip(*alloc_buf)] + [list(c) for c in zip(*event_rows)] + \
+            [list(c) for c in zip(*outbox_rows)]
+        conn.execute(_INSERT_SMALL, cols)
+        return per_item
     cur = conn.cursor()
     with cur.copy(f"COPY control.allocations ({', '.join(ALLOC_COLUMNS)}) FROM STDIN") as cp:
         for values in alloc_buf:
