@@ -327,29 +327,29 @@ def test_preemptor_waiting_on_failed_cleanup_is_cancelled_and_its_hold_returned(
         stop_pool_node(cp, node)
 
 
-def test_preemption_in_flight_survives_a_placement_actor_restart(control_plane, tenant):
-    """The placement actor dies while a victim is still being cleaned up: the restarted actor rebuilds the
-    preemption from Postgres (the victim's ``preempted`` event names the preemptor), so the preemptor still
-    waits on that capacity, and it runs there once the victim is back."""
-    import os
-    import signal
-
+def test_preemption_in_flight_survives_a_placement_actor_restart(control_plane, tenant, admin):
+    """The placement actor dies while its victim still holds the capacity (its cleanup keeps failing): the
+    restarted actor rebuilds the preemption from Postgres (the victim's ``preempted`` event names the
+    preemptor), so the preemptor still waits on that capacity, and it runs there once the victim is back."""
     import grpc
     import ray
 
-    from tests.faults.scenarios import start_pool_node, stop_pool_node, wait_for
+    from gpuaas.v1 import node_pb2, node_pb2_grpc
+    from tests.faults.scenarios import inject, start_pool_node, stop_pool_node, wait_for
 
     cp = control_plane
     node = start_pool_node(cp)
     pool = {"pool": node}
-    daemon = cp.daemon_by_name[node]
     try:
         low = tenant.place(rid(), gpu_count=2, priority=1, node_selector=pool)
         tenant.wait_state(low.allocation_id, {RUNNING}, 30)
-        os.kill(daemon.pid, signal.SIGSTOP)  # the victim's cleanup will hang: it stays RELEASING
+        inject(cp, node, {"fault": "cleanup_fail", "times": 4 * cp.cfg.release_attempts_max + 10})
         hi = tenant.place(rid(), gpu_count=4, priority=10, wait=True, queue_timeout_s=120, node_selector=pool)
-        ev = wait_preempted(cp, tenant.tenant_id, 1, 10)
+        ev = wait_preempted(cp, tenant.tenant_id, 1, 30)
         assert list(ev) == [low.allocation_id] and hi.allocation_id in ev[low.allocation_id][2]
+        state = lambda: q(cp, "SELECT state FROM control.allocations WHERE allocation_id = %s",  # noqa: E731
+                          low.allocation_id)[0][0]
+        wait_for(lambda: state() == "RELEASE_FAILED", 30, "the victim to hold its GPUs (cleanup failing)")
         assert "preempting 1" in tenant.get(hi.allocation_id).pending_explanation
 
         ray.kill(ray.get_actor("placement", namespace="gpuaas"), no_restart=False)
@@ -361,21 +361,25 @@ def test_preemption_in_flight_survives_a_placement_actor_restart(control_plane, 
                 return None  # restarting
         wait_for(lambda: explanation() is None, 10, "the old placement actor to be gone")
         wait_for(lambda: explanation() is not None, 90, "the placement actor to serve again")
-        assert q(cp, "SELECT state FROM control.allocations WHERE allocation_id = %s", low.allocation_id) == \
-            [("RELEASING",)]
         assert "preempting 1" in explanation(), explanation()
         assert ray_invariants(cp)
 
-        os.kill(daemon.pid, signal.SIGCONT)  # the node comes back, the victim is cleaned up
-        tenant.wait_state(low.allocation_id, {RELEASED}, 60)
+        # the operator cleans up on the node by hand and resolves: the capacity goes to the preemptor
+        inject(cp, node, {"fault": "cleanup_fail", "times": 0})
+        (address,), = q(cp, "SELECT address FROM control.nodes WHERE node_id = %s", node)
+        with grpc.insecure_channel(address) as ch:
+            node_pb2_grpc.NodeAgentStub(ch).Cleanup(node_pb2.CleanupRequest(allocation_id=low.allocation_id),
+                                                    timeout=10)
+        admin.resolve(low.allocation_id, "cleaned by hand")
+        tenant.wait_state(low.allocation_id, {RELEASED}, 30)
         got = tenant.wait_state(hi.allocation_id, {RUNNING}, 60)
         assert len(gpus_of(got)) == 4
         assert not double_booked(cp)
         assert ray_invariants(cp)
     finally:
         try:
-            os.kill(daemon.pid, signal.SIGCONT)
-        except ProcessLookupError:
+            inject(cp, node, {"fault": "cleanup_fail", "times": 0})
+        except Exception:  # noqa: BLE001 - the daemon may be gone already
             pass
         give_back(tenant)
         stop_pool_node(cp, node)
