@@ -342,22 +342,30 @@ class LedgerConsumer:
         return {"delivered": delivered, "cursor": self.cursor, "target": target, "done": self.cursor >= target,
                 "elapsed_s": round(time.monotonic() - t0, 3)}
 
-    def close_intervals(self, now: int | None = None) -> int:
-        """Close every open meter's full intervals ending at or before ``now`` (µs); returns usage rows written."""
+    def close_intervals(self, now: int | None = None, rows_max: int | None = None) -> int:
+        """Close the open meters' full intervals ending at or before ``now`` (µs); returns usage rows written.
+
+        ``rows_max``: write at most about this many rows (one transaction) and leave the rest for the
+        next call. Allocations started together close their intervals together; written in one go that
+        is tens of thousands of rows at once, a burst that every other component feels. An interval
+        closed a little later is billed exactly the same (its bounds are event times, not write times)."""
         self.open()
         horizon = now_us() if now is None else now
+        per_txn = close_rows_per_txn_max if rows_max is None else max(1, min(rows_max, close_rows_per_txn_max))
         written = 0
         while True:
+            if rows_max is not None and written >= rows_max:
+                return written
             meters = dict(self.meters)
             rows: list[UsageRow] = []
             for alloc, m in self.meters.items():
                 if m.closed_until_us + m.interval_us > horizon:
                     continue
-                budget = max(1, (close_rows_per_txn_max - len(rows)) // max(1, len(m.replicas)))
+                budget = max(1, (per_txn - len(rows)) // max(1, len(m.replicas)))
                 m2, ivs = metering.close_due(m, horizon, max_intervals=budget)
                 rows.extend(self._rows(m, ivs))
                 meters[alloc] = m2
-                if len(rows) >= close_rows_per_txn_max:
+                if len(rows) >= per_txn:
                     break
             if not rows:
                 return written

@@ -60,6 +60,20 @@ def test_fractional_gang_is_billed_by_milli_share(ledger_db, outbox):
     assert r == [dict(tenant_id="globex", gpu_seconds=30.0, cost_micros=14_084, currency="USD")]
 
 
+def test_paced_closing_writes_the_same_intervals_over_several_calls(ledger_db, outbox):
+    """close_intervals(rows_max=…) writes at most that many rows a call; the calls together write exactly what
+    one unpaced call would (the tick paces a burst of allocations started together)."""
+    allocs = [outbox.run("acme", 0, [("node-1", [g], 1000, "H100")]) for g in range(3)]
+    with consumer(ledger_db) as c:
+        c.flush(5)
+        got = [c.close_intervals(us(150), rows_max=2) for _ in range(4)]
+        assert got == [2, 2, 2, 0]                      # 3 allocations × [0,60), [60,120)
+        assert c.close_intervals(us(150)) == 0
+    for a in allocs:
+        assert net_milli_us(ledger_db.app, a) == 120 * GPU_S
+    assert verify.verify(ledger_db.app).ok
+
+
 def test_intervals_close_on_the_tick_and_a_restart_never_double_bills(ledger_db, outbox):
     """Ticks close full intervals; a new consumer resumes from the cursor and ledger, redelivery is a no-op."""
     a = outbox.run("acme", 0, H100x2)
