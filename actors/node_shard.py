@@ -61,6 +61,8 @@ class NodeWatch:
 # Hardware thermal slowdown bit of NVML's clocks-throttle reasons.
 THROTTLE_HW_THERMAL = 0x40
 ALL_GPUS = -1  # a fault that takes every GPU of the node out (XID catalog: drain the node)
+USAGE_ITEMS_PER_CALL = 2000  # usage windows per call to the ledger
+USAGE_CALL_GAP_S = 0.05
 # Out of service by an operator's choice: a lost daemon fails their allocations without leaving the state.
 OPERATOR_HELD = (NodeState.CORDONED, NodeState.DRAINING)
 
@@ -263,29 +265,35 @@ class NodeShardCore:
             self.stats["usage_no_ledger"] = self.stats.get("usage_no_ledger", 0) + 1
             return 0
         nodes = list(windows)
+        # One row per (allocation, node, GPU) of the RUNNING allocations on these nodes, in scalar
+        # columns: decoding every allocation's JSON assignments in Python was most of this pass.
         running = await self.db.tx(lambda c: c.execute(
-            "SELECT allocation_id::text, assignments FROM control.allocations WHERE state = 'RUNNING'"
-            " AND EXISTS (SELECT 1 FROM jsonb_array_elements(assignments) a WHERE a->>'node_id' = ANY(%s))",
-            (nodes,)).fetchall())
+            "SELECT al.allocation_id::text, a->>'node_id', coalesce((a->>'gpu_milli')::int, 1000), g::int"
+            " FROM control.allocations al, jsonb_array_elements(al.assignments) a,"
+            " jsonb_array_elements_text(a->'gpu_indices') g"
+            " WHERE al.state = 'RUNNING' AND a->>'node_id' = ANY(%s) ORDER BY 1", (nodes,)).fetchall())
         items = []
-        for aid, assignments in running:
-            utils, energy, start, end = [], 0.0, None, None
-            for a in assignments:
-                win = windows.get(a["node_id"])
-                if win is None:
-                    continue
-                start = win[0] if start is None else min(start, win[0])
-                end = win[1] if end is None else max(end, win[1])
-                share = (a.get("gpu_milli") or 1000) / 1000.0
-                for g in a["gpu_indices"]:
-                    if g in win[2]:
-                        u, e = win[2][g]
-                        utils.append(u)
-                        energy += e * share
-            if utils:
-                items.append((aid, sum(utils) / len(utils), energy, start, end))
-        if items:
-            ledger.record_telemetry_many.remote(items)
+        cur, utils, energy, start, end = None, [], 0.0, None, None
+        for aid, node_id, milli, g in running:
+            if aid != cur:
+                if utils:
+                    items.append((cur, sum(utils) / len(utils), energy, start, end))
+                cur, utils, energy, start, end = aid, [], 0.0, None, None
+            win = windows[node_id]
+            start = win[0] if start is None else min(start, win[0])
+            end = win[1] if end is None else max(end, win[1])
+            ge = win[2].get(g)
+            if ge is not None:
+                utils.append(ge[0])
+                energy += ge[1] * (milli or 1000) / 1000.0
+        if utils:
+            items.append((cur, sum(utils) / len(utils), energy, start, end))
+        # In parts, a moment apart: the ledger records them on its own thread, and one call of
+        # tens of thousands of windows is a burst that the placement path would feel.
+        for i in range(0, len(items), USAGE_ITEMS_PER_CALL):
+            if i:
+                await asyncio.sleep(USAGE_CALL_GAP_S)
+            ledger.record_telemetry_many.remote(items[i:i + USAGE_ITEMS_PER_CALL])
         self.stats["usage_windows"] = self.stats.get("usage_windows", 0) + len(items)
         return len(items)
 
