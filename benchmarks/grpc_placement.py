@@ -118,9 +118,13 @@ def main() -> int:
             n = int(ns.rate * ns.paced_seconds)
             pool = cf.ThreadPoolExecutor(ns.threads * 4)
             list(pool.map(lambda _: time.sleep(0.01), range(ns.threads * 4)))
-            start = time.perf_counter()
+            # The schedule starts once every request is queued in the pool: queueing thousands of
+            # work items is the client's own work, and would make the first requests late.
+            go = threading.Event()
+            start = 0.0
 
             def one(i):
+                go.wait()
                 target = start + i * interval
                 delay = target - time.perf_counter()
                 if delay > 0:
@@ -131,7 +135,10 @@ def main() -> int:
                 return time.perf_counter() - min(t, target) if t > target else time.perf_counter() - t
 
             with pool:
-                lat = list(pool.map(one, range(n)))
+                futures = [pool.submit(one, i) for i in range(n)]
+                start = time.perf_counter()
+                go.set()
+                lat = [f.result() for f in futures]
             timeline.append([round(x * 1000, 2) for x in lat])
             p50s.append(percentile(lat, 50) * 1000)
             p99s.append(percentile(lat, 99) * 1000)
