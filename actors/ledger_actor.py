@@ -26,8 +26,13 @@ polls_per_wake_max = 20
 backoff_s_max = 5.0
 # Intervals closed by the tick, per poll: allocations started together (a PlaceBatch) close their
 # intervals together, and tens of thousands of usage rows (each with two billing lines) written in one
-# go are a burst every other component feels. Paced, the work spreads over a few seconds.
-CLOSE_ROWS_PER_POLL = 2000
+# go are a burst every other component feels. Paced, the work spreads over several seconds: at least
+# CLOSE_ROWS_PER_POLL_MIN a poll, and twice the steady rate (open meters / interval) so it keeps up.
+CLOSE_ROWS_PER_POLL_MIN = 500
+
+
+def close_rows_per_poll(open_meters: int, poll_interval_s: float, meter_interval_s: float) -> int:
+    return max(CLOSE_ROWS_PER_POLL_MIN, int(2 * open_meters * poll_interval_s / meter_interval_s) + 1)
 
 
 def _as_us(t) -> int | None:
@@ -68,8 +73,9 @@ class LedgerActor:
                     horizon = now_us() - self._close_lag_us
                     due = self._consumer.next_close_due_us()
                     if due is not None and due <= horizon:
-                        # paced: at most CLOSE_ROWS_PER_POLL rows a poll (≤ 10,000 rows/s at 0.2 s)
-                        self._consumer.close_intervals(horizon, rows_max=CLOSE_ROWS_PER_POLL)
+                        c = self._consumer
+                        c.close_intervals(horizon, rows_max=close_rows_per_poll(
+                            len(c.meters), self._poll_interval_s, c.interval_us / 1e6))
                 backoff_s = self._poll_interval_s
             except Exception:  # noqa: BLE001 — the loop must survive a bad moment of the database
                 self._loop_errors += 1

@@ -32,3 +32,15 @@ def test_ledger_actor_meters_outbox_events_in_the_background(ledger_db, outbox, 
     assert st["open_meters"] == 0 and st["lag_rows"] == 0 and st["loop_errors"] == 0
     ray.get(actor.stop.remote())
     assert net_milli_us(ledger_db.app, a) == 500 * 90_000_000
+
+
+def test_paced_closing_keeps_up_with_any_number_of_allocations():
+    """The tick's per-poll budget spreads a burst of intervals yet always closes at least twice as fast as
+    intervals come due (open meters / meter interval), however many allocations run."""
+    from actors.ledger_actor import CLOSE_ROWS_PER_POLL_MIN, close_rows_per_poll
+
+    for meters in (0, 10, 40_000, 1_000_000, 10_000_000):
+        for poll_s, interval_s in ((0.2, 60.0), (0.2, 1.0), (1.0, 60.0)):
+            budget = close_rows_per_poll(meters, poll_s, interval_s)
+            assert budget >= CLOSE_ROWS_PER_POLL_MIN
+            assert budget * (interval_s / poll_s) >= 2 * meters
