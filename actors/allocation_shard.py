@@ -114,6 +114,7 @@ class AllocationShardCore:
         self._preparing: dict[str, asyncio.Task] = {}
         self._tx_flusher: asyncio.Task | None = None
         self._placement = None
+        self.gc = runtime.GcPacer()
 
     # ------------------------------------------------------------ plumbing
 
@@ -539,6 +540,7 @@ class AllocationShardCore:
         last_scan = 0.0
         while True:
             await asyncio.sleep(self.cfg.allocation_tick_s)
+            self.gc.tick()  # the rows of tens of thousands of allocations: keep full collections short
             try:
                 now = utcnow()
                 if self.uncertain:

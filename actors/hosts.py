@@ -71,7 +71,8 @@ class PlacementActor:
         self.core.set_gpu_healthy(node_id, gpu_index, healthy)
 
     def stats(self) -> dict:
-        return dict(self.core.stats, queued_now=len(self.core.queued), nodes=len(self.core.nodes))
+        return dict(self.core.stats, queued_now=len(self.core.queued), nodes=len(self.core.nodes),
+                    gc=dict(self.core.gc.stats))
 
     def check_invariants(self) -> bool:
         with self.core.lock:

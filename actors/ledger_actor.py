@@ -17,6 +17,7 @@ import threading
 
 import ray
 
+from actors import runtime
 from ledger.consumer import LedgerConsumer, now_us
 from ledger.store import to_us
 
@@ -59,12 +60,14 @@ class LedgerActor:
         self._loop_errors = 0
         with self._lock:
             self._consumer.open()  # recovery: cursor + open meters from the ledger
+        self._gc = runtime.GcPacer()
         self._thread = threading.Thread(target=self._run, name="ledger-poll", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         backoff_s = self._poll_interval_s
         while not self._stop.wait(backoff_s):
+            self._gc.tick()  # one open meter per RUNNING allocation: keep full collections short
             try:
                 with self._lock:
                     for _ in range(polls_per_wake_max):

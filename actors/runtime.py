@@ -19,6 +19,45 @@ PLACEMENT = "placement"
 LEDGER = "ledger"
 
 
+class GcPacer:
+    """Keeps the interpreter's full garbage collections short in a process that holds many long-lived
+    objects (the placement actor's capacity view: ~9 tracked objects per allocation).
+
+    A full collection walks every tracked object: ~95 ms at 50,000 allocations on the development
+    machine, and it comes whenever the long-lived objects have grown by a quarter, so in steady churn
+    every few tens of seconds, stalling every request in flight. ``tick`` (call it about once a second)
+    moves what has survived so far out of the collector's sight (``gc.freeze``), so a collection only
+    walks what is new. Reference cycles that die after being frozen are reclaimed only when the objects
+    are given back to the collector, once every ``release_s``: one full collection then, not one per
+    quarter of growth."""
+
+    def __init__(self, *, freeze_every_s: float = 1.0, release_s: float = 600.0, clock=None):
+        import time
+
+        self._clock = clock or time.monotonic
+        self.freeze_every_s, self.release_s = freeze_every_s, release_s
+        now = self._clock()
+        self._last_freeze, self._last_release = now, now
+        self.stats = {"freezes": 0, "releases": 0, "last_release_ms": 0.0}
+
+    def tick(self) -> None:
+        import gc
+        import time
+
+        now = self._clock()
+        if now - self._last_release >= self.release_s:
+            self._last_release = self._last_freeze = now
+            t0 = time.perf_counter()
+            gc.unfreeze()
+            gc.collect()
+            self.stats["releases"] += 1
+            self.stats["last_release_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+        elif now - self._last_freeze >= self.freeze_every_s:
+            self._last_freeze = now
+            gc.freeze()
+            self.stats["freezes"] += 1
+
+
 def alloc_shard_name(i: int) -> str:
     return f"allocations-{i}"
 
