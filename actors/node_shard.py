@@ -219,6 +219,7 @@ class NodeShardCore:
 
     async def _tick_loop(self) -> None:
         last_usage = time.monotonic()
+        usage: asyncio.Task | None = None
         while True:
             await asyncio.sleep(self.cfg.health_tick_s)
             for w in list(self.nodes.values()):
@@ -226,12 +227,17 @@ class NodeShardCore:
                     await self._apply_rules(w)
                 except Exception as exc:  # noqa: BLE001
                     log.warning("health rules for %s failed: %s", w.node_id, exc)
-            if time.monotonic() - last_usage >= self.cfg.usage_window_s:
+            if time.monotonic() - last_usage >= self.cfg.usage_window_s and (usage is None or usage.done()):
                 last_usage = time.monotonic()
-                try:
-                    await self._send_usage_windows()
-                except Exception as exc:  # noqa: BLE001 - a lost window bills zeros, never a wrong amount
-                    log.warning("usage telemetry window failed: %s", exc)
+                # On a task of its own: reading the RUNNING allocations and handing the windows to the
+                # ledger in paced parts takes a while, and the health rules must not wait for it.
+                usage = asyncio.get_running_loop().create_task(self._usage_windows_logged())
+
+    async def _usage_windows_logged(self) -> None:
+        try:
+            await self._send_usage_windows()
+        except Exception as exc:  # noqa: BLE001 - a lost window bills zeros, never a wrong amount
+            log.warning("usage telemetry window failed: %s", exc)
 
     def _close_windows(self) -> dict[str, tuple[int, int, dict]]:
         """node → (start µs, end µs, {gpu: (util % avg, energy J)}) of the windows closed now."""

@@ -106,8 +106,11 @@ class _Pending:
     field_prefix: str = "request"
 
 
-# The reason of a victim's ``preempted`` event (``_send_preemptions``) starts with this.
-_PREEMPTED_BY = re.compile(r"preempted by ([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
+# The reason of a victim's ``preempted`` event names its preemptor (``_send_preemptions`` writes it,
+# ``_rebuild_preemptions`` reads it back after a restart).
+PREEMPTED_BY = "preempted by "
+_PREEMPTED_BY = re.compile(re.escape(PREEMPTED_BY) +
+                           r"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
 
 
 @dataclasses.dataclass
@@ -686,7 +689,7 @@ class PlacementCore:
         for pid, victim, at_iso in releases:
             shard = self.alloc_shards[shard_of(victim, len(self.alloc_shards))]
             pre = self.queued.get(pid)
-            why = f"preempted by {pid}" + (f" (tenant {pre.tenant_id}, priority {pre.priority})" if pre else "")
+            why = f"{PREEMPTED_BY}{pid}" + (f" (tenant {pre.tenant_id}, priority {pre.priority})" if pre else "")
             ref = shard.release.remote(victim, AllocEvent.PREEMPTED.value, at_iso, why)
             with self.lock:
                 pe = self.preempting.get(pid)

@@ -663,9 +663,7 @@ class Engine:
             return Decision(req.key, False, (), failed.explanation + "; preempting every lower-priority "
                             "allocation would not make room", reasons)
         victims = tuple(removed)
-        self.holds[req.key] = {"pending": set(victims), "held": self._reserve_rest(req, victims, saved)}
-        for k in victims:
-            self.victim_of[k] = req.key
+        self._hold(req, victims, saved)
         reasons = dict(failed.reasons)
         reasons[Reason.PREEMPTION_NEEDED] = len(victims)
         lost = sum(saved[k].gpu_milli_total * max(0.0, now - saved[k].start_s) for k in victims) / MILLI
@@ -681,11 +679,14 @@ class Engine:
         victims = tuple(v for v in victims if v in self.allocs and v not in self.victim_of and v != req.key)
         if not victims or req.key in self.holds or req.key in self.allocs:
             return False
-        saved = {k: self.allocs[k] for k in victims}
+        self._hold(req, victims, {k: self.allocs[k] for k in victims})
+        return True
+
+    def _hold(self, req: Request, victims: tuple[str, ...], saved: dict) -> None:
+        """Link the victims to the preemptor and hold the free part of its plan now."""
         self.holds[req.key] = {"pending": set(victims), "held": self._reserve_rest(req, victims, saved)}
         for k in victims:
             self.victim_of[k] = req.key
-        return True
 
     def _reserve_rest(self, req: Request, victims: tuple[str, ...], saved: dict) -> list[_Alloc]:
         """Hold now the free capacity that the preemptor's plan needs besides its victims' (the victims'

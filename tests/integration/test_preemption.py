@@ -8,6 +8,7 @@ actors.placement.may_preempt.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -269,15 +270,50 @@ def ray_invariants(cp) -> bool:
     return ray.get(cp.placement.check_invariants.remote(), timeout=30)
 
 
+@contextlib.contextmanager
+def pool_node_for(cp, tenant):
+    """A fresh pool node for one test; afterwards its cleanups succeed again, the tenant gives back what it
+    holds and the node goes away."""
+    from tests.faults.scenarios import inject, start_pool_node, stop_pool_node
+
+    node = start_pool_node(cp)
+    try:
+        yield node
+    finally:
+        try:
+            inject(cp, node, {"fault": "cleanup_fail", "times": 0})
+        except Exception:  # noqa: BLE001 - the daemon may be gone already
+            pass
+        give_back(tenant)
+        stop_pool_node(cp, node)
+
+
+def clean_up_by_hand_and_resolve(cp, admin, tenant, node: str, victims) -> None:
+    """The operator's way out of RELEASE_FAILED: cleanups work again, the leftovers are cleaned up on the node
+    by hand, then each allocation is resolved (→ RELEASED, its GPUs back)."""
+    import grpc
+
+    from gpuaas.v1 import node_pb2, node_pb2_grpc
+    from tests.faults.scenarios import inject
+
+    inject(cp, node, {"fault": "cleanup_fail", "times": 0})
+    (address,), = q(cp, "SELECT address FROM control.nodes WHERE node_id = %s", node)
+    with grpc.insecure_channel(address) as ch:
+        for v in victims:
+            node_pb2_grpc.NodeAgentStub(ch).Cleanup(node_pb2.CleanupRequest(allocation_id=v), timeout=10)
+    for v in victims:
+        admin.resolve(v, "cleaned by hand")
+        tenant.wait_state(v, {RELEASED}, 30)
+
+
 def test_preemptor_waiting_on_failed_cleanup_is_cancelled_and_its_hold_returned(control_plane, tenant, admin):
     """Victims whose cleanup keeps failing end RELEASE_FAILED: the preemptor waits (nothing else gets the
     capacity), a cancel returns its hold, and the operator's resolve returns the victims' GPUs to the pool."""
-    from tests.faults.scenarios import inject, start_pool_node, stop_pool_node, wait_for
+    from tests.faults.scenarios import inject, wait_for
 
     cp = control_plane
-    node = start_pool_node(cp)
-    pool = {"pool": node}
-    try:
+    with pool_node_for(cp, tenant) as node:
+        pool = {"pool": node}
         low = [tenant.place(rid(), gpu_count=1, priority=1, node_selector=pool) for _ in range(4)]
         for a in low:
             tenant.wait_state(a.allocation_id, {RUNNING}, 30)
@@ -298,17 +334,7 @@ def test_preemptor_waiting_on_failed_cleanup_is_cancelled_and_its_hold_returned(
 
         assert tenant.release(hi.allocation_id).state == pb.ALLOCATION_STATE_CANCELLED
         assert ray_invariants(cp)
-        inject(cp, node, {"fault": "cleanup_fail", "times": 0})
-        # the operator cleans up on the node by hand, then resolves
-        import grpc
-        from gpuaas.v1 import node_pb2, node_pb2_grpc
-        (address,), = q(cp, "SELECT address FROM control.nodes WHERE node_id = %s", node)
-        with grpc.insecure_channel(address) as ch:
-            for v in victims:
-                node_pb2_grpc.NodeAgentStub(ch).Cleanup(node_pb2.CleanupRequest(allocation_id=v), timeout=10)
-        for v in victims:
-            admin.resolve(v, "cleaned by hand")
-            tenant.wait_state(v, {RELEASED}, 30)
+        clean_up_by_hand_and_resolve(cp, admin, tenant, node, victims)
         wait_for(lambda: q(cp, "SELECT count(*) FROM control.gpus WHERE node_id = %s AND state = 'READY'", node)
                  == [(4,)], 30, "the quarantined GPUs back in service")
         # the two GPUs are free again, for anyone: an ordinary request takes them without preempting
@@ -318,13 +344,6 @@ def test_preemptor_waiting_on_failed_cleanup_is_cancelled_and_its_hold_returned(
         assert len(preempted_events(cp, tenant.tenant_id)) == 2
         assert not double_booked(cp)
         assert ray_invariants(cp)
-    finally:
-        try:
-            inject(cp, node, {"fault": "cleanup_fail", "times": 0})
-        except Exception:  # noqa: BLE001 - the daemon may be gone already
-            pass
-        give_back(tenant)
-        stop_pool_node(cp, node)
 
 
 def test_preemption_in_flight_survives_a_placement_actor_restart(control_plane, tenant, admin):
@@ -334,13 +353,11 @@ def test_preemption_in_flight_survives_a_placement_actor_restart(control_plane, 
     import grpc
     import ray
 
-    from gpuaas.v1 import node_pb2, node_pb2_grpc
-    from tests.faults.scenarios import inject, start_pool_node, stop_pool_node, wait_for
+    from tests.faults.scenarios import inject, wait_for
 
     cp = control_plane
-    node = start_pool_node(cp)
-    pool = {"pool": node}
-    try:
+    with pool_node_for(cp, tenant) as node:
+        pool = {"pool": node}
         low = tenant.place(rid(), gpu_count=2, priority=1, node_selector=pool)
         tenant.wait_state(low.allocation_id, {RUNNING}, 30)
         inject(cp, node, {"fault": "cleanup_fail", "times": 4 * cp.cfg.release_attempts_max + 10})
@@ -365,24 +382,11 @@ def test_preemption_in_flight_survives_a_placement_actor_restart(control_plane, 
         assert ray_invariants(cp)
 
         # the operator cleans up on the node by hand and resolves: the capacity goes to the preemptor
-        inject(cp, node, {"fault": "cleanup_fail", "times": 0})
-        (address,), = q(cp, "SELECT address FROM control.nodes WHERE node_id = %s", node)
-        with grpc.insecure_channel(address) as ch:
-            node_pb2_grpc.NodeAgentStub(ch).Cleanup(node_pb2.CleanupRequest(allocation_id=low.allocation_id),
-                                                    timeout=10)
-        admin.resolve(low.allocation_id, "cleaned by hand")
-        tenant.wait_state(low.allocation_id, {RELEASED}, 30)
+        clean_up_by_hand_and_resolve(cp, admin, tenant, node, [low.allocation_id])
         got = tenant.wait_state(hi.allocation_id, {RUNNING}, 60)
         assert len(gpus_of(got)) == 4
         assert not double_booked(cp)
         assert ray_invariants(cp)
-    finally:
-        try:
-            inject(cp, node, {"fault": "cleanup_fail", "times": 0})
-        except Exception:  # noqa: BLE001 - the daemon may be gone already
-            pass
-        give_back(tenant)
-        stop_pool_node(cp, node)
 
 
 def test_quota_is_not_bypassed_by_preemption(control_plane, tenant, admin):
