@@ -74,6 +74,9 @@ class PlacementActor:
         return dict(self.core.stats, queued_now=len(self.core.queued), nodes=len(self.core.nodes),
                     gc=dict(self.core.gc.stats))
 
+    def reconcile(self) -> int:
+        return self.core.reconcile_released()
+
     def check_invariants(self) -> bool:
         with self.core.lock:
             self.core.engine.check_invariants()

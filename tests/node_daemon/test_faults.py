@@ -117,7 +117,8 @@ def test_bad_fault_file_is_rejected_and_daemon_continues(sim_daemon):
     d = pathlib.Path(sim_daemon.config.fault_dir)
     (d / "bad.json").write_text('{"fault": "xid", "gpu": 99, "xid": 79}')
     (d / "worse.json").write_text("not json")
-    wait_for(lambda: (d / "bad.json.rejected").exists() and (d / "worse.json.rejected").exists())
+    wait_for(lambda: all((d / f).exists() for f in ("bad.json.rejected", "worse.json.rejected",
+                                                    "bad.json.rejected.reason", "worse.json.rejected.reason")))
     assert "gpu" in (d / "bad.json.rejected.reason").read_text()
     drop_fault(sim_daemon, {"fault": "xid", "gpu": 0, "xid": 31}, name="ok")
     assert sim_daemon.faults.applied == 1 and sim_daemon.faults.rejected == 2
