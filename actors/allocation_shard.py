@@ -93,6 +93,14 @@ class _Rows(dict):
         heapq.heappush(self.leases, (at, aid))
 
 
+def _still_placed(conn, ids: list[str], versions: list[int]) -> set[str]:
+    """Those of ``ids`` whose row is PLACED at exactly the paired version."""
+    return {str(r[0]) for r in conn.execute(
+        "SELECT a.allocation_id FROM unnest(%b::uuid[], %b::bigint[]) AS k(id, v)"
+        " JOIN control.allocations a ON a.allocation_id = k.id AND a.version = k.v AND a.state = 'PLACED'",
+        (ids, versions))}
+
+
 class AllocationShardCore:
     def __init__(self, *, index: int, count: int, app_url: str, config: ControlPlaneConfig):
         self.index, self.count, self.cfg = index, count, config
@@ -265,12 +273,26 @@ class AllocationShardCore:
         log.info("allocation shard %d/%d resumed %d allocations", self.index, self.count, len(mine))
         return {"resumed": len(mine)}
 
-    async def adopt(self, items: list[tuple[str, dict]]) -> int:
-        """Take PLACED allocations from the placement actor and prepare them."""
-        for _, addrs in items:
-            self.addresses.update({k: v for k, v in addrs.items() if v})
-        ids = [aid for aid, _ in items]
-        rows = await self.db.tx(store.load_allocations, "allocation_id = ANY(%s::uuid[])", (ids,))
+    async def adopt(self, items: list[tuple]) -> int:
+        """Take PLACED allocations from the placement actor and prepare them.
+
+        ``items``: (allocation id, {node id: daemon address}[, committed row]). The placement actor
+        sends the row it has just committed; an item without one is read from Postgres. A sent row is
+        used only while Postgres still holds that very version in PLACED: a hand-off can arrive late
+        (queued for a shard that was restarting, which has since resumed, prepared or released it)."""
+        sent, ids = [], []
+        for item in items:
+            self.addresses.update({k: v for k, v in item[1].items() if v})
+            if len(item) > 2 and item[2] is not None:
+                sent.append(item[2])
+            else:
+                ids.append(item[0])
+        rows = []
+        if sent:
+            current = await self.db.tx(_still_placed, [r.allocation_id for r in sent], [r.version for r in sent])
+            rows = [r for r in sent if r.allocation_id in current]
+        if ids:
+            rows += await self.db.tx(store.load_allocations, "allocation_id = ANY(%b::uuid[])", (ids,))
         for r in rows:
             busy = self.tasks.get(r.allocation_id)
             if busy is not None and not busy.done():
@@ -547,7 +569,7 @@ class AllocationShardCore:
                     ids, self.uncertain = list(self.uncertain), set()
                     try:
                         fresh = {r.allocation_id: r for r in await self.db.tx(
-                            store.load_allocations, "allocation_id = ANY(%s::uuid[])", (ids,))}
+                            store.load_allocations, "allocation_id = ANY(%b::uuid[])", (ids,))}
                     except Unavailable:
                         self.uncertain.update(ids)
                         fresh = None

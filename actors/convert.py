@@ -8,6 +8,9 @@ import hashlib
 
 from gpuaas.errors import InvalidArgument
 from gpuaas.v1 import common_pb2
+from scheduler import Request, Topology
+
+_TOPOLOGY = {t.value: t for t in Topology}  # validated requests only carry these values
 
 REQUEST_ID_LEN_MAX = 128
 MAP_ENTRIES_MAX = 32
@@ -21,6 +24,15 @@ MODELS_MAX = 16
 
 def request_hash(req: common_pb2.PlacementRequest) -> bytes:
     return hashlib.sha256(req.SerializeToString(deterministic=True)).digest()
+
+
+def serialized_and_hash(req: common_pb2.PlacementRequest) -> tuple[bytes, bytes]:
+    """The request's deterministic bytes (stored with the allocation) and their hash (idempotency)."""
+    raw = req.SerializeToString(deterministic=True)
+    return raw, hashlib.sha256(raw).digest()
+
+
+_TOPOLOGY_VALUES = frozenset(common_pb2.Topology.values())
 
 
 def validate_request(req: common_pb2.PlacementRequest, *, known_models: set[str], gpus_per_node_max: int,
@@ -56,7 +68,7 @@ def validate_request(req: common_pb2.PlacementRequest, *, known_models: set[str]
         v.append((f("memory_mib"), f"0..{MEMORY_MIB_MAX}"))
     if not 0 <= req.replicas <= REPLICAS_MAX:
         v.append((f("replicas"), f"0..{REPLICAS_MAX} (0 means 1)"))
-    if req.topology not in common_pb2.Topology.values():
+    if req.topology not in _TOPOLOGY_VALUES:
         v.append((f("topology"), f"unknown topology {req.topology}"))
     if abs(req.priority) > PRIORITY_ABS_MAX:
         v.append((f("priority"), f"-{PRIORITY_ABS_MAX}..{PRIORITY_ABS_MAX}"))
@@ -77,15 +89,14 @@ def validate_request(req: common_pb2.PlacementRequest, *, known_models: set[str]
 
 def to_domain(req: common_pb2.PlacementRequest, *, key: str, tenant: str):
     """PlacementRequest → scheduler.Request."""
-    from scheduler import Request, Topology
-
     if req.gpu_count > 0:
         num_gpu, milli = req.gpu_count, 1000
     else:
         num_gpu, milli = 1, req.gpu_milli
+    sel = req.node_selector
     return Request(key=key, tenant=tenant, num_gpu=num_gpu, gpu_milli=milli, cpu_milli=req.cpu_milli,
                    memory_mib=req.memory_mib, gpu_models=tuple(req.gpu_models), replicas=max(1, req.replicas),
-                   topology=Topology(req.topology), priority=req.priority, node_selector=dict(req.node_selector))
+                   topology=_TOPOLOGY[req.topology], priority=req.priority, node_selector=dict(sel) if sel else {})
 
 
 def assignments_to_json(assignments, model_of) -> list[dict]:

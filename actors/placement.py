@@ -63,7 +63,8 @@ SCHEDULABLE_NODE_STATES = frozenset({NodeState.READY})
 # interleaved): 3 ms → 20 ms took unary Place from ~610/s to ~840/s and the p50 at 500/s from 7–14 ms
 # to 3.5–5 ms; 50 ms was no better than 20 ms. 20 ms is nothing next to a job's start-up on the node.
 DISPATCH_COALESCE_S = 0.02
-RECONCILE_EVERY_S = 10.0  # capacity view vs Postgres: finished allocations still holding capacity
+RECONCILE_EVERY_S = 10.0
+QUEUE_REQUESTS_MAX = 200_000  # requests admitted but not yet decided; beyond this, UNAVAILABLE (back off)  # capacity view vs Postgres: finished allocations still holding capacity
 
 # Preemption tuning.
 PREEMPT_RETRY_S = 0.5           # a queued request asks for victims at most this often (each search: one
@@ -115,6 +116,17 @@ _PREEMPTED_BY = re.compile(re.escape(PREEMPTED_BY) +
 
 
 @dataclasses.dataclass
+class _Decided:
+    """A batch decided in memory, waiting for its commit."""
+    new: list = dataclasses.field(default_factory=list)        # (row, [(event, from)], _Pending)
+    answers: list = dataclasses.field(default_factory=list)    # (_Pending, error | ("existing", id))
+    queued_doms: list = dataclasses.field(default_factory=list)  # requests that wait in the queue
+    keys: list = dataclasses.field(default_factory=list)       # (tenant, request_id) made in-flight
+    decide_s: float = 0.0
+    decide_cpu_s: float = 0.0
+
+
+@dataclasses.dataclass
 class _Preemption:
     """A preemptor waiting for its victims' capacity (held for it by the engine)."""
     row: AllocRow
@@ -152,12 +164,22 @@ class PlacementCore:
         self.idem: dict[tuple[str, str], tuple[bytes, str]] = {}
         self.queued: dict[str, AllocRow] = {}
         self.owner_tenant: dict[str, str] = {}
-        self._q: queue.Queue[_Pending] = queue.Queue(maxsize=200_000)
+        # Requests as they arrive, one list per RPC; the committer decides them and hands each decided
+        # batch to the writer (a pipeline one batch deep, so batch k+1 is decided while k commits).
+        self._q: queue.Queue[list[_Pending]] = queue.Queue()
+        self._queued_requests = 0  # admitted, not yet taken by the committer (bounds _q)
+        self._admit_lock = threading.Lock()
+        self._decided_q: queue.Queue[_Decided] = queue.Queue(maxsize=1)
+        self._inflight: dict[tuple[str, str], tuple[bytes, str]] = {}  # decided, commit not yet finished
+        self._pipe_conn: psycopg.Connection | None = None  # the writer stage's own connection
         self._stop = threading.Event()
         self._conn: psycopg.Connection | None = None
         self._read_local = threading.local()
         self.stats = {"placed": 0, "queued": 0, "rejected": 0, "batches": 0, "commit_failures": 0,
-                      "preemptions": 0, "victims": 0, "preemptions_given_up": 0}
+                      "preemptions": 0, "victims": 0, "preemptions_given_up": 0,
+                      # Committer time by phase (seconds, summed): where a placement's latency goes.
+                      "decide_s": 0.0, "commit_s": 0.0, "answer_s": 0.0, "decide_cpu_s": 0.0,
+                      "commit_cpu_s": 0.0}
         self.preempting: dict[str, _Preemption] = {}   # preemptor id → its victims (engine holds the capacity)
         self._preempt_tried: dict[str, float] = {}     # queued id → monotonic time of its last victim search
         self._preempt_note: dict[str, str] = {}        # queued id → why its last victim search found none
@@ -174,6 +196,8 @@ class PlacementCore:
         self._placed_after_rebuild = []
         self._committer = threading.Thread(target=self._commit_loop, name="placement-committer", daemon=True)
         self._committer.start()
+        self._write_thread = threading.Thread(target=self._write_loop, name="placement-writer", daemon=True)
+        self._write_thread.start()
         self._ticker = threading.Thread(target=self._tick_loop, name="placement-tick", daemon=True)
         self._ticker.start()
 
@@ -183,6 +207,12 @@ class PlacementCore:
         if self._conn is None or self._conn.closed or self._conn.broken:
             self._conn = psycopg.connect(self.app_url, connect_timeout=5)
         return self._conn
+
+    def _pipe_writer(self) -> psycopg.Connection:
+        """The writer stage's connection (new allocations); other writers hold self.lock and use _writer."""
+        if self._pipe_conn is None or self._pipe_conn.closed or self._pipe_conn.broken:
+            self._pipe_conn = psycopg.connect(self.app_url, connect_timeout=5)
+        return self._pipe_conn
 
     def reader(self) -> psycopg.Connection:
         """A per-thread autocommit connection for reads (gRPC handler threads)."""
@@ -259,7 +289,7 @@ class PlacementCore:
         by_pre: dict[str, list[tuple[str, dt.datetime]]] = {}
         for aid, reason, at in conn.execute(
                 "SELECT allocation_id, reason, at FROM control.allocation_events"
-                " WHERE allocation_id = ANY(%s::uuid[]) AND event = %s", (leaving, AllocEvent.PREEMPTED.value)):
+                " WHERE allocation_id = ANY(%b::uuid[]) AND event = %s", (leaving, AllocEvent.PREEMPTED.value)):
             m = _PREEMPTED_BY.match(reason or "")
             if m and m.group(1) in self.queued:
                 by_pre.setdefault(m.group(1), []).append((str(aid), at))
@@ -304,62 +334,95 @@ class PlacementCore:
     # ------------------------------------------------------------ place
 
     def submit(self, tenant: str, requests: list[common_pb2.PlacementRequest]) -> list[cf.Future]:
-        futs = []
-        for i, r in enumerate(requests):
-            f: cf.Future = cf.Future()
-            prefix = "request" if len(requests) == 1 else f"requests[{i}]"
-            try:
-                self._q.put_nowait(_Pending(tenant, r, f, prefix))
-            except queue.Full:
-                f.set_exception(Unavailable("placement queue is full; retry shortly"))
-            futs.append(f)
-        return futs
+        n = len(requests)
+        if n == 1:
+            items = [_Pending(tenant, requests[0], cf.Future())]
+        else:
+            items = [_Pending(tenant, r, cf.Future(), f"requests[{i}]") for i, r in enumerate(requests)]
+        with self._admit_lock:
+            admitted = self._queued_requests + n <= QUEUE_REQUESTS_MAX
+            if admitted:
+                self._queued_requests += n
+        if admitted:
+            self._q.put(items)
+        else:
+            for p in items:
+                p.future.set_exception(Unavailable("placement queue is full; retry shortly"))
+        return [p.future for p in items]
+
+    def _take(self, items: list[_Pending]) -> list[_Pending]:
+        with self._admit_lock:
+            self._queued_requests -= len(items)
+        return items
 
     def _commit_loop(self) -> None:
+        """Stage 1 of the committer: take whatever requests have arrived and decide them."""
         while not self._stop.is_set():
             try:
-                first = self._q.get(timeout=0.2)
+                batch = list(self._take(self._q.get(timeout=0.2)))
             except queue.Empty:
                 continue
-            batch = [first]
             while len(batch) < self.cfg.batch_size_max:
                 try:
-                    batch.append(self._q.get_nowait())
+                    batch.extend(self._take(self._q.get_nowait()))
                 except queue.Empty:
                     break
             try:
-                self._process_batch(batch)
+                decided = self._decide(batch)
             except Exception as exc:  # noqa: BLE001 - a bug must not kill the committer
                 log.exception("placement batch failed: %s", exc)
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(Unavailable("placement batch failed; retry"))
+                continue
+            self._decided_q.put(decided)  # blocks while the writer is one batch behind: bounded pipeline
 
-    def _process_batch(self, batch: list[_Pending]) -> None:
+    def _write_loop(self) -> None:
+        """Stage 2: commit decided batches, one transaction each, strictly in the order decided."""
+        while not self._stop.is_set():
+            try:
+                decided = self._decided_q.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                self._write(decided)
+            except Exception as exc:  # noqa: BLE001 - a bug must not kill the writer
+                log.exception("placement commit failed: %s", exc)
+                for _, _, p in decided.new:
+                    if not p.future.done():
+                        p.future.set_exception(Unavailable("placement batch failed; retry"))
+
+    def _decide(self, batch: list[_Pending]) -> "_Decided":
+        """Validate and place every request in memory (capacity reserved in the engine); no I/O.
+
+        The committer decides batch k+1 while the writer commits batch k, so a decision may rest on
+        reservations not yet committed: if that commit fails its reservations are undone, which only
+        frees capacity the later decision did not use (never an over-commit). A request whose
+        request_id is in an uncommitted batch is answered as that batch's, after it commits."""
+        t_start, c_start = time.perf_counter(), time.thread_time()
         now = utcnow()
-        new: list[tuple[AllocRow, list, _Pending]] = []
-        answers: list[tuple[_Pending, object]] = []
-        placed_keys, queued_keys, batch_keys = [], [], {}
+        d = _Decided()
+        batch_keys: dict = {}
         with self.lock:
             models, gmax = self.known_models(), self.gpus_per_node_max()
             for p in batch:
                 try:
                     convert.validate_request(p.request, known_models=models, gpus_per_node_max=gmax,
                                              lease_s_max=self.cfg.lease_s_max, prefix=p.field_prefix)
-                    h = convert.request_hash(p.request)
+                    raw, h = convert.serialized_and_hash(p.request)
                     key = (p.tenant, p.request.request_id)
-                    seen = self.idem.get(key) or batch_keys.get(key)
+                    seen = self.idem.get(key) or self._inflight.get(key) or batch_keys.get(key)
                     if seen is not None:
                         if seen[0] != h:
                             raise AlreadyExists(f"request_id {p.request.request_id!r} was used before with a "
                                                 "different body")
-                        answers.append((p, ("existing", seen[1])))
+                        d.answers.append((p, ("existing", seen[1])))
                         continue
                     aid = str(uuid.uuid4())
                     dom = convert.to_domain(p.request, key=aid, tenant=p.tenant)
                     decision = self.engine.place(dom)
                     row = AllocRow(allocation_id=aid, tenant_id=p.tenant, request_id=p.request.request_id,
-                                   request_hash=h, request=p.request.SerializeToString(), state=AllocState.QUEUED,
+                                   request_hash=h, request=raw, state=AllocState.QUEUED,
                                    priority=p.request.priority, created_at=now, updated_at=now,
                                    gpu_model=",".join(p.request.gpu_models))
                     if decision.placed:
@@ -368,55 +431,82 @@ class PlacementCore:
                         row.gpu_milli_total = convert.gpu_milli_total(row.assignments)
                         row.state, row.version, row.reason = AllocState.PLACED, 2, AllocEvent.PLACED.value
                         events = [(AllocEvent.ACCEPTED, None), (AllocEvent.PLACED, AllocState.QUEUED)]
-                        placed_keys.append(aid)
                     elif p.request.wait and not _is_quota(decision):
                         timeout_s = p.request.queue_timeout_s or self.cfg.queue_timeout_default_s
                         row.queue_deadline = now + dt.timedelta(seconds=timeout_s)
                         row.reason = AllocEvent.ACCEPTED.value
                         events = [(AllocEvent.ACCEPTED, None)]
-                        self.engine.enqueue(dom)
-                        queued_keys.append(aid)
+                        # Joins the engine's queue once committed (_write): the queue pass must not
+                        # place a request whose row is not in Postgres yet.
+                        d.queued_doms.append(dom)
                     else:
                         raise ResourceExhausted(f"cannot place now: {decision.explanation}")
                     batch_keys[key] = (h, aid)
-                    new.append((row, events, p))
+                    d.new.append((row, events, p))
                 except GpuaasError as err:
-                    answers.append((p, err))
-            if new:
-                try:
-                    conn = self._writer()
-                    with conn.transaction():
-                        store.insert_new_allocations(conn, [(r, e) for r, e, _ in new])
-                except Exception as exc:  # noqa: BLE001 - undo the in-memory reservations, answer UNAVAILABLE
-                    log.error("group commit of %d placements failed: %s", len(new), exc)
-                    self.stats["commit_failures"] += 1
-                    for aid in placed_keys:
-                        self.engine.release(aid)
-                    for aid in queued_keys:
-                        self.engine.dequeue(aid)
-                    self._conn = None
-                    err = Unavailable("could not commit the placement; nothing was booked, retry with the same "
-                                      "request_id")
-                    for _, _, p in new:
-                        answers.append((p, err))
-                    new = []
-            for row, _, p in new:
-                self.idem[(row.tenant_id, row.request_id)] = (row.request_hash, row.allocation_id)
-                self.owner_tenant[row.allocation_id] = row.tenant_id
-                if row.state is AllocState.QUEUED:
-                    self.queued[row.allocation_id] = row
+                    d.answers.append((p, err))
+            self._inflight.update(batch_keys)
+            d.keys = list(batch_keys)
+        d.decide_s, d.decide_cpu_s = time.perf_counter() - t_start, time.thread_time() - c_start
+        return d
+
+    def _write(self, d: "_Decided") -> None:
+        """Commit a decided batch (group commit), then answer and hand PLACED rows to the shards."""
+        t_start, c_start = time.perf_counter(), time.thread_time()
+        new = d.new
+        ok = True
+        if new:
+            try:
+                conn = self._pipe_writer()
+                with conn.transaction():
+                    store.insert_new_allocations(conn, [(r, e) for r, e, _ in new])
+            except Exception as exc:  # noqa: BLE001 - undo the in-memory reservations, answer UNAVAILABLE
+                log.error("group commit of %d placements failed: %s", len(new), exc)
+                ok = False
+                self._pipe_conn = None
+        t_committed, c_committed = time.perf_counter(), time.thread_time()
+        placed = [row for row, _, _ in new if row.state is AllocState.PLACED]
+        with self.lock:
+            for key in d.keys:
+                self._inflight.pop(key, None)
+            if ok:
+                for row, _, _ in new:
+                    self.idem[(row.tenant_id, row.request_id)] = (row.request_hash, row.allocation_id)
+                    self.owner_tenant[row.allocation_id] = row.tenant_id
+                    if row.state is AllocState.QUEUED:
+                        self.queued[row.allocation_id] = row
+                for dom in d.queued_doms:
+                    self.engine.enqueue(dom)
+                self.stats["placed"] += len(placed)
+                self.stats["queued"] += len(d.queued_doms)
+            else:
+                self.stats["commit_failures"] += 1
+                for row in placed:
+                    self.engine.release(row.allocation_id)
             self.stats["batches"] += 1
-            self.stats["placed"] += len(placed_keys)
-            self.stats["queued"] += len(queued_keys)
-        for row, _, p in new:
-            p.future.set_result(("new", row))
-        for p, ans in answers:
+        if ok:
+            for row, _, p in new:
+                p.future.set_result(("new", row))
+        else:
+            err = Unavailable("could not commit the placement; nothing was booked, retry with the same request_id")
+            for _, _, p in new:
+                p.future.set_exception(err)
+            placed = []
+        # After this batch's commit: an "existing" answer naming an allocation of an earlier batch
+        # (committed before this one, or failed, which the servicer reports as retryable) is now final.
+        for p, ans in d.answers:
             if isinstance(ans, GpuaasError):
                 self.stats["rejected"] += 1
                 p.future.set_exception(ans)
             else:
                 p.future.set_result(ans)
-        self._dispatch([row for row, _, _ in new if row.state is AllocState.PLACED])
+        self._dispatch(placed)
+        st = self.stats
+        st["decide_s"] += d.decide_s
+        st["decide_cpu_s"] += d.decide_cpu_s
+        st["commit_s"] += t_committed - t_start
+        st["commit_cpu_s"] += c_committed - c_start
+        st["answer_s"] += time.perf_counter() - t_committed
 
     def _dispatch(self, rows: list[AllocRow]) -> None:
         """Hand PLACED allocations to their shard, which prepares them on the nodes.
@@ -428,7 +518,8 @@ class PlacementCore:
         """
         if not rows:
             return
-        items = [(r.allocation_id, {n: self.address_of(n) for n in r.node_ids()}) for r in rows]
+        # The committed row travels with its id: the shard need not read back what was just written.
+        items = [(r.allocation_id, {n: self.address_of(n) for n in r.node_ids()}, r) for r in rows]
         self._dispatch_q.put(items)
 
     def _dispatch_loop(self) -> None:
@@ -444,8 +535,8 @@ class PlacementCore:
                 except queue.Empty:
                     break
             by_shard: dict[int, list] = {}
-            for aid, addrs in items:
-                by_shard.setdefault(shard_of(aid, len(self.alloc_shards)), []).append((aid, addrs))
+            for item in items:
+                by_shard.setdefault(shard_of(item[0], len(self.alloc_shards)), []).append(item)
             for i, part in by_shard.items():
                 try:
                     # Fire and forget: a shard that dies before adopting resumes its PLACED rows from Postgres.
@@ -479,7 +570,7 @@ class PlacementCore:
                 return
             try:
                 rows = self._read(lambda c: store.load_allocations(
-                    c, "allocation_id = ANY(%s) AND state = 'QUEUED'", ([uuid.UUID(a) for a in ids],)))
+                    c, "allocation_id = ANY(%b::uuid[]) AND state = 'QUEUED'", (list(ids),)))
             except (psycopg.Error, Unavailable) as exc:
                 log.warning("requeue of %d allocation(s) deferred: %s", len(ids), exc)
                 return
@@ -811,7 +902,7 @@ class PlacementCore:
         if not held:
             return 0
         done = [str(r[0]) for r in self._read(lambda c: c.execute(
-            "SELECT allocation_id FROM control.allocations WHERE allocation_id = ANY(%s::uuid[])"
+            "SELECT allocation_id FROM control.allocations WHERE allocation_id = ANY(%b::uuid[])"
             " AND state IN ('RELEASED', 'CANCELLED')", (held,)).fetchall())]
         if done:
             log.warning("capacity of %d finished allocation(s) was still held (a lost capacity_freed); "
@@ -895,15 +986,29 @@ def _is_quota(decision) -> bool:
     return any(getattr(r, "name", "").upper().startswith("QUOTA") for r in (decision.reasons or {}))
 
 
-def allocation_pb(row: AllocRow, address_of=lambda n: "", explanation: str = "") -> common_pb2.Allocation:
-    a = common_pb2.Allocation(
-        allocation_id=row.allocation_id, tenant_id=row.tenant_id, request_id=row.request_id,
-        state=row.state.value, request=common_pb2.PlacementRequest.FromString(row.request),
-        assignments=[store.assignment_pb(x, address_of(x["node_id"])) for x in row.assignments],
-        reason=row.reason, prepare_attempts=row.prepare_attempts, version=row.version,
-        pending_explanation=explanation)
-    for name in ("created_at", "updated_at", "running_since", "stopped_at", "lease_expires_at"):
+def allocation_pb(row: AllocRow, address_of=lambda n: "", explanation: str = "", *,
+                  request: common_pb2.PlacementRequest | None = None,
+                  into: common_pb2.Allocation | None = None) -> common_pb2.Allocation:
+    """The contract's view of ``row``. ``request``: the row's request already decoded (saves parsing
+    ``row.request`` again); ``into``: fill this message (a repeated field's element) instead of a new one."""
+    a = common_pb2.Allocation() if into is None else into
+    a.allocation_id, a.tenant_id, a.request_id = row.allocation_id, row.tenant_id, row.request_id
+    a.state, a.reason, a.prepare_attempts, a.version = row.state.value, row.reason, row.prepare_attempts, row.version
+    if explanation:
+        a.pending_explanation = explanation
+    if request is not None:
+        a.request.CopyFrom(request)
+    else:
+        a.request.ParseFromString(row.request)
+    for x in row.assignments:
+        a.assignments.append(store.assignment_pb(x, address_of(x["node_id"])))
+    store.set_ts(a.created_at, row.created_at)
+    if row.updated_at == row.created_at:
+        a.updated_at.CopyFrom(a.created_at)
+    else:
+        store.set_ts(a.updated_at, row.updated_at)
+    for name in ("running_since", "stopped_at", "lease_expires_at"):
         value = getattr(row, name)
         if value is not None:
-            getattr(a, name).FromDatetime(value)
+            store.set_ts(getattr(a, name), value)
     return a

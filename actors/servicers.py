@@ -183,21 +183,25 @@ class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
         p.require("placement")
         return p
 
-    def _answer(self, fut, timeout_s: float = 30.0):
+    def _answer(self, fut, request, into, timeout_s: float = 30.0) -> bool:
+        """Fill ``into`` with the allocation ``fut`` settles on; True when it already existed."""
         kind, value = fut.result(timeout=timeout_s)
         if kind == "new":
-            return allocation_pb(value, self.core.address_of), False
+            allocation_pb(value, self.core.address_of, request=request, into=into)
+            return False
         row = store.load_allocation(self.core.reader(), value)
         if row is None:
             raise Unavailable("allocation is being committed; retry")
-        return allocation_pb(row, self.core.address_of), True
+        allocation_pb(row, self.core.address_of, into=into)
+        return True
 
     @grpc_handler
     def Place(self, request, context):
         p = self._principal(context)
         [fut] = self.core.submit(p.tenant_id, [request.request])
-        alloc, existing = self._answer(fut)
-        return placement_pb2.PlaceResponse(allocation=alloc, existing=existing)
+        out = placement_pb2.PlaceResponse()
+        out.existing = self._answer(fut, request.request, out.allocation)
+        return out
 
     @grpc_handler
     def PlaceBatch(self, request, context):
@@ -206,15 +210,15 @@ class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
         if n == 0 or n > self.core.cfg.place_batch_items_max:
             raise InvalidArgument("bad batch size", violations=[
                 ("requests", f"1..{self.core.cfg.place_batch_items_max} items; got {n}")])
-        futs = self.core.submit(p.tenant_id, list(request.requests))
+        reqs = list(request.requests)
+        futs = self.core.submit(p.tenant_id, reqs)
         out = placement_pb2.PlaceBatchResponse()
-        for fut in futs:
+        for fut, req in zip(futs, reqs):
             item = out.results.add()
             try:
-                alloc, existing = self._answer(fut)
-                item.allocation.CopyFrom(alloc)
-                item.existing = existing
+                item.existing = self._answer(fut, req, item.allocation)
             except GpuaasError as err:
+                item.ClearField("allocation")
                 item.error.CopyFrom(err.to_status())
         return out
 

@@ -34,11 +34,21 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def set_ts(msg: timestamp_pb2.Timestamp, value: dt.datetime) -> None:
+    """``msg.FromDatetime(value)`` for an aware datetime, without its time-tuple round trip (~4× faster)."""
+    d = (value if value.tzinfo is not None else value.replace(tzinfo=dt.timezone.utc)) - _EPOCH
+    msg.seconds = d.days * 86400 + d.seconds
+    msg.nanos = d.microseconds * 1000
+
+
 def ts(value: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
     if value is None:
         return None
     t = timestamp_pb2.Timestamp()
-    t.FromDatetime(value)
+    set_ts(t, value)
     return t
 
 
@@ -95,19 +105,30 @@ def assignment_pb(a: dict, node_address: str = "") -> common_pb2.GpuAssignment:
 
 
 def _transition_payload(row: AllocRow, src: AllocState | None, event: AllocEvent, event_id: int,
-                        at: dt.datetime) -> bytes:
+                        at: dt.datetime, stamp: timestamp_pb2.Timestamp | None = None) -> bytes:
+    """``stamp``: ``at`` already converted (a group of transitions usually shares one time)."""
     return events_pb2.AllocationTransitioned(
         event_id=event_id, allocation_id=row.allocation_id, tenant_id=row.tenant_id,
         from_state=src.value if src else 0, to_state=row.state.value, event=event.value, reason=row.reason,
-        at=ts(at), assignments=[assignment_pb(a) for a in row.assignments], version=row.version,
+        at=stamp if stamp is not None else ts(at), assignments=[assignment_pb(a) for a in row.assignments],
+        version=row.version,
     ).SerializeToString()
+
+
+class _Stamps(dict):
+    """datetime → Timestamp, converted once per distinct time."""
+
+    def __missing__(self, at: dt.datetime) -> timestamp_pb2.Timestamp:
+        stamp = self[at] = ts(at)
+        return stamp
 
 
 def _next_event_ids(conn, n: int) -> list[int]:
     if n == 0:
         return []
-    return [r[0] for r in conn.execute(
-        "SELECT nextval('control.allocation_events_event_id_seq') FROM generate_series(1, %s)", (n,))]
+    # One row holding an array: decoding n one-column rows costs more than the n nextval calls.
+    return conn.execute("SELECT array_agg(nextval('control.allocation_events_event_id_seq'))"
+                        " FROM generate_series(1, %s)", (n,)).fetchone()[0]
 
 
 # Up to this many new allocations go in one INSERT … FROM unnest(…) statement (one round trip for the
@@ -119,15 +140,15 @@ SMALL_INSERT_MAX = 4
 
 _INSERT_SMALL = (
     "WITH a AS (INSERT INTO control.allocations (" + ", ".join(ALLOC_COLUMNS) + ")"
-    " SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::bytea[], %s::bytea[], %s::text[], %s::text[],"
-    " %s::bigint[], %s::int[], %s::text[], %s::bigint[], %s::jsonb[], %s::int[], %s::int[], %s::timestamptz[],"
-    " %s::timestamptz[], %s::timestamptz[], %s::timestamptz[], %s::timestamptz[], %s::timestamptz[],"
-    " %s::timestamptz[])),"
+    " SELECT * FROM unnest(%b::uuid[], %b::text[], %b::text[], %b::bytea[], %b::bytea[], %b::text[], %b::text[],"
+    " %b::bigint[], %b::int[], %b::text[], %b::bigint[], %b::jsonb[], %b::int[], %b::int[], %b::timestamptz[],"
+    " %b::timestamptz[], %b::timestamptz[], %b::timestamptz[], %b::timestamptz[], %b::timestamptz[],"
+    " %b::timestamptz[])),"
     " e AS (INSERT INTO control.allocation_events (event_id, allocation_id, tenant_id, from_state, to_state, event,"
-    " reason, version, at) SELECT * FROM unnest(%s::bigint[], %s::uuid[], %s::text[], %s::text[], %s::text[],"
-    " %s::text[], %s::text[], %s::bigint[], %s::timestamptz[]))"
+    " reason, version, at) SELECT * FROM unnest(%b::bigint[], %b::uuid[], %b::text[], %b::text[], %b::text[],"
+    " %b::text[], %b::text[], %b::bigint[], %b::timestamptz[]))"
     " INSERT INTO control.outbox (topic, key, payload) SELECT u.topic, u.key, u.payload"
-    " FROM unnest(%s::text[], %s::text[], %s::bytea[]) WITH ORDINALITY AS u(topic, key, payload, n) ORDER BY u.n")
+    " FROM unnest(%b::text[], %b::text[], %b::bytea[]) WITH ORDINALITY AS u(topic, key, payload, n) ORDER BY u.n")
 
 
 def insert_new_allocations(conn, items: Iterable[tuple[AllocRow, list[tuple[AllocEvent, AllocState | None]]]]):
@@ -140,24 +161,32 @@ def insert_new_allocations(conn, items: Iterable[tuple[AllocRow, list[tuple[Allo
     """
     items = list(items)
     n_events = sum(len(evs) for _, evs in items)
-    ids = iter(_next_event_ids(conn, n_events))
+    ids = _next_event_ids(conn, n_events)
     alloc_buf, event_rows, outbox_rows, per_item = [], [], [], []
+    stamps = _Stamps()  # a batch's rows share one timestamp
     for row, evs in items:
         alloc_buf.append(row.db_values())
         mine = []
         final_state, final_version = row.state, row.version
         version = final_version - len(evs)
         state = None
+        at = row.updated_at
+        stamp = stamps[at]
+        # One message per row; each event of its chain changes only its own fields and is serialized
+        # in turn (the same bytes as _transition_payload on a snapshot of the row at that event).
+        msg = events_pb2.AllocationTransitioned(allocation_id=row.allocation_id, tenant_id=row.tenant_id,
+                                                reason=row.reason, at=stamp,
+                                                assignments=[assignment_pb(a) for a in row.assignments])
         for event, src in evs:
             t = ALLOCATION_TABLE.transition(src, event)
             version += 1
-            eid = next(ids)
+            eid = ids[len(event_rows)]
             mine.append(eid)
             event_rows.append((eid, row.allocation_id, row.tenant_id, src.name if src else None, t.dst.name,
-                               event.value, row.reason, version, row.updated_at))
-            snap = dataclasses.replace(row, state=t.dst, version=version)
-            outbox_rows.append((TOPIC_ALLOC, row.allocation_id,
-                                _transition_payload(snap, src, event, eid, row.updated_at)))
+                               event.value, row.reason, version, at))
+            msg.event_id, msg.version, msg.event = eid, version, event.value
+            msg.from_state, msg.to_state = (src.value if src else 0), t.dst.value
+            outbox_rows.append((TOPIC_ALLOC, row.allocation_id, msg.SerializeToString()))
             state = t.dst
         assert state == final_state and version == final_version, "event chain must end in the row's state"
         per_item.append(mine)
@@ -260,9 +289,9 @@ def transition_allocations(conn, items: Sequence[tuple[AllocRow, AllocEvent, dic
             " assignments=v.assignments::jsonb, prepare_attempts=v.prepare_attempts,"
             " release_attempts=v.release_attempts, lease_expires_at=v.lease_expires_at,"
             " queue_deadline=v.queue_deadline, next_attempt_at=v.next_attempt_at"
-            " FROM unnest(%s::uuid[], %s::bigint[], %s::text[], %s::text[], %s::bigint[], %s::timestamptz[],"
-            " %s::timestamptz[], %s::timestamptz[], %s::text[], %s::int[], %s::int[], %s::timestamptz[],"
-            " %s::timestamptz[], %s::timestamptz[]) AS v(allocation_id, old_version, state, reason, version,"
+            " FROM unnest(%b::uuid[], %b::bigint[], %b::text[], %b::text[], %b::bigint[], %b::timestamptz[],"
+            " %b::timestamptz[], %b::timestamptz[], %b::text[], %b::int[], %b::int[], %b::timestamptz[],"
+            " %b::timestamptz[], %b::timestamptz[]) AS v(allocation_id, old_version, state, reason, version,"
             " updated_at, running_since, stopped_at, assignments, prepare_attempts, release_attempts,"
             " lease_expires_at, queue_deadline, next_attempt_at)"
             " WHERE a.allocation_id = v.allocation_id AND a.version = v.old_version RETURNING a.allocation_id",
@@ -281,9 +310,11 @@ def transition_allocations(conn, items: Sequence[tuple[AllocRow, AllocEvent, dic
             for eid, (_, row, new, event, at) in zip(ids, written):
                 cp.write_row((eid, row.allocation_id, row.tenant_id, row.state.name, new.state.name, event.value,
                               new.reason, new.version, at))
+        stamps = _Stamps()
         with cur.copy("COPY control.outbox (topic, key, payload) FROM STDIN") as cp:
             for eid, (_, row, new, event, at) in zip(ids, written):
-                cp.write_row((TOPIC_ALLOC, row.allocation_id, _transition_payload(new, row.state, event, eid, at)))
+                cp.write_row((TOPIC_ALLOC, row.allocation_id,
+                              _transition_payload(new, row.state, event, eid, at, stamps[at])))
         for i, _, new, _, _ in written:
             results[i] = new
     return results

@@ -133,7 +133,7 @@ def bench_cluster(runs: int, scale: int, skip_scenarios: bool, only: list[str] |
             t_kill = time.time()
             cp.daemon_by_name[node].kill()
             scenarios.wait_for(lambda: all(s == "FAILED" and st is not None for s, st in scenarios.q(
-                cp, "SELECT state, stopped_at FROM control.allocations WHERE allocation_id = ANY(%s::uuid[])",
+                cp, "SELECT state, stopped_at FROM control.allocations WHERE allocation_id = ANY(%b::uuid[])",
                 ids)), 30, "allocations FAILED")
             deaths.append(time.time() - t_kill)
             c.close()

@@ -119,7 +119,7 @@ class LedgerConsumer:
             if meters:
                 for alloc, max_seq in conn.execute(
                         "SELECT allocation_id::text, max(seq) FROM ledger.usage_entries"
-                        " WHERE allocation_id = ANY(%s::uuid[]) AND kind = 0 GROUP BY 1", (list(meters),)):
+                        " WHERE allocation_id = ANY(%b::uuid[]) AND kind = 0 GROUP BY 1", (list(meters),)):
                     meters[alloc] = dataclasses.replace(meters[alloc], next_seq=max_seq + 1)
         self.meters = meters
         self.store.reload_prices()
@@ -244,7 +244,7 @@ class LedgerConsumer:
         if decoded:
             for alloc, kind, eid in self.conn.execute(
                     "SELECT allocation_id::text, kind, event_id FROM ledger.meter_events"
-                    " WHERE allocation_id = ANY(%s::uuid[])", (list(_valid_uuids(allocs)),)):
+                    " WHERE allocation_id = ANY(%b::uuid[])", (list(_valid_uuids(allocs)),)):
                 known[(alloc, kind)] = eid
         for oid, topic, key, payload, ev in decoded:
             try:

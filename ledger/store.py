@@ -363,7 +363,7 @@ class LedgerStore:
                 "SELECT u.allocation_id::text, u.seq, u.replica, u.kind, u.interval_start, u.interval_end,"
                 " u.gpu_count, u.gpu_milli, u.tenant_id, u.node_id, u.gpu_model, u.util_bp, u.energy_mj"
                 " FROM ledger.usage_entries u"
-                " JOIN unnest(%s::uuid[], %s::int[], %s::int2[], %s::int2[]) AS k(a, s, r, kd)"
+                " JOIN unnest(%b::uuid[], %b::int[], %b::int2[], %b::int2[]) AS k(a, s, r, kd)"
                 "   ON u.allocation_id = k.a AND u.seq = k.s AND u.replica = k.r AND u.kind = k.kd", cols):
             r = UsageRow(rec[0], rec[1], rec[2], rec[3], to_us(rec[4]), to_us(rec[5]), *rec[6:])
             out[(r.allocation_id, r.seq, r.replica, r.kind)] = r

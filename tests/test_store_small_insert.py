@@ -41,3 +41,24 @@ def test_both_write_paths_store_rows_events_and_outbox_in_order(fresh_db, n):
             out = conn.execute("SELECT payload FROM control.outbox WHERE key = %s ORDER BY id",
                                (row.allocation_id,)).fetchall()
             assert [events_pb2.AllocationTransitioned.FromString(p).event_id for (p,) in out] == eids
+
+
+def test_outbox_payloads_equal_a_snapshot_of_the_row_at_each_event(fresh_db):
+    """The batch path builds one message per row and re-serializes it per event; the bytes must be
+    what the per-transition path writes for the row as it was at that event."""
+    import dataclasses
+
+    items = _items(store.SMALL_INSERT_MAX + 3, "acme")
+    with psycopg.connect(fresh_db.app) as conn:
+        with conn.transaction():
+            ids = store.insert_new_allocations(conn, items)
+        for (row, evs), eids in zip(items, ids):
+            out = [p for (p,) in conn.execute("SELECT payload FROM control.outbox WHERE key = %s ORDER BY id",
+                                              (row.allocation_id,))]
+            expected, version = [], row.version - len(evs)
+            for (event, src), eid in zip(evs, eids):
+                version += 1
+                dst = AllocState.QUEUED if src is None else row.state
+                snap = dataclasses.replace(row, state=dst, version=version)
+                expected.append(store._transition_payload(snap, src, event, eid, row.updated_at))
+            assert out == expected

@@ -54,3 +54,35 @@ def test_release_while_preparing_leaves_nothing_on_the_nodes(control_plane, tena
                     if not r.HasField("error"):
                         stub.Cleanup(node_pb2.CleanupRequest(allocation_id=p.allocation_id), timeout=10)
     assert probed > 0
+
+
+def test_a_late_hand_off_of_a_stale_row_changes_nothing(control_plane, tenant):
+    """The placement actor hands its committed PLACED row to the shard. A hand-off that arrives late
+    (queued for a shard that was restarting, which has since resumed the allocation from Postgres)
+    carries a stale row: the shard must not prepare the allocation again, nor for a released one."""
+    import ray
+
+    from actors import store
+    from actors.placement import shard_of
+
+    running = tenant.place(rid(), gpu_milli=10, node_selector=ZONE)
+    released = tenant.place(rid(), gpu_milli=10, node_selector=ZONE)
+    for a in (running, released):
+        tenant.wait_state(a.allocation_id, {pb.ALLOCATION_STATE_RUNNING}, 30)
+    tenant.release(released.allocation_id)
+    tenant.wait_state(released.allocation_id, {pb.ALLOCATION_STATE_RELEASED}, 30)
+    shards = control_plane.alloc_shards
+    for a in (running, released):
+        [(version, state)] = q(control_plane, "SELECT version, state FROM control.allocations WHERE allocation_id"
+                                              " = %s", a.allocation_id)
+        stale = store.AllocRow(allocation_id=a.allocation_id, tenant_id=a.tenant_id, request_id=a.request_id,
+                               request_hash=b"", request=a.request.SerializeToString(), state=store.AllocState.PLACED,
+                               version=2, assignments=[{"node_id": x.node_id, "gpu_indices": list(x.gpu_indices),
+                                                        "gpu_milli": x.gpu_milli, "gpu_model": x.gpu_model}
+                                                       for x in a.assignments])
+        addrs = {x.node_id: x.node_address for x in a.assignments}
+        shard = shards[shard_of(a.allocation_id, len(shards))]
+        assert ray.get(shard.adopt.remote([(a.allocation_id, addrs, stale)])) == 0
+        assert q(control_plane, "SELECT version, state FROM control.allocations WHERE allocation_id = %s",
+                 a.allocation_id) == [(version, state)]
+    assert tenant.get(running.allocation_id).state == pb.ALLOCATION_STATE_RUNNING
