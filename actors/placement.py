@@ -125,6 +125,17 @@ class _Decided:
     decide_s: float = 0.0
     decide_cpu_s: float = 0.0
 
+    def empty(self) -> bool:
+        return not (self.new or self.answers)
+
+    def merge(self, other: "_Decided") -> None:
+        self.new += other.new
+        self.answers += other.answers
+        self.queued_doms += other.queued_doms
+        self.keys += other.keys
+        self.decide_s += other.decide_s
+        self.decide_cpu_s += other.decide_cpu_s
+
 
 @dataclasses.dataclass
 class _Preemption:
@@ -160,6 +171,7 @@ class PlacementCore:
         self.engine = Engine() if policy == "DEFAULT" else Engine(policy=PolicyName[policy])
         self.lock = threading.RLock()
         self.nodes: dict[str, NodeInfo] = {}
+        self._models_cache: tuple[int, set[str], int] = (-1, set(), 0)  # (node count, models, GPUs/node max)
         # (tenant, request_id) → (request hash, allocation id): the idempotency index.
         self.idem: dict[tuple[str, str], tuple[bytes, str]] = {}
         self.queued: dict[str, AllocRow] = {}
@@ -169,7 +181,8 @@ class PlacementCore:
         self._q: queue.Queue[list[_Pending]] = queue.Queue()
         self._queued_requests = 0  # admitted, not yet taken by the committer (bounds _q)
         self._admit_lock = threading.Lock()
-        self._decided_q: queue.Queue[_Decided] = queue.Queue(maxsize=1)
+        self._open = _Decided()                 # decided, waiting for the writer (under _open_cv)
+        self._open_cv = threading.Condition()
         self._inflight: dict[tuple[str, str], tuple[bytes, str]] = {}  # decided, commit not yet finished
         self._pipe_conn: psycopg.Connection | None = None  # the writer stage's own connection
         self._stop = threading.Event()
@@ -318,10 +331,15 @@ class PlacementCore:
     # ------------------------------------------------------------ capacity facts
 
     def known_models(self) -> set[str]:
-        return {m for n in self.nodes.values() for m in n.models.values()}
+        # Nodes are only ever added (line above), so the node count keys the cache.
+        if self._models_cache[0] != len(self.nodes):
+            self._models_cache = (len(self.nodes), {m for n in self.nodes.values() for m in n.models.values()},
+                                  max((len(n.models) for n in self.nodes.values()), default=0))
+        return self._models_cache[1]
 
     def gpus_per_node_max(self) -> int:
-        return max((len(n.models) for n in self.nodes.values()), default=0)
+        self.known_models()
+        return self._models_cache[2]
 
     def model_of(self, node_id: str, gpu_index: int) -> str:
         info = self.nodes.get(node_id)
@@ -356,7 +374,7 @@ class PlacementCore:
         return items
 
     def _commit_loop(self) -> None:
-        """Stage 1 of the committer: take whatever requests have arrived and decide them."""
+        """Stage 1 of the committer: decide requests as they arrive, into the open batch."""
         while not self._stop.is_set():
             try:
                 batch = list(self._take(self._q.get(timeout=0.2)))
@@ -375,14 +393,24 @@ class PlacementCore:
                     if not p.future.done():
                         p.future.set_exception(Unavailable("placement batch failed; retry"))
                 continue
-            self._decided_q.put(decided)  # blocks while the writer is one batch behind: bounded pipeline
+            with self._open_cv:
+                # Bounded: past two full batches decided ahead, wait for the writer to take them.
+                while len(self._open.new) >= 2 * self.cfg.batch_size_max and not self._stop.is_set():
+                    self._open_cv.wait(0.2)
+                self._open.merge(decided)
+                self._open_cv.notify_all()
 
     def _write_loop(self) -> None:
-        """Stage 2: commit decided batches, one transaction each, strictly in the order decided."""
+        """Stage 2: commit everything decided so far in one transaction (group commit), batches strictly
+        in the order decided. While one commits, the committer keeps deciding into the next: under a
+        stream of single requests every commit takes all that arrived meanwhile."""
         while not self._stop.is_set():
-            try:
-                decided = self._decided_q.get(timeout=0.2)
-            except queue.Empty:
+            with self._open_cv:
+                while self._open.empty() and not self._stop.is_set():
+                    self._open_cv.wait(0.2)
+                decided, self._open = self._open, _Decided()
+                self._open_cv.notify_all()
+            if decided.empty():
                 continue
             try:
                 self._write(decided)
@@ -395,7 +423,7 @@ class PlacementCore:
     def _decide(self, batch: list[_Pending]) -> "_Decided":
         """Validate and place every request in memory (capacity reserved in the engine); no I/O.
 
-        The committer decides batch k+1 while the writer commits batch k, so a decision may rest on
+        The committer decides the next batch while the writer commits one, so a decision may rest on
         reservations not yet committed: if that commit fails its reservations are undone, which only
         frees capacity the later decision did not use (never an over-commit). A request whose
         request_id is in an uncommitted batch is answered as that batch's, after it commits."""
