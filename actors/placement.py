@@ -2,15 +2,19 @@
 
 It hosts the control plane's gRPC server (PlacementService, NodeRegistry,
 AdminService) and the scheduler engine. Requests from gRPC threads are put on
-one queue; one committer thread takes whatever has arrived (never waiting to
-fill a batch), decides every request in memory, writes all the decisions in
-one Postgres transaction (group commit, COPY) and only then answers. Nothing
-on the decision path crosses a process boundary per request.
+one queue. The committer thread takes whatever has arrived (never waiting to
+fill a batch) and decides it in memory, into an open batch. The writer thread
+takes the whole open batch at each commit, writes it in one Postgres
+transaction (group commit), and only then answers. While one batch commits, the
+next is being decided: a two-stage pipeline, with commits strictly in order.
+Nothing on the decision path crosses a process boundary per request.
 
-        gRPC threads ──put──► queue ──► committer: decide (engine) ─► COPY in 1 txn ─► answer
-                                                   │                        │ fail
-                                                   │                        └─► undo reservations, UNAVAILABLE
-                                                   └─► PLACED rows ─► AllocationShard.adopt (prepare)
+        gRPC threads ──put──► queue ──► committer: decide (engine) ──► open batch
+                                                                          │ taken whole
+                                        writer: COPY / INSERT in 1 txn ◄──┘
+                                                   │            │ fail
+                                                   │            └─► undo reservations, UNAVAILABLE
+                                                   └─► answer; PLACED rows ─► AllocationShard.adopt (prepare)
 
 Ownership by state: QUEUED allocations belong to this actor (it places or
 cancels them); from PLACED on, an allocation shard drives them and tells this
