@@ -74,6 +74,14 @@ class PlacementActor:
         return dict(self.core.stats, queued_now=len(self.core.queued), nodes=len(self.core.nodes),
                     gc=dict(self.core.gc.stats))
 
+    def place_latency(self, clear: bool = True) -> list[float]:
+        """Unary Place handler latencies (s) recorded since the last clear, oldest first."""
+        lat = self.core.place_latency
+        out = list(lat)
+        if clear:
+            lat.clear()
+        return out
+
     def reconcile(self) -> int:
         return self.core.reconcile_released()
 

@@ -36,6 +36,7 @@ replicas or none.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import dataclasses
 import datetime as dt
@@ -176,6 +177,9 @@ class PlacementCore:
         self.lock = threading.RLock()
         self.nodes: dict[str, NodeInfo] = {}
         self._models_cache: tuple[int, set[str], int] = (-1, set(), 0)  # (node count, models, GPUs/node max)
+        # Seconds from a unary Place's arrival in its handler to its answer (the last 100,000):
+        # the server's share of a client's latency.
+        self.place_latency: collections.deque[float] = collections.deque(maxlen=100_000)
         # (tenant, request_id) → (request hash, allocation id): the idempotency index.
         self.idem: dict[tuple[str, str], tuple[bytes, str]] = {}
         self.queued: dict[str, AllocRow] = {}

@@ -197,10 +197,12 @@ class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
 
     @grpc_handler
     def Place(self, request, context):
+        t0 = time.perf_counter()
         p = self._principal(context)
         [fut] = self.core.submit(p.tenant_id, [request.request])
         out = placement_pb2.PlaceResponse()
         out.existing = self._answer(fut, request.request, out.allocation)
+        self.core.place_latency.append(time.perf_counter() - t0)
         return out
 
     @grpc_handler

@@ -53,3 +53,14 @@ def test_a_different_body_under_an_id_in_flight_is_refused(control_plane, admin,
             assert len(won) == 1 and len(lost) == 1 and lost[0].error.code == 6, (x, y)
     finally:
         c2.close()
+
+
+def test_the_server_records_each_unary_place_latency(control_plane, tenant):
+    import ray
+
+    ray.get(control_plane.placement.place_latency.remote())  # clear
+    for _ in range(3):
+        tenant.place(rid(), gpu_milli=1, node_selector=ZONE)
+    lat = ray.get(control_plane.placement.place_latency.remote())
+    assert len(lat) == 3 and all(0 < x < 30 for x in lat)
+    assert ray.get(control_plane.placement.place_latency.remote()) == []  # read once, then cleared
