@@ -68,8 +68,8 @@ SCHEDULABLE_NODE_STATES = frozenset({NodeState.READY})
 # interleaved): 3 ms → 20 ms took unary Place from ~610/s to ~840/s and the p50 at 500/s from 7–14 ms
 # to 3.5–5 ms; 50 ms was no better than 20 ms. 20 ms is nothing next to a job's start-up on the node.
 DISPATCH_COALESCE_S = 0.02
-RECONCILE_EVERY_S = 10.0
-QUEUE_REQUESTS_MAX = 200_000  # requests admitted but not yet decided; beyond this, UNAVAILABLE (back off)  # capacity view vs Postgres: finished allocations still holding capacity
+RECONCILE_EVERY_S = 10.0  # capacity view vs Postgres: finished allocations still holding capacity
+QUEUE_REQUESTS_MAX = 200_000  # requests admitted but not yet decided; beyond this, UNAVAILABLE (back off)
 
 # Preemption tuning.
 PREEMPT_RETRY_S = 0.5           # a queued request asks for victims at most this often (each search: one
@@ -184,8 +184,8 @@ class PlacementCore:
         self.idem: dict[tuple[str, str], tuple[bytes, str]] = {}
         self.queued: dict[str, AllocRow] = {}
         self.owner_tenant: dict[str, str] = {}
-        # Requests as they arrive, one list per RPC; the committer decides them and hands each decided
-        # batch to the writer (a pipeline one batch deep, so batch k+1 is decided while k commits).
+        # Requests as they arrive, one list per RPC; the committer decides them into the open batch,
+        # which the writer takes whole at each commit (the next batch is decided while one commits).
         self._q: queue.Queue[list[_Pending]] = queue.Queue()
         self._queued_requests = 0  # admitted, not yet taken by the committer (bounds _q)
         self._admit_lock = threading.Lock()
@@ -424,7 +424,10 @@ class PlacementCore:
                 self._write(decided)
             except Exception as exc:  # noqa: BLE001 - a bug must not kill the writer
                 log.exception("placement commit failed: %s", exc)
-                for _, _, p in decided.new:
+                with self.lock:  # its ids must not stay "in flight" for good
+                    for key in decided.keys:
+                        self._inflight.pop(key, None)
+                for p in [p for _, _, p in decided.new] + [p for p, _ in decided.answers]:
                     if not p.future.done():
                         p.future.set_exception(Unavailable("placement batch failed; retry"))
 
@@ -442,6 +445,7 @@ class PlacementCore:
         with self.lock:
             models, gmax = self.known_models(), self.gpus_per_node_max()
             for p in batch:
+                reserved = None  # an allocation id the engine holds capacity for, while its row is built
                 try:
                     convert.validate_request(p.request, known_models=models, gpus_per_node_max=gmax,
                                              lease_s_max=self.cfg.lease_s_max, prefix=p.field_prefix)
@@ -462,6 +466,7 @@ class PlacementCore:
                                    priority=p.request.priority, created_at=now, updated_at=now,
                                    gpu_model=",".join(p.request.gpu_models))
                     if decision.placed:
+                        reserved = aid
                         row.assignments = convert.assignments_to_json(decision.assignments, self.model_of)
                         row.gpu_model = row.assignments[0]["gpu_model"] if row.assignments else row.gpu_model
                         row.gpu_milli_total = convert.gpu_milli_total(row.assignments)
@@ -481,6 +486,11 @@ class PlacementCore:
                     d.new.append((row, events, p))
                 except GpuaasError as err:
                     d.answers.append((p, err))
+                except Exception as exc:  # noqa: BLE001 - a bug on one request must not strand the others
+                    log.exception("placement of %s failed: %s", p.request.request_id, exc)
+                    if reserved is not None:
+                        self.engine.release(reserved)
+                    d.answers.append((p, Unavailable("placement failed; retry")))
             self._inflight.update(batch_keys)
             d.keys = list(batch_keys)
         d.decide_s, d.decide_cpu_s = time.perf_counter() - t_start, time.thread_time() - c_start
