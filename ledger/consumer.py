@@ -9,7 +9,11 @@
     consumer 'ledger'): at-least-once delivery + idempotent writes = exactly once.
 
     close_intervals(now) ─► every open meter's full intervals ending <= now, one
-    transaction per bounded batch.
+    transaction per bounded batch, earliest due first.
+
+The open meters are indexed by when their next interval ends (a heap with lazy
+deletion: an entry counts only while it matches its meter), so a poll costs
+what it changes, not the number of RUNNING allocations.
 
 State kept in memory (the open meters) is a cache of ledger.meter_events and
 ledger.usage_entries: it is rebuilt from them on start, on any failed batch
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import heapq
 import json
 import logging
 import time
@@ -53,12 +58,43 @@ def _ts_us(ts) -> int:
     return ts.seconds * 1_000_000 + ts.nanos // 1000
 
 
+def _due_us(m: Meter) -> int:
+    """When the meter's next interval ends."""
+    return m.closed_until_us + m.interval_us
+
+
 def now_us() -> int:
     return time.time_ns() // 1000
 
 
 class _Reject(Exception):
     """An event that cannot be metered: dead-lettered, never retried."""
+
+
+class _Changes:
+    """The open meters as a batch plan sees them: reads fall through to the committed meters, writes
+    stay here until the batch has committed (``apply``), so a failed batch leaves nothing behind."""
+
+    _GONE = object()
+
+    def __init__(self, base: dict[str, Meter]):
+        self.base, self.changed = base, {}
+
+    def get(self, alloc: str) -> Meter | None:
+        m = self.changed.get(alloc, self.base.get(alloc))
+        return None if m is self._GONE else m
+
+    def __contains__(self, alloc: str) -> bool:
+        return self.get(alloc) is not None
+
+    def __setitem__(self, alloc: str, meter: Meter) -> None:
+        self.changed[alloc] = meter
+
+    def __delitem__(self, alloc: str) -> None:
+        self.changed[alloc] = self._GONE
+
+    def items(self):
+        return [(a, None if m is self._GONE else m) for a, m in self.changed.items()]
 
 
 class LedgerConsumer:
@@ -75,6 +111,7 @@ class LedgerConsumer:
         self.store: LedgerStore | None = None
         self.cursor = 0
         self.meters: dict[str, Meter] = {}
+        self._due: list[tuple[int, str]] = []  # (when the meter's next interval ends, allocation); lazy
         self.telemetry: dict[str, collections.deque] = {}
         self._gap: tuple[int, int | None, float] | None = None  # (first missing id, max in-flight xid, seen at)
         self.counters = collections.Counter()
@@ -122,6 +159,8 @@ class LedgerConsumer:
                         " WHERE allocation_id = ANY(%b::uuid[]) AND kind = 0 GROUP BY 1", (list(meters),)):
                     meters[alloc] = dataclasses.replace(meters[alloc], next_seq=max_seq + 1)
         self.meters = meters
+        self._due = [(_due_us(m), a) for a, m in meters.items()]
+        heapq.heapify(self._due)
         self.store.reload_prices()
         log.info("ledger consumer %s: cursor %d, %d open meters", self.consumer, self.cursor, len(meters))
 
@@ -190,7 +229,7 @@ class LedgerConsumer:
             raise
         consumed = len(rows)
         self.cursor = new_cursor
-        self.meters = meters
+        self._apply(meters)
         self.counters["outbox_rows"] += consumed
         self.counters["usage_rows"] += res.written
         self.counters["billing_rows"] += res.billing_written
@@ -223,9 +262,18 @@ class LedgerConsumer:
         self._gap = None
         return True
 
-    def _plan(self, rows) -> tuple[dict, dict]:
+    def _apply(self, changes: _Changes) -> None:
+        """A committed batch's meter changes into the open meters and the due index."""
+        for alloc, m in changes.items():
+            if m is None:
+                self.meters.pop(alloc, None)
+            else:
+                self.meters[alloc] = m
+                heapq.heappush(self._due, (_due_us(m), alloc))
+
+    def _plan(self, rows) -> tuple[_Changes, dict]:
         """Decide what the batch writes; pure except for read-only lookups."""
-        meters = dict(self.meters)
+        meters = _Changes(self.meters)
         plan = {"meter_events": [], "usage": [], "reverse": [], "dead": [], "finished": []}
         allocs = set()
         decoded = []
@@ -356,17 +404,22 @@ class LedgerConsumer:
         while True:
             if rows_max is not None and written >= rows_max:
                 return written
-            meters = dict(self.meters)
+            meters = _Changes(self.meters)
             rows: list[UsageRow] = []
-            for alloc, m in self.meters.items():
-                if m.closed_until_us + m.interval_us > horizon:
-                    continue
-                budget = max(1, (per_txn - len(rows)) // max(1, len(m.replicas)))
-                m2, ivs = metering.close_due(m, horizon, max_intervals=budget)
-                rows.extend(self._rows(m, ivs))
-                meters[alloc] = m2
-                if len(rows) >= per_txn:
-                    break
+            due = self._due
+            try:
+                while due and due[0][0] <= horizon and len(rows) < per_txn:
+                    when, alloc = heapq.heappop(due)
+                    m = meters.get(alloc)
+                    if m is None or _due_us(m) != when:
+                        continue  # stale entry: the meter stopped, or moved on and has a newer entry
+                    budget = max(1, (per_txn - len(rows)) // max(1, len(m.replicas)))
+                    m2, ivs = metering.close_due(m, horizon, max_intervals=budget)
+                    rows.extend(self._rows(m, ivs))
+                    meters[alloc] = m2
+            except Exception:
+                self._reload()  # entries popped in this pass must not be lost
+                raise
             if not rows:
                 return written
             try:
@@ -382,7 +435,7 @@ class LedgerConsumer:
                 self.counters["batch_errors"] += 1
                 self._reload()
                 raise
-            self.meters = meters
+            self._apply(meters)
             written += res.written
             self.counters["usage_rows"] += res.written
             self.counters["billing_rows"] += res.billing_written
@@ -390,9 +443,14 @@ class LedgerConsumer:
 
     def next_close_due_us(self) -> int | None:
         """When the earliest open interval ends (None when nothing runs)."""
-        if not self.meters:
-            return None
-        return min(m.closed_until_us + m.interval_us for m in self.meters.values())
+        due = self._due
+        while due:
+            when, alloc = due[0]
+            m = self.meters.get(alloc)
+            if m is not None and _due_us(m) == when:
+                return when
+            heapq.heappop(due)  # stale
+        return None
 
     def stats(self) -> dict:
         out = dict(self.counters)

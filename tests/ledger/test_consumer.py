@@ -185,3 +185,42 @@ def test_uncommitted_outbox_row_below_a_committed_one_is_not_skipped(ledger_db, 
         assert c.flush(5)["done"]
         assert c.stats()["outbox_gaps_skipped"] >= 1
         assert d in c.meters
+
+
+def test_the_due_index_names_the_earliest_open_interval_through_starts_stops_and_closes(ledger_db, outbox):
+    """next_close_due_us comes from an index, not a scan: after every start, stop and close it must equal
+    the earliest end of an open interval over all meters, and closing in steps bills what one pass would."""
+    import random
+
+    rng = random.Random(5)
+    starts = {outbox.run("acme", s, [("node-1", [i % 8], 500, "H100")]): s
+              for i, s in enumerate(rng.sample(range(0, 300), 12))}
+    stopped = {}
+    for a in rng.sample(sorted(starts), 4):
+        stopped[a] = starts[a] + rng.randint(30, 200) + 0.5
+        outbox.stop(a, "acme", stopped[a])
+
+    def brute(c):
+        return min((m.closed_until_us + m.interval_us for m in c.meters.values()), default=None)
+
+    with consumer(ledger_db, batch_size_max=5) as c:
+        while c.poll_once():
+            assert c.next_close_due_us() == brute(c)
+        assert len(c.meters) == 12 - len(stopped)
+        horizon = 0
+        while horizon < 1000:  # paced: some due intervals are left for the next call
+            horizon += rng.randint(20, 90)
+            c.close_intervals(us(horizon), rows_max=3)
+            assert c.next_close_due_us() == brute(c)
+        c.close_intervals(us(horizon))
+        assert c.next_close_due_us() == brute(c) > us(horizon)
+    with consumer(ledger_db) as c2:  # a restart rebuilds the index from the ledger
+        assert c2.next_close_due_us() == brute(c2)
+    for a, s in starts.items():
+        end = stopped.get(a)
+        if end is None:  # closed up to the last full interval before the final horizon
+            full = int((horizon - s) // 60) * 60
+            assert net_milli_us(ledger_db.app, a) == full * GPU_S // 2
+        else:
+            assert net_milli_us(ledger_db.app, a) == int((end - s) * 1000) * GPU_S // 2 // 1000
+    assert verify.verify(ledger_db.app).ok
