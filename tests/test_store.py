@@ -1,4 +1,5 @@
 """actors/store.py against real Postgres: state, event and outbox move together."""
+import dataclasses
 import datetime as dt
 import uuid
 
@@ -81,3 +82,36 @@ def test_stale_version_is_refused_and_rolls_back(fresh_db):
             with conn.transaction():
                 store.transition_allocation(conn, row, AllocEvent.RELEASE_REQUESTED)
         assert _counts(conn, row.allocation_id) == (3, 3)
+
+
+@pytest.mark.parametrize("group", [1, 5])
+def test_a_group_of_transitions_writes_exactly_the_ones_that_pass(fresh_db, group):
+    """transition_allocations: one statement; items whose version moved or whose edge is illegal get their
+    own exception and write nothing; the others write their row, one event and one outbox row, whose
+    payload is the per-transition path's."""
+    with psycopg.connect(fresh_db.app) as conn:
+        rows = [_row() for _ in range(group + 2)]
+        with conn.transaction():
+            store.insert_new_allocations(conn, [(r, [(AllocEvent.ACCEPTED, None), (AllocEvent.PLACED,
+                                                                                   AllocState.QUEUED)])
+                                                for r in rows])
+        ok, stale, illegal = rows[:group], rows[group], rows[group + 1]
+        t = store.utcnow()
+        items = [(r, AllocEvent.PREPARE_OK, {"at": t}) for r in ok]
+        items.append((dataclasses.replace(stale, version=1), AllocEvent.PREPARE_OK, {"at": t}))
+        items.append((illegal, AllocEvent.CLEANUP_OK, {"at": t}))
+        with conn.transaction():
+            out = store.transition_allocations(conn, items)
+        assert isinstance(out[group], FailedPrecondition) and isinstance(out[group + 1], IllegalTransition)
+        for r, new in zip(ok, out[:group]):
+            assert new.state is AllocState.RUNNING and new.version == 3 and new.running_since == t
+            assert store.load_allocation(conn, r.allocation_id) == new
+            assert _counts(conn, r.allocation_id) == (3, 3)
+            eid, payload = conn.execute(
+                "SELECT e.event_id, o.payload FROM control.allocation_events e JOIN control.outbox o"
+                " ON o.key = e.allocation_id::text AND o.id = (SELECT max(id) FROM control.outbox WHERE key = %s)"
+                " WHERE e.allocation_id = %s AND e.version = 3", (r.allocation_id, r.allocation_id)).fetchone()
+            assert payload == store._transition_payload(new, AllocState.PLACED, AllocEvent.PREPARE_OK, eid, t)
+        for r in (stale, illegal):
+            assert store.load_allocation(conn, r.allocation_id).state is AllocState.PLACED
+            assert _counts(conn, r.allocation_id) == (2, 2)
