@@ -217,26 +217,10 @@ def transition_allocation(conn, row: AllocRow, event: AllocEvent, *, at: dt.date
     Raises IllegalTransition when the table has no such edge, and
     FailedPrecondition when someone else moved the row first.
     """
-    at = at or utcnow()
-    new = _apply_edge(row, event, at, reason, changes)
-    cur = conn.execute(
-        "UPDATE control.allocations SET state=%s, reason=%s, version=%s, updated_at=%s, running_since=%s,"
-        " stopped_at=%s, assignments=%s, prepare_attempts=%s, release_attempts=%s, lease_expires_at=%s,"
-        " queue_deadline=%s, next_attempt_at=%s WHERE allocation_id=%s AND version=%s",
-        (new.state.name, new.reason, new.version, new.updated_at, new.running_since, new.stopped_at,
-         json.dumps(new.assignments), new.prepare_attempts, new.release_attempts, new.lease_expires_at,
-         new.queue_deadline, new.next_attempt_at, row.allocation_id, row.version))
-    if cur.rowcount != 1:
-        raise FailedPrecondition(f"allocation {row.allocation_id} changed concurrently (expected version "
-                                 f"{row.version})")
-    eid = conn.execute(
-        "INSERT INTO control.allocation_events (allocation_id, tenant_id, from_state, to_state, event, reason,"
-        " version, at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING event_id",
-        (row.allocation_id, row.tenant_id, row.state.name, new.state.name, event.value, new.reason, new.version,
-         at)).fetchone()[0]
-    conn.execute("INSERT INTO control.outbox (topic, key, payload) VALUES (%s, %s, %s)",
-                 (TOPIC_ALLOC, row.allocation_id, _transition_payload(new, row.state, event, eid, at)))
-    return new
+    [result] = transition_allocations(conn, [(row, event, dict(changes, at=at, reason=reason))])
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def _apply_edge(row: AllocRow, event: AllocEvent, at: dt.datetime, reason: str | None, changes: dict) -> AllocRow:
