@@ -22,7 +22,7 @@ from actors import runtime, store
 from actors.placement import shard_of
 from actors.store import AllocRow, utcnow
 from gpuaas.config import ControlPlaneConfig
-from gpuaas.errors import FailedPrecondition, Unavailable
+from gpuaas.errors import FailedPrecondition, GpuaasError, Unavailable
 from gpuaas.lifecycle import AllocEvent, AllocState, IllegalTransition
 from gpuaas.v1 import common_pb2, node_pb2
 
@@ -437,6 +437,29 @@ class AllocationShardCore:
                 self.stats["lease_expired"] += 1
         self._spawn(aid, self._cleanup(aid))
         return new.state.name
+
+    async def release_many(self, aids: list[str], event_name: str = "release_requested",
+                           at_iso: str | None = None) -> list[bytes | str]:
+        """Release a group: each id as ``release``, all with billing stopped at one instant (``at_iso``,
+        which the caller picks once for a group spread over several shards; else now).
+
+        The transitions join the shard's group commit, so a group costs a few commits, not one per
+        id. Per id, in order: the state name it is in now, or the refusal as serialized
+        ``google.rpc.Status`` bytes (a failure of one never stops the others)."""
+        at = at_iso or utcnow().isoformat()
+        done = await asyncio.gather(*[self.release(a, event_name, at) for a in aids], return_exceptions=True)
+        out: list[bytes | str] = []
+        for aid, r in zip(aids, done):
+            if isinstance(r, str):
+                out.append(r)
+                continue
+            if isinstance(r, IllegalTransition):
+                r = FailedPrecondition(str(r))
+            elif not isinstance(r, GpuaasError):
+                log.error("release of %s failed: %r", aid, r)
+                r = Unavailable(f"release of {aid} failed ({r.__class__.__name__}); retry")
+            out.append(r.to_status().SerializeToString())
+        return out
 
     # ------------------------------------------------------------ cleanup
 

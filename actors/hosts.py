@@ -129,6 +129,10 @@ class AllocationShardActor:
         await self._ensure()
         return await self.core.release(aid, event_name, at_iso, reason)
 
+    async def release_many(self, aids, event_name: str = "release_requested", at_iso: str | None = None):
+        await self._ensure()
+        return await self.core.release_many(aids, event_name, at_iso)
+
     async def fail_on_node(self, node_id, gpu_index, event_name, at_iso):
         await self._ensure()
         return await self.core.fail_on_node(node_id, gpu_index, event_name, at_iso)

@@ -249,6 +249,73 @@ class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
         return placement_pb2.ReleaseResponse(allocation=allocation_pb(row, self.core.address_of))
 
     @grpc_handler
+    def ReleaseBatch(self, request, context):
+        p = self._principal(context)
+        n = len(request.allocation_ids)
+        limit = self.core.cfg.place_batch_items_max
+        if n == 0 or n > limit:
+            raise InvalidArgument("bad batch size", violations=[("allocation_ids", f"1..{limit} items; got {n}")])
+        ids: list[str | None] = []
+        refused: dict[int, GpuaasError] = {}
+        for i, raw in enumerate(request.allocation_ids):
+            try:
+                ids.append(_uuid_or_404(raw, f"allocation_ids[{i}]"))
+            except GpuaasError as err:
+                ids.append(None)
+                refused[i] = err
+        rows = self._owned_many(p.tenant_id, {a for a in ids if a})
+        # QUEUED → CANCELLED here; one that left the queue meanwhile is read again and released below.
+        moved = []
+        for aid in [a for a, row in rows.items() if row.state is AllocState.QUEUED]:
+            new = self.core.cancel_queued(aid)
+            if new is None:
+                moved.append(aid)
+            else:
+                rows[aid] = new
+        rows.update(self._owned_many(p.tenant_id, moved))
+        shards = self.core.alloc_shards
+        groups: dict[int, list[str]] = {}
+        for aid, row in rows.items():
+            if row.state in (AllocState.PLACED, AllocState.RUNNING):
+                groups.setdefault(shard_of(aid, len(shards)), []).append(aid)
+        # Every shard releases its group at once, all with billing stopped at the same instant.
+        at = store.utcnow().isoformat()
+        refs = {k: shards[k].release_many.remote(aids, "release_requested", at) for k, aids in groups.items()}
+        item_error: dict[str, bytes | GpuaasError] = {}
+        timeout_s = self.core.cfg.rpc_timeout_s * 2 + n * 0.002
+        for k, ref in refs.items():
+            try:
+                answers = _ray_get(ref, timeout_s)
+            except GpuaasError as err:
+                answers = [err] * len(groups[k])
+            for aid, ans in zip(groups[k], answers):
+                if not isinstance(ans, str):
+                    item_error[aid] = ans
+        rows.update(self._owned_many(p.tenant_id, [a for g in groups.values() for a in g]))
+        out = placement_pb2.ReleaseBatchResponse()
+        for i, aid in enumerate(ids):
+            item = out.results.add()
+            err = refused.get(i) or item_error.get(aid)
+            if err is None and aid not in rows:
+                err = NotFound(f"allocation {request.allocation_ids[i]} not found")
+            if err is None:
+                allocation_pb(rows[aid], self.core.address_of, into=item.allocation)
+            elif isinstance(err, bytes):
+                item.error.ParseFromString(err)
+            else:
+                item.error.CopyFrom(err.to_status())
+        return out
+
+    def _owned_many(self, tenant: str, ids) -> dict:
+        """The caller's allocations among ``ids``, by id, in one query (others' are simply absent)."""
+        ids = list(ids)
+        if not ids:
+            return {}
+        rows = store.load_allocations(self.core.reader(), "allocation_id = ANY(%b::uuid[]) AND tenant_id = %s",
+                                      (ids, tenant))
+        return {r.allocation_id: r for r in rows}
+
+    @grpc_handler
     def GetAllocation(self, request, context):
         p = self._principal(context)
         row = self._owned(p.tenant_id, request.allocation_id)

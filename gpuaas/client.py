@@ -55,6 +55,10 @@ class Client:
         return self.placement.Release(placement_pb2.ReleaseRequest(allocation_id=allocation_id), metadata=self._md,
                                       timeout=self.timeout_s).allocation
 
+    def release_batch(self, allocation_ids: Iterable[str]) -> placement_pb2.ReleaseBatchResponse:
+        return self.placement.ReleaseBatch(placement_pb2.ReleaseBatchRequest(allocation_ids=list(allocation_ids)),
+                                           metadata=self._md, timeout=self.timeout_s)
+
     def get(self, allocation_id: str) -> common_pb2.Allocation:
         return self.placement.GetAllocation(placement_pb2.GetAllocationRequest(allocation_id=allocation_id),
                                             metadata=self._md, timeout=self.timeout_s)

@@ -27,7 +27,7 @@ from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from gpuaas.v1 import common_pb2 as gpuaas_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gpuaas/v1/placement.proto\x12\tgpuaas.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x16gpuaas/v1/common.proto\"<\n\x0cPlaceRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.gpuaas.v1.PlacementRequest\"L\n\rPlaceResponse\x12)\n\nallocation\x18\x01 \x01(\x0b\x32\x15.gpuaas.v1.Allocation\x12\x10\n\x08\x65xisting\x18\x02 \x01(\x08\"B\n\x11PlaceBatchRequest\x12-\n\x08requests\x18\x01 \x03(\x0b\x32\x1b.gpuaas.v1.PlacementRequest\"m\n\x0bPlaceResult\x12)\n\nallocation\x18\x01 \x01(\x0b\x32\x15.gpuaas.v1.Allocation\x12!\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\x12\x10\n\x08\x65xisting\x18\x03 \x01(\x08\"=\n\x12PlaceBatchResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.gpuaas.v1.PlaceResult\"\'\n\x0eReleaseRequest\x12\x15\n\rallocation_id\x18\x01 \x01(\t\"<\n\x0fReleaseResponse\x12)\n\nallocation\x18\x01 \x01(\x0b\x32\x15.gpuaas.v1.Allocation\"-\n\x14GetAllocationRequest\x12\x15\n\rallocation_id\x18\x01 \x01(\t\"k\n\x16ListAllocationsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12*\n\x06states\x18\x03 \x03(\x0e\x32\x1a.gpuaas.v1.AllocationState\"^\n\x17ListAllocationsResponse\x12*\n\x0b\x61llocations\x18\x01 \x03(\x0b\x32\x15.gpuaas.v1.Allocation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"I\n\x17WatchAllocationsRequest\x12\x16\n\x0e\x61llocation_ids\x18\x01 \x03(\t\x12\x16\n\x0e\x61\x66ter_event_id\x18\x02 \x01(\x03\"\xfb\x01\n\x0f\x41llocationEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x03\x12\x15\n\rallocation_id\x18\x02 \x01(\t\x12.\n\nfrom_state\x18\x03 \x01(\x0e\x32\x1a.gpuaas.v1.AllocationState\x12,\n\x08to_state\x18\x04 \x01(\x0e\x32\x1a.gpuaas.v1.AllocationState\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12&\n\x02\x61t\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\nallocation\x18\x07 \x01(\x0b\x32\x15.gpuaas.v1.Allocation2\xd4\x03\n\x10PlacementService\x12:\n\x05Place\x12\x17.gpuaas.v1.PlaceRequest\x1a\x18.gpuaas.v1.PlaceResponse\x12I\n\nPlaceBatch\x12\x1c.gpuaas.v1.PlaceBatchRequest\x1a\x1d.gpuaas.v1.PlaceBatchResponse\x12@\n\x07Release\x12\x19.gpuaas.v1.ReleaseRequest\x1a\x1a.gpuaas.v1.ReleaseResponse\x12G\n\rGetAllocation\x12\x1f.gpuaas.v1.GetAllocationRequest\x1a\x15.gpuaas.v1.Allocation\x12X\n\x0fListAllocations\x12!.gpuaas.v1.ListAllocationsRequest\x1a\".gpuaas.v1.ListAllocationsResponse\x12T\n\x10WatchAllocations\x12\".gpuaas.v1.WatchAllocationsRequest\x1a\x1a.gpuaas.v1.AllocationEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gpuaas/v1/placement.proto\x12\tgpuaas.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x16gpuaas/v1/common.proto\"<\n\x0cPlaceRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.gpuaas.v1.PlacementRequest\"L\n\rPlaceResponse\x12)\n\nallocation\x18\x01 \x01(\x0b\x32\x15.gpuaas.v1.Allocation\x12\x10\n\x08\x65xisting\x18\x02 \x01(\x08\"B\n\x11PlaceBatchRequest\x12-\n\x08requests\x18\x01 \x03(\x0b\x32\x1b.gpuaas.v1.PlacementRequest\"m\n\x0bPlaceResult\x12)\n\nallocation\x18\x01 \x01(\x0b\x32\x15.gpuaas.v1.Allocation\x12!\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\x12\x10\n\x08\x65xisting\x18\x03 \x01(\x08\"=\n\x12PlaceBatchResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.gpuaas.v1.PlaceResult\"\'\n\x0eReleaseRequest\x12\x15\n\rallocation_id\x18\x01 \x01(\t\"<\n\x0fReleaseResponse\x12)\n\nallocation\x18\x01 \x01(\x0b\x32\x15.gpuaas.v1.Allocation\"-\n\x13ReleaseBatchRequest\x12\x16\n\x0e\x61llocation_ids\x18\x01 \x03(\t\"]\n\rReleaseResult\x12)\n\nallocation\x18\x01 \x01(\x0b\x32\x15.gpuaas.v1.Allocation\x12!\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\"A\n\x14ReleaseBatchResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.gpuaas.v1.ReleaseResult\"-\n\x14GetAllocationRequest\x12\x15\n\rallocation_id\x18\x01 \x01(\t\"k\n\x16ListAllocationsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12*\n\x06states\x18\x03 \x03(\x0e\x32\x1a.gpuaas.v1.AllocationState\"^\n\x17ListAllocationsResponse\x12*\n\x0b\x61llocations\x18\x01 \x03(\x0b\x32\x15.gpuaas.v1.Allocation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"I\n\x17WatchAllocationsRequest\x12\x16\n\x0e\x61llocation_ids\x18\x01 \x03(\t\x12\x16\n\x0e\x61\x66ter_event_id\x18\x02 \x01(\x03\"\xfb\x01\n\x0f\x41llocationEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x03\x12\x15\n\rallocation_id\x18\x02 \x01(\t\x12.\n\nfrom_state\x18\x03 \x01(\x0e\x32\x1a.gpuaas.v1.AllocationState\x12,\n\x08to_state\x18\x04 \x01(\x0e\x32\x1a.gpuaas.v1.AllocationState\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12&\n\x02\x61t\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\nallocation\x18\x07 \x01(\x0b\x32\x15.gpuaas.v1.Allocation2\xa5\x04\n\x10PlacementService\x12:\n\x05Place\x12\x17.gpuaas.v1.PlaceRequest\x1a\x18.gpuaas.v1.PlaceResponse\x12I\n\nPlaceBatch\x12\x1c.gpuaas.v1.PlaceBatchRequest\x1a\x1d.gpuaas.v1.PlaceBatchResponse\x12@\n\x07Release\x12\x19.gpuaas.v1.ReleaseRequest\x1a\x1a.gpuaas.v1.ReleaseResponse\x12O\n\x0cReleaseBatch\x12\x1e.gpuaas.v1.ReleaseBatchRequest\x1a\x1f.gpuaas.v1.ReleaseBatchResponse\x12G\n\rGetAllocation\x12\x1f.gpuaas.v1.GetAllocationRequest\x1a\x15.gpuaas.v1.Allocation\x12X\n\x0fListAllocations\x12!.gpuaas.v1.ListAllocationsRequest\x1a\".gpuaas.v1.ListAllocationsResponse\x12T\n\x10WatchAllocations\x12\".gpuaas.v1.WatchAllocationsRequest\x1a\x1a.gpuaas.v1.AllocationEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,16 +48,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RELEASEREQUEST']._serialized_end=543
   _globals['_RELEASERESPONSE']._serialized_start=545
   _globals['_RELEASERESPONSE']._serialized_end=605
-  _globals['_GETALLOCATIONREQUEST']._serialized_start=607
-  _globals['_GETALLOCATIONREQUEST']._serialized_end=652
-  _globals['_LISTALLOCATIONSREQUEST']._serialized_start=654
-  _globals['_LISTALLOCATIONSREQUEST']._serialized_end=761
-  _globals['_LISTALLOCATIONSRESPONSE']._serialized_start=763
-  _globals['_LISTALLOCATIONSRESPONSE']._serialized_end=857
-  _globals['_WATCHALLOCATIONSREQUEST']._serialized_start=859
-  _globals['_WATCHALLOCATIONSREQUEST']._serialized_end=932
-  _globals['_ALLOCATIONEVENT']._serialized_start=935
-  _globals['_ALLOCATIONEVENT']._serialized_end=1186
-  _globals['_PLACEMENTSERVICE']._serialized_start=1189
-  _globals['_PLACEMENTSERVICE']._serialized_end=1657
+  _globals['_RELEASEBATCHREQUEST']._serialized_start=607
+  _globals['_RELEASEBATCHREQUEST']._serialized_end=652
+  _globals['_RELEASERESULT']._serialized_start=654
+  _globals['_RELEASERESULT']._serialized_end=747
+  _globals['_RELEASEBATCHRESPONSE']._serialized_start=749
+  _globals['_RELEASEBATCHRESPONSE']._serialized_end=814
+  _globals['_GETALLOCATIONREQUEST']._serialized_start=816
+  _globals['_GETALLOCATIONREQUEST']._serialized_end=861
+  _globals['_LISTALLOCATIONSREQUEST']._serialized_start=863
+  _globals['_LISTALLOCATIONSREQUEST']._serialized_end=970
+  _globals['_LISTALLOCATIONSRESPONSE']._serialized_start=972
+  _globals['_LISTALLOCATIONSRESPONSE']._serialized_end=1066
+  _globals['_WATCHALLOCATIONSREQUEST']._serialized_start=1068
+  _globals['_WATCHALLOCATIONSREQUEST']._serialized_end=1141
+  _globals['_ALLOCATIONEVENT']._serialized_start=1144
+  _globals['_ALLOCATIONEVENT']._serialized_end=1395
+  _globals['_PLACEMENTSERVICE']._serialized_start=1398
+  _globals['_PLACEMENTSERVICE']._serialized_end=1947
 # @@protoc_insertion_point(module_scope)

@@ -59,6 +59,26 @@ class ReleaseResponse(_message.Message):
     allocation: _common_pb2.Allocation
     def __init__(self, allocation: _Optional[_Union[_common_pb2.Allocation, _Mapping]] = ...) -> None: ...
 
+class ReleaseBatchRequest(_message.Message):
+    __slots__ = ("allocation_ids",)
+    ALLOCATION_IDS_FIELD_NUMBER: _ClassVar[int]
+    allocation_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, allocation_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReleaseResult(_message.Message):
+    __slots__ = ("allocation", "error")
+    ALLOCATION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    allocation: _common_pb2.Allocation
+    error: _status_pb2.Status
+    def __init__(self, allocation: _Optional[_Union[_common_pb2.Allocation, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
+
+class ReleaseBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ReleaseResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[ReleaseResult, _Mapping]]] = ...) -> None: ...
+
 class GetAllocationRequest(_message.Message):
     __slots__ = ("allocation_id",)
     ALLOCATION_ID_FIELD_NUMBER: _ClassVar[int]

@@ -50,6 +50,11 @@ class PlacementServiceStub:
                 request_serializer=gpuaas_dot_v1_dot_placement__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=gpuaas_dot_v1_dot_placement__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.ReleaseBatch = channel.unary_unary(
+                '/gpuaas.v1.PlacementService/ReleaseBatch',
+                request_serializer=gpuaas_dot_v1_dot_placement__pb2.ReleaseBatchRequest.SerializeToString,
+                response_deserializer=gpuaas_dot_v1_dot_placement__pb2.ReleaseBatchResponse.FromString,
+                _registered_method=True)
         self.GetAllocation = channel.unary_unary(
                 '/gpuaas.v1.PlacementService/GetAllocation',
                 request_serializer=gpuaas_dot_v1_dot_placement__pb2.GetAllocationRequest.SerializeToString,
@@ -94,6 +99,17 @@ class PlacementServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleaseBatch(self, request, context):
+        """Release many allocations; each item has Release's meaning and succeeds or
+        fails on its own (INVALID_ARGUMENT for a malformed id, NOT_FOUND for an
+        unknown or another tenant's). Billing of every item this call moves to
+        RELEASING stops at one instant. Answers once every item's transition is
+        committed; the capacity comes back when each node has cleaned up.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetAllocation(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -130,6 +146,11 @@ def add_PlacementServiceServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=gpuaas_dot_v1_dot_placement__pb2.ReleaseRequest.FromString,
                     response_serializer=gpuaas_dot_v1_dot_placement__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'ReleaseBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseBatch,
+                    request_deserializer=gpuaas_dot_v1_dot_placement__pb2.ReleaseBatchRequest.FromString,
+                    response_serializer=gpuaas_dot_v1_dot_placement__pb2.ReleaseBatchResponse.SerializeToString,
             ),
             'GetAllocation': grpc.unary_unary_rpc_method_handler(
                     servicer.GetAllocation,
@@ -228,6 +249,33 @@ class PlacementService:
             '/gpuaas.v1.PlacementService/Release',
             gpuaas_dot_v1_dot_placement__pb2.ReleaseRequest.SerializeToString,
             gpuaas_dot_v1_dot_placement__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuaas.v1.PlacementService/ReleaseBatch',
+            gpuaas_dot_v1_dot_placement__pb2.ReleaseBatchRequest.SerializeToString,
+            gpuaas_dot_v1_dot_placement__pb2.ReleaseBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
