@@ -417,40 +417,60 @@ class AllocationShardCore:
 
     async def release(self, aid: str, event_name: str = "release_requested", at_iso: str | None = None,
                       reason: str | None = None) -> str:
-        """RUNNING/PLACED → RELEASING (billing stops at ``at``), then clean up."""
-        event = AllocEvent(event_name)
+        """RUNNING/PLACED → RELEASING (billing stops at ``at``), then clean up; answers the state now."""
         at = dt.datetime.fromisoformat(at_iso) if at_iso else utcnow()
+        row = await self._release(aid, AllocEvent(event_name), at, reason, load=True)
+        return row.state.name if row is not None else "UNKNOWN"
+
+    async def release_owned(self, aid: str, tenant: str) -> AllocRow | None:
+        """The API's release of an allocation this shard holds live for ``tenant``: the row as it stands
+        after the release, answered without a read of Postgres. None when this shard does not hold it
+        (queued, finished, or another tenant's): the caller then takes the general path."""
+        row = self.rows.get(aid)
+        if row is None or row.tenant_id != tenant:
+            return None
+        return await self._release(aid, AllocEvent.RELEASE_REQUESTED, utcnow(), None, load=False)
+
+    async def _release(self, aid: str, event: AllocEvent, at: dt.datetime, reason: str | None, *,
+                       load: bool) -> AllocRow | None:
+        """The row after the release: RELEASING now, or as it was when it is not PLACED/RUNNING.
+        None when the row moved concurrently, or (``load`` false) is not held here."""
         async with self._lock(aid):
             row = self.rows.get(aid)
             if row is None:
+                if not load:
+                    return None
                 row = await self.db.tx(store.load_allocation, aid)
                 if row is None:
                     raise FailedPrecondition(f"allocation {aid} not found")
                 if row.state in (AllocState.PLACED, AllocState.RUNNING):
                     self.rows[aid] = row
             if row.state not in (AllocState.PLACED, AllocState.RUNNING):
-                return row.state.name
+                return row
             new = await self._transition(aid, event, at=at, reason=(reason or event.value)[:500])
             if new is None:
-                return self.rows[aid].state.name if aid in self.rows else "UNKNOWN"
+                return self.rows.get(aid)
             if event is AllocEvent.LEASE_EXPIRED:
                 self.stats["lease_expired"] += 1
         self._spawn(aid, self._cleanup(aid))
-        return new.state.name
+        return new
 
     async def release_many(self, aids: list[str], event_name: str = "release_requested",
-                           at_iso: str | None = None) -> list[bytes | str]:
+                           at_iso: str | None = None) -> list[AllocRow | bytes | None]:
         """Release a group: each id as ``release``, all with billing stopped at one instant (``at_iso``,
         which the caller picks once for a group spread over several shards; else now).
 
         The transitions join the shard's group commit, so a group costs a few commits, not one per
-        id. Per id, in order: the state name it is in now, or the refusal as serialized
-        ``google.rpc.Status`` bytes (a failure of one never stops the others)."""
-        at = at_iso or utcnow().isoformat()
-        done = await asyncio.gather(*[self.release(a, event_name, at) for a in aids], return_exceptions=True)
-        out: list[bytes | str] = []
+        id. Per id, in order: the row as it stands after the release (None when it moved concurrently:
+        read it again), or the refusal as serialized ``google.rpc.Status`` bytes (a failure of one
+        never stops the others)."""
+        event = AllocEvent(event_name)
+        at = dt.datetime.fromisoformat(at_iso) if at_iso else utcnow()
+        done = await asyncio.gather(*[self._release(a, event, at, None, load=True) for a in aids],
+                                    return_exceptions=True)
+        out: list[AllocRow | bytes | None] = []
         for aid, r in zip(aids, done):
-            if isinstance(r, str):
+            if r is None or isinstance(r, AllocRow):
                 out.append(r)
                 continue
             if isinstance(r, IllegalTransition):

@@ -129,6 +129,10 @@ class AllocationShardActor:
         await self._ensure()
         return await self.core.release(aid, event_name, at_iso, reason)
 
+    async def release_owned(self, aid: str, tenant: str):
+        await self._ensure()
+        return await self.core.release_owned(aid, tenant)
+
     async def release_many(self, aids, event_name: str = "release_requested", at_iso: str | None = None):
         await self._ensure()
         return await self.core.release_many(aids, event_name, at_iso)

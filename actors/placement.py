@@ -183,6 +183,9 @@ class PlacementCore:
         # (tenant, request_id) → (request hash, allocation id): the idempotency index.
         self.idem: dict[tuple[str, str], tuple[bytes, str]] = {}
         self.queued: dict[str, AllocRow] = {}
+        # allocation id → tenant, for every allocation this actor queued or placed and has not seen finish
+        # (dropped when its capacity comes back or it is cancelled): the API's ownership check for a
+        # release without a read of Postgres. A tenant never changes, so an entry is never wrong.
         self.owner_tenant: dict[str, str] = {}
         # Requests as they arrive, one list per RPC; the committer decides them into the open batch,
         # which the writer takes whole at each commit (the next batch is decided while one commits).
@@ -602,6 +605,8 @@ class PlacementCore:
         with self.lock:
             for aid in allocation_ids:
                 self.engine.release(aid)
+                if not requeue:
+                    self.owner_tenant.pop(aid, None)  # finished: the API reads its row from Postgres
             if requeue:
                 self._requeue_pending.update(allocation_ids)
         if requeue:
@@ -901,6 +906,7 @@ class PlacementCore:
                 new = store.transition_allocation(conn, row, event, queue_deadline=None)
             self.engine.dequeue(allocation_id)  # also returns capacity held for it as a preemptor
             self.queued.pop(allocation_id, None)
+            self.owner_tenant.pop(allocation_id, None)
             self.preempting.pop(allocation_id, None)
             self._preempt_tried.pop(allocation_id, None)
             self._preempt_note.pop(allocation_id, None)

@@ -16,6 +16,7 @@ import ray
 
 from actors import convert, store
 from actors.placement import PlacementCore, allocation_pb, shard_of
+from actors.store import AllocRow
 from gpuaas import auth
 import functools
 
@@ -235,6 +236,15 @@ class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
     @grpc_handler
     def Release(self, request, context):
         p = self._principal(context)
+        aid = _uuid_or_404(request.allocation_id)
+        shards = self.core.alloc_shards
+        if self.core.owner_tenant.get(aid) == p.tenant_id:
+            # The caller's own and in the capacity view: its shard most likely holds it live and answers
+            # with the row after the release, with no read of Postgres on this side.
+            row = _ray_get(shards[shard_of(aid, len(shards))].release_owned.remote(aid, p.tenant_id),
+                           self.core.cfg.rpc_timeout_s * 2)
+            if row is not None:
+                return placement_pb2.ReleaseResponse(allocation=allocation_pb(row, self.core.address_of))
         row = self._owned(p.tenant_id, request.allocation_id)
         if row.state is AllocState.QUEUED:
             new = self.core.cancel_queued(row.allocation_id)
@@ -282,6 +292,7 @@ class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
         at = store.utcnow().isoformat()
         refs = {k: shards[k].release_many.remote(aids, "release_requested", at) for k, aids in groups.items()}
         item_error: dict[str, bytes | GpuaasError] = {}
+        reread: list[str] = []
         timeout_s = self.core.cfg.rpc_timeout_s * 2 + n * 0.002
         for k, ref in refs.items():
             try:
@@ -289,9 +300,13 @@ class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
             except GpuaasError as err:
                 answers = [err] * len(groups[k])
             for aid, ans in zip(groups[k], answers):
-                if not isinstance(ans, str):
+                if isinstance(ans, AllocRow):
+                    rows[aid] = ans
+                elif ans is None:
+                    reread.append(aid)  # moved concurrently: as Postgres has it now
+                else:
                     item_error[aid] = ans
-        rows.update(self._owned_many(p.tenant_id, [a for g in groups.values() for a in g]))
+        rows.update(self._owned_many(p.tenant_id, reread))
         out = placement_pb2.ReleaseBatchResponse()
         for i, aid in enumerate(ids):
             item = out.results.add()
