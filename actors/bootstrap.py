@@ -146,7 +146,9 @@ class ControlPlane:
         return base + ["--name", name, "--listen", "127.0.0.1:0", "--control-plane", self.address,
                        "--backend", "simulated", "--gpus", str(gpus), "--gpu-model", model,
                        "--fault-dir", str(self.daemon_dir / name / "faults"),
-                       "--port-file", str(self.daemon_dir / name / "port")] + (extra or [])
+                       "--port-file", str(self.daemon_dir / name / "port"),
+                       # The simulated fleet ends with this process, even when it is killed before stop().
+                       "--exit-with-pid", str(os.getpid())] + (extra or [])
 
     def start_daemon(self, name: str, gpus: int, model: str, extra: list[str] | None = None) -> subprocess.Popen:
         (self.daemon_dir / name / "faults").mkdir(parents=True, exist_ok=True)

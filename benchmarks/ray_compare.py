@@ -141,8 +141,12 @@ def ours_rates(reqs: list[dict], serial_reqs: list[dict], nodes: int, gpus: int,
         waves_rate = len(reqs) / (time.perf_counter() - t0)
         detail = {"waves": n_waves, "items_retried": retried}
 
-        # Let cleanups finish, then one at a time from `clients` threads.
-        time.sleep(2.0)
+        # Let the waves' cleanups finish (not timed), then one at a time from `clients` threads.
+        from gpuaas.v1 import common_pb2 as pb
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and next(iter(clis[0].list([pb.ALLOCATION_STATE_RELEASING], 1)), None):
+            time.sleep(0.2)
+        busy = [0]
 
         def one(i_r):
             i, r = i_r
@@ -156,6 +160,7 @@ def ours_rates(reqs: list[dict], serial_reqs: list[dict], nodes: int, gpus: int,
                     # waiting counts against us.
                     if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                         raise
+                    busy[0] += 1
                     time.sleep(0.02)
             c.release(a.allocation_id)
 
@@ -163,6 +168,7 @@ def ours_rates(reqs: list[dict], serial_reqs: list[dict], nodes: int, gpus: int,
         with cf.ThreadPoolExecutor(clients) as ex:
             list(ex.map(one, enumerate(serial_reqs)))
         serial = len(serial_reqs) / (time.perf_counter() - t0)
+        detail["one_at_a_time_retries"] = busy[0]
         for c in clis:
             c.close()
         return waves_rate, serial, detail
@@ -197,7 +203,8 @@ def main() -> int:
             runs[k].append(v)
         details.append(d)
         print(f"run {i + 1}: waves of {ns.wave}: Ray PG {rw:.1f}/s, ours {ow:.0f}/s ({d['waves']} waves, "
-              f"{d['items_retried']} items retried) | one at a time ×{ns.clients}: Ray PG {rs:.1f}/s, ours {os_:.0f}/s")
+              f"{d['items_retried']} items retried) | one at a time ×{ns.clients}: Ray PG {rs:.1f}/s, ours {os_:.0f}/s "
+              f"({d['one_at_a_time_retries']} places retried)")
     m = {k: median(v) for k, v in runs.items()}
     ratio, serial_ratio = m["ours_waves"] / m["ray_waves"], m["ours_one_at_a_time"] / m["ray_one_at_a_time"]
     print(f"\nmedian of {ns.repeats}, place+release cycles/s on {ns.nodes} nodes × {ns.gpus_per_node} GPUs:")

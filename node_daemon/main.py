@@ -66,6 +66,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cleanup-grace-s", type=float, default=5.0, help="SIGTERM → SIGKILL delay in Cleanup")
     p.add_argument("--reregister-after-s", type=float, default=10.0,
                    help="re-register when no telemetry consumer has been connected for this long")
+    p.add_argument("--exit-with-pid", type=int, default=0,
+                   help="shut down gracefully once this process is gone (a simulated fleet started by a "
+                        "control plane on one machine must not outlive it)")
     p.add_argument("--log-level", default=os.environ.get("GPUAAS_LOG_LEVEL", "INFO"))
     return p
 
@@ -90,6 +93,16 @@ def config_from_args(a: argparse.Namespace) -> DaemonConfig:
         seed=a.seed, labels=a.labels, cpu_milli=a.cpu_milli, memory_mib=a.memory_mib, fault_dir=a.fault_dir,
         port_file=a.port_file, shutdown_grace_s=a.grace_s, cleanup_grace_s=a.cleanup_grace_s,
         reregister_after_s=a.reregister_after_s)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGUSR1"):
         signal.signal(signal.SIGUSR1, lambda *_: daemon.faults.wake() if daemon.faults else None)
     while not stop.wait(0.5):
-        pass
+        if a.exit_with_pid and not _alive(a.exit_with_pid):
+            log.info("process %d is gone: shutting down gracefully", a.exit_with_pid)
+            daemon.stop(reason=f"process {a.exit_with_pid} gone")
+            return 0
     log.info("%s received: shutting down gracefully", signals["name"])
     daemon.stop(reason=f"{signals['name']} received")
     return 0

@@ -105,3 +105,24 @@ def test_forced_nvml_without_nvml_fails_clearly(tmp_path):
     r = subprocess.run([sys.executable, "-m", "node_daemon.main", "--no-register", "--backend", "nvml"],
                        capture_output=True, text=True, timeout=30, cwd=REPO, env=dict(os.environ, PYTHONPATH=_pythonpath()))
     assert r.returncode == 2 and "cannot start" in r.stderr and "nvmlInit" in r.stderr
+
+
+def test_the_daemon_ends_with_the_process_it_was_told_to_follow(tmp_path):
+    """--exit-with-pid: when that process dies without stopping the daemon (killed outright), the daemon
+    notices within a second or so and shuts down gracefully (exit 0, port file removed)."""
+    parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    proc = None
+    try:
+        proc, _, port_file = _start(tmp_path, "--no-register", "--backend", "simulated",
+                                    "--exit-with-pid", str(parent.pid))
+        time.sleep(1.2)
+        assert proc.poll() is None, "the daemon must run while the process it follows lives"
+        parent.kill()
+        parent.wait()
+        assert proc.wait(timeout=15) == 0
+        assert not port_file.exists()
+        assert "gone: shutting down gracefully" in (tmp_path / "daemon.log").read_text()
+    finally:
+        parent.kill()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
