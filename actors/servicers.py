@@ -25,6 +25,7 @@ import psycopg
 from gpuaas import errors as _errors
 from gpuaas.errors import FailedPrecondition, GpuaasError, InvalidArgument, NotFound, Unavailable
 from gpuaas.lifecycle import AllocState, IllegalTransition
+from gpuaas.tail import GapGuard
 from gpuaas.v1 import admin_pb2, admin_pb2_grpc, node_pb2, node_pb2_grpc, placement_pb2, placement_pb2_grpc
 
 log = logging.getLogger("gpuaas.api")
@@ -101,6 +102,7 @@ class WatchHub:
         self._lock = threading.Lock()
         self._next = 0
         self._watermark = None
+        self._gaps = GapGuard("allocation event")
         self._stop = threading.Event()
         threading.Thread(target=self._loop, name="watch-hub", daemon=True).start()
 
@@ -142,10 +144,16 @@ class WatchHub:
                     continue
                 with self._lock:
                     if not self._subs:
-                        self._watermark = conn.execute(
-                            "SELECT coalesce(max(event_id), 0) FROM control.allocation_events").fetchone()[0]
+                        # Nobody to tell, but the mark still stops before a gap that may fill: a stream
+                        # that subscribes next must not start past an event still committing.
+                        ids = self._gaps.cut(conn, self._watermark, conn.execute(
+                            "SELECT event_id FROM control.allocation_events WHERE event_id > %s"
+                            " ORDER BY event_id LIMIT 5000", (self._watermark,)).fetchall())
+                        if ids:
+                            self._watermark = ids[-1][0]
                         continue
-                rows = self._events_after(self._watermark, None)
+                # Never past an event id whose transaction may still commit: a stream would miss it.
+                rows = self._gaps.cut(conn, self._watermark, self._events_after(self._watermark, None))
                 if not rows:
                     continue
                 with self._lock:

@@ -37,6 +37,7 @@ import uuid
 
 import psycopg
 
+from gpuaas.tail import GapGuard
 from gpuaas.v1 import common_pb2, events_pb2
 from ledger import metering
 from ledger.metering import Meter, Replica, TelemetrySample
@@ -113,7 +114,7 @@ class LedgerConsumer:
         self.meters: dict[str, Meter] = {}
         self._due: list[tuple[int, str]] = []  # (when the meter's next interval ends, allocation); lazy
         self.telemetry: dict[str, collections.deque] = {}
-        self._gap: tuple[int, int | None, float] | None = None  # (first missing id, max in-flight xid, seen at)
+        self._gaps = GapGuard("outbox", gap_settle_s)
         self.counters = collections.Counter()
         self.last_error = ""
 
@@ -238,29 +239,10 @@ class LedgerConsumer:
         return consumed
 
     def _cut_at_gap(self, rows: list) -> list:
-        expect = self.cursor + 1
-        for i, row in enumerate(rows):
-            if row[0] != expect and not self._gap_settled(expect):
-                return rows[:i]
-            expect = row[0] + 1
+        before = self._gaps.skipped
+        rows = self._gaps.cut(self.conn, self.cursor, rows)
+        self.counters["outbox_gaps_skipped"] += self._gaps.skipped - before
         return rows
-
-    def _gap_settled(self, missing_id: int) -> bool:
-        snap = self.conn.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint,"
-                                 " (SELECT max(x::text::bigint) FROM pg_snapshot_xip(pg_current_snapshot()) x)"
-                                 ).fetchone()
-        if self._gap is None or self._gap[0] != missing_id:
-            self._gap = (missing_id, snap[1], time.monotonic())
-            return False
-        _, max_xip, seen = self._gap
-        if time.monotonic() - seen < self.gap_settle_s:
-            return False
-        if max_xip is not None and snap[0] <= max_xip:
-            return False  # a transaction that may still fill the gap is running
-        log.info("outbox id %d never committed (rolled back); skipping it", missing_id)
-        self.counters["outbox_gaps_skipped"] += 1
-        self._gap = None
-        return True
 
     def _apply(self, changes: _Changes) -> None:
         """A committed batch's meter changes into the open meters and the due index."""

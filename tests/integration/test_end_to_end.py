@@ -10,7 +10,7 @@ from gpuaas import sdk
 from gpuaas.client import Client
 from gpuaas.v1 import common_pb2 as pb
 
-from tests.integration.conftest import GPUS, rid
+from tests.integration.conftest import GPUS, q, rid
 
 RUNNING, RELEASED = pb.ALLOCATION_STATE_RUNNING, pb.ALLOCATION_STATE_RELEASED
 
@@ -128,3 +128,33 @@ def test_usage_carries_the_gpus_utilization_and_energy(control_plane, tenant):
     assert max(u for u, _ in rows) > 0, rows
     assert sum(e for _, e in rows) > 0, rows
     assert all(0 <= u <= 10_000 for u, _ in rows)  # an average, in basis points
+
+
+def test_a_watch_stream_gets_an_event_that_commits_after_a_higher_one(control_plane, tenant):
+    """Event ids are taken before commit. An event whose transaction commits after one with a higher id
+    still reaches a live stream (the hub does not move past an id that may still commit)."""
+    import threading
+
+    a = tenant.place(rid(), gpu_milli=100)
+    tenant.wait_state(a.allocation_id, {RUNNING}, 30)
+    [(last,)] = q(control_plane, "SELECT max(event_id) FROM control.allocation_events WHERE allocation_id = %s",
+                  a.allocation_id)
+    got: list[int] = []
+    stream = tenant.watch([a.allocation_id], after_event_id=last, timeout_s=20)
+    reader = threading.Thread(target=lambda: [got.append(ev.event_id) for ev in stream], daemon=True)
+    reader.start()
+    insert = ("INSERT INTO control.allocation_events (allocation_id, tenant_id, from_state, to_state, event,"
+              " reason, version, at) VALUES (%s, %s, 'RUNNING', 'RUNNING', 'note', %s, %s, now()) RETURNING event_id")
+    with psycopg.connect(control_plane.urls.owner) as late, psycopg.connect(control_plane.urls.owner) as early:
+        [(low,)] = late.execute(insert, (a.allocation_id, tenant.tenant_id, "late writer", 10**9)).fetchall()
+        [(high,)] = early.execute(insert, (a.allocation_id, tenant.tenant_id, "early writer", 10**9 + 1)).fetchall()
+        early.commit()
+        time.sleep(0.5)  # the hub polls every 50 ms: without the gap guard it would be past `low` now
+        assert low not in got
+        late.commit()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not {low, high} <= set(got):
+        time.sleep(0.05)
+    stream.cancel()
+    assert low < high and {low, high} <= set(got), got
+    assert got.index(low) < got.index(high), "delivered in id order"

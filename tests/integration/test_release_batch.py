@@ -18,6 +18,7 @@ RUNNING, RELEASING, RELEASED, CANCELLED, QUEUED = (
     pb.ALLOCATION_STATE_RUNNING, pb.ALLOCATION_STATE_RELEASING, pb.ALLOCATION_STATE_RELEASED,
     pb.ALLOCATION_STATE_CANCELLED, pb.ALLOCATION_STATE_QUEUED)
 
+ZONE = {"zone": "sim-a"}   # the session's simulated nodes only (fault scenarios add other pools)
 other = tenant_fixture()
 
 
@@ -34,15 +35,16 @@ def test_a_batch_releases_cancels_and_refuses_item_by_item(control_plane, tenant
     """Running items go to RELEASING with one billing stop, a queued one is cancelled, a released one is
     answered as is, and a malformed, an unknown and another tenant's id are refused on their own; each
     running item is then billed exactly once, up to that one stop."""
-    running = [tenant.place(rid(), gpu_milli=100 + 50 * i) for i in range(3)]
+    running = [tenant.place(rid(), gpu_milli=100 + 50 * i, node_selector=ZONE) for i in range(3)]
     for a in running:
         tenant.wait_state(a.allocation_id, {RUNNING}, 30)
-    done = tenant.place(rid(), gpu_milli=100)
+    done = tenant.place(rid(), gpu_milli=100, node_selector=ZONE)
     tenant.wait_state(done.allocation_id, {RUNNING}, 30)
     tenant.release(done.allocation_id)
     tenant.wait_state(done.allocation_id, {RELEASED}, 30)
     # A gang of every GPU of every node cannot start while the three above run: it waits.
-    queued = tenant.place(rid(), gpu_count=GPUS, replicas=NODES, wait=True, queue_timeout_s=120)
+    queued = tenant.place(rid(), gpu_count=GPUS, replicas=NODES, wait=True, queue_timeout_s=120,
+                          node_selector=ZONE)
     assert queued.state == QUEUED
     theirs = other.place(rid(), gpu_milli=100)
 
@@ -80,7 +82,7 @@ def test_a_batch_releases_cancels_and_refuses_item_by_item(control_plane, tenant
 
 def test_a_released_batch_gives_the_capacity_back(control_plane, tenant):
     """Every GPU of the fleet placed in one PlaceBatch, freed by one ReleaseBatch, can be placed again."""
-    reqs = [Client.request(rid(), gpu_count=GPUS) for _ in range(NODES)]
+    reqs = [Client.request(rid(), gpu_count=GPUS, node_selector=ZONE) for _ in range(NODES)]
     first = tenant.place_batch(reqs)
     assert all(r.HasField("allocation") for r in first.results), first
     ids = [r.allocation.allocation_id for r in first.results]
@@ -90,7 +92,7 @@ def test_a_released_batch_gives_the_capacity_back(control_plane, tenant):
     assert all(r.HasField("allocation") for r in resp.results), resp
     for a in ids:
         tenant.wait_state(a, {RELEASED}, 30)
-    again = tenant.place_batch([Client.request(rid(), gpu_count=GPUS) for _ in range(NODES)])
+    again = tenant.place_batch([Client.request(rid(), gpu_count=GPUS, node_selector=ZONE) for _ in range(NODES)])
     assert all(r.HasField("allocation") for r in again.results), again
 
 
