@@ -110,10 +110,16 @@ def run(*, sim_nodes: int = 4, gpus_per_node: int = 8, gpu_model: str = "H100", 
         for i, info in enumerate(sdk.run_gang(gang, training_step)):
             _say(f"      gang replica {i} on {info['node_id']}: CUDA_VISIBLE_DEVICES={info['cuda_visible_devices']}")
 
-        _say("[6/8] letting usage accrue for 3 s, then releasing everything")
+        _say("[6/8] letting usage accrue for 3 s, then releasing everything (one ReleaseBatch per tenant)")
         time.sleep(3.0)
-        for a in everything:
-            (acme if a.tenant_id == "acme" else globex).release(a.allocation_id)
+        for client, tenant_id in ((acme, "acme"), (globex, "globex")):
+            mine = [a.allocation_id for a in everything if a.tenant_id == tenant_id]
+            if mine:
+                resp = client.release_batch(mine)
+                refused = [r.error.message for r in resp.results if not r.HasField("allocation")]
+                if refused:
+                    raise RuntimeError(f"release refused for {tenant_id}: {refused[:3]}")
+                _say(f"      {tenant_id}: {len(mine)} allocations RELEASING in one call, billing stopped at one instant")
         for a in everything:
             (acme if a.tenant_id == "acme" else globex).wait_state(a.allocation_id, {S.ALLOCATION_STATE_RELEASED},
                                                                    timeout_s=30)
