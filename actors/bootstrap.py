@@ -150,6 +150,14 @@ class ControlPlane:
                        # The simulated fleet ends with this process, even when it is killed before stop().
                        "--exit-with-pid", str(os.getpid())] + (extra or [])
 
+    @property
+    def metrics_address(self) -> str:
+        """host:port of the placement actor's Prometheus endpoint ("" when off). Asked each time: a
+        restarted placement actor with port 0 configured listens on a new port."""
+        if self.placement is None:
+            return ""
+        return ray.get(self.placement.metrics_address.remote(), timeout=30)
+
     def start_daemon(self, name: str, gpus: int, model: str, extra: list[str] | None = None) -> subprocess.Popen:
         (self.daemon_dir / name / "faults").mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, GPUAAS_NODE_TOKEN=self.node_token)

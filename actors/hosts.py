@@ -56,6 +56,22 @@ class PlacementActor:
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set("gpuaas.v1.PlacementService", health_pb2.HealthCheckResponse.SERVING)
         log.info("control plane listening on %s (policy %s)", config.listen, config.policy)
+        self._metrics_address, self._metrics_server = "", None
+        if config.metrics_listen:
+            from actors import metrics, runtime
+
+            def ledger():
+                try:
+                    return ray.get_actor(runtime.LEDGER, namespace=runtime.NAMESPACE)
+                except ValueError:
+                    return None
+
+            self._metrics_address, self._metrics_server = metrics.serve(
+                config.metrics_listen, metrics.ControlPlaneCollector(self.core, ledger))
+
+    def metrics_address(self) -> str:
+        """host:port of the Prometheus endpoint (/metrics); "" when it is off."""
+        return self._metrics_address
 
     def address(self) -> str:
         host = self.core.cfg.listen.rsplit(":", 1)[0]
@@ -94,6 +110,8 @@ class PlacementActor:
         return self.core.rebuild_info if hasattr(self.core, "rebuild_info") else {}
 
     def stop(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace=1.0).wait(2.0)
         self.core.shutdown()

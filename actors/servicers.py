@@ -14,7 +14,7 @@ import uuid
 
 import ray
 
-from actors import convert, store
+from actors import convert, metrics, store
 from actors.placement import PlacementCore, allocation_pb, shard_of
 from actors.store import AllocRow
 from gpuaas import auth
@@ -60,11 +60,32 @@ def _db_errors_unavailable_stream(fn):
 
 
 def grpc_handler(fn):
-    return _errors.grpc_handler(_db_errors_unavailable(fn))
+    inner = _errors.grpc_handler(_db_errors_unavailable(fn))
+    method = fn.__name__
+
+    @functools.wraps(fn)
+    def wrapper(self, request, context):
+        t0 = time.perf_counter()
+        try:
+            return inner(self, request, context)
+        finally:
+            metrics.observe_rpc(method, context, time.perf_counter() - t0)
+
+    return wrapper
 
 
 def grpc_stream_handler(fn):
-    return _errors.grpc_stream_handler(_db_errors_unavailable_stream(fn))
+    inner = _errors.grpc_stream_handler(_db_errors_unavailable_stream(fn))
+    method = fn.__name__
+
+    @functools.wraps(fn)
+    def wrapper(self, request, context):
+        try:
+            yield from inner(self, request, context)
+        finally:
+            metrics.observe_rpc(method, context, None)
+
+    return wrapper
 
 
 def _uuid_or_404(allocation_id: str, field: str = "allocation_id") -> str:

@@ -35,7 +35,8 @@ def _config(ns):
     from gpuaas.config import ControlPlaneConfig
 
     return ControlPlaneConfig(listen=ns.listen, policy=ns.policy, node_shards=ns.node_shards,
-                              allocation_shards=ns.allocation_shards)
+                              allocation_shards=ns.allocation_shards,
+                              metrics_listen=getattr(ns, "metrics_listen", "127.0.0.1:0"))
 
 
 def cmd_up(ns) -> int:
@@ -49,6 +50,8 @@ def cmd_up(ns) -> int:
     try:
         cp.start()
         print(f"gpuaas control plane listening on {cp.address}")
+        if cp.metrics_address:
+            print(f"  metrics: http://{cp.metrics_address}/metrics")
         print(f"  admin token (shown once): {cp.admin_token}")
         print(f"  simulated nodes: {ns.sim_nodes} × {ns.gpus_per_node} {ns.gpu_model}")
         print("  Ctrl-C to stop", flush=True)
@@ -168,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--sim-nodes", type=int, default=sim_default)
         p.add_argument("--gpus-per-node", type=int, default=8)
         p.add_argument("--gpu-model", default="H100")
+        p.add_argument("--metrics-listen", default="127.0.0.1:9464",
+                       help="Prometheus endpoint HOST:PORT (/metrics); empty to turn it off")
 
     cp_args(sub.add_parser("up", help="run the control plane in the foreground"), 4)
     d = sub.add_parser("demo", help="run the end-to-end demo")

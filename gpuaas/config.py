@@ -16,6 +16,9 @@ class ControlPlaneConfig:
     batch_size_max: int = 4096
     place_batch_items_max: int = 10_000
     grpc_workers: int = 32
+    # Prometheus endpoint (/metrics) of the placement actor, "host:port"; port 0 picks a free one,
+    # "" turns it off. Loopback by default: expose it deliberately.
+    metrics_listen: str = "127.0.0.1:0"
     grpc_message_bytes_max: int = 32 * 1024 * 1024
     telemetry_interval_ms: int = 1000
     # Node heartbeat = telemetry. Silent past grace → SUSPECT; past offline → OFFLINE.

@@ -1,0 +1,134 @@
+"""Prometheus metrics of the control plane, served over HTTP by the placement actor.
+
+What an operator scrapes (`ControlPlaneConfig.metrics_listen`, default an ephemeral port on
+loopback; `gpuaas up` prints the address):
+
+* ``gpuaas_rpc_total{method, code}`` and ``gpuaas_rpc_seconds{method}``: every gRPC call the
+  control plane answered, by method and status code, and the unary calls' handler time.
+  These are the only metrics touched on the request path (a counter and a histogram
+  update, a few microseconds).
+* Everything else is read when scraped, from the state the components keep anyway:
+  placement outcomes and commits, the queue, capacity per GPU model (the same figures
+  as ``ledger.capacity_samples``), allocations by state and the shards' prepare/release
+  counters, and the ledger consumer's progress. A component that does not answer within
+  ``SCRAPE_TIMEOUT_S`` is left out of that scrape and counted in
+  ``gpuaas_scrape_errors_total``.
+"""
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+log = logging.getLogger("gpuaas.metrics")
+
+SCRAPE_TIMEOUT_S = 2.0
+
+# No auto-describe: registering the collector must not scrape (it calls other actors).
+REGISTRY = CollectorRegistry(auto_describe=False)
+RPCS = Counter("gpuaas_rpc", "gRPC calls answered by the control plane, by method and status code",
+               ["method", "code"], registry=REGISTRY)
+RPC_SECONDS = Histogram("gpuaas_rpc_seconds", "Handler time of unary gRPC calls (from the handler's start to its "
+                        "answer)", ["method"], registry=REGISTRY,
+                        buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0))
+SCRAPE_ERRORS = Counter("gpuaas_scrape_errors", "Components that did not answer a metrics scrape in time",
+                        ["component"], registry=REGISTRY)
+
+
+def observe_rpc(method: str, context, seconds: float | None) -> None:
+    """Record one answered call; ``seconds`` None for streams (their length is the client's choice)."""
+    code = context.code() if hasattr(context, "code") else None
+    RPCS.labels(method, code.name if code is not None else "OK").inc()
+    if seconds is not None:
+        RPC_SECONDS.labels(method).observe(seconds)
+
+
+class ControlPlaneCollector:
+    """Reads the placement core, the allocation shards and the ledger when Prometheus scrapes."""
+
+    def __init__(self, core, ledger_fn=None):
+        self.core = core
+        self.ledger_fn = ledger_fn  # () -> the ledger actor handle, or None
+
+    def collect(self):
+        import ray
+
+        core = self.core
+        stats = dict(core.stats)
+        placements = CounterMetricFamily("gpuaas_placements", "Placement requests decided and committed, by outcome",
+                                         labels=["outcome"])
+        for outcome in ("placed", "queued", "rejected"):
+            placements.add_metric([outcome], stats.get(outcome, 0))
+        yield placements
+        yield CounterMetricFamily("gpuaas_placement_commits", "Group commits of the placement actor",
+                                  value=stats.get("batches", 0))
+        yield CounterMetricFamily("gpuaas_placement_commit_failures", "Placement group commits that failed",
+                                  value=stats.get("commit_failures", 0))
+        yield GaugeMetricFamily("gpuaas_queue_depth", "Requests waiting in the placement queue",
+                                value=len(core.queued))
+        yield GaugeMetricFamily("gpuaas_nodes", "Nodes in the placement actor's capacity view", value=len(core.nodes))
+
+        cap = {name: GaugeMetricFamily(f"gpuaas_gpu_{name}", help_, labels=["gpu_model"]) for name, help_ in (
+            ("total", "GPUs in the fleet"),
+            ("healthy", "GPUs in service"),
+            ("allocated_milli", "GPU share allocated, in milli-GPUs"),
+            ("free_milli", "GPU share free on healthy GPUs, in milli-GPUs"),
+            ("stranded_milli", "Free share left on partly used GPUs (only sharing tasks can use it)"))}
+        for model, total, healthy, allocated, free, stranded, _ in core.capacity_samples():
+            for name, v in zip(cap, (total, healthy, allocated, free, stranded)):
+                cap[name].add_metric([model], v)
+        yield from cap.values()
+
+        refs = [(i, s.snapshot.remote()) for i, s in enumerate(core.alloc_shards)]
+        by_state: dict[str, int] = {}
+        shard_counters = CounterMetricFamily("gpuaas_allocation_shard_events",
+                                             "Allocation shard outcomes (prepared, released, failures, …)",
+                                             labels=["shard", "event"])
+        for i, ref in refs:
+            try:
+                snap = ray.get(ref, timeout=SCRAPE_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - a busy or restarting shard is left out of this scrape
+                SCRAPE_ERRORS.labels(f"allocation_shard_{i}").inc()
+                continue
+            for state, n in snap.get("by_state", {}).items():
+                by_state[state] = by_state.get(state, 0) + n
+            for event, n in snap.get("stats", {}).items():
+                shard_counters.add_metric([str(i), event], n)
+        live = GaugeMetricFamily("gpuaas_allocations_live", "Allocations the shards hold, by state", labels=["state"])
+        for state, n in sorted(by_state.items()):
+            live.add_metric([state], n)
+        yield live
+        yield shard_counters
+
+        ledger = self.ledger_fn() if self.ledger_fn else None
+        if ledger is not None:
+            try:
+                lstats = ray.get(ledger.stats.remote(), timeout=SCRAPE_TIMEOUT_S)
+            except Exception:  # noqa: BLE001
+                SCRAPE_ERRORS.labels("ledger").inc()
+            else:
+                gauges = {"cursor": "Last outbox id the ledger consumed",
+                          "lag_rows": "Outbox rows not yet consumed by the ledger",
+                          "open_meters": "Allocations being metered now"}
+                counters = CounterMetricFamily("gpuaas_ledger_events", "Ledger consumer counters", labels=["counter"])
+                for k, v in sorted(lstats.items()):
+                    if k in gauges or k in ("meter_interval_s", "outbox_max_id") or isinstance(v, bool) \
+                            or not isinstance(v, (int, float)):
+                        continue
+                    counters.add_metric([k], v)
+                yield counters
+                for k, help_ in gauges.items():
+                    if k in lstats:
+                        yield GaugeMetricFamily(f"gpuaas_ledger_{k}", help_, value=lstats[k])
+
+
+def serve(listen: str, collector: ControlPlaneCollector) -> tuple[str, object]:
+    """Start the HTTP endpoint (``/metrics``) on ``listen`` ("host:port", port 0 picks one)."""
+    REGISTRY.register(collector)
+    host, port = listen.rsplit(":", 1)
+    server, thread = start_http_server(int(port), addr=host.strip("[]"), registry=REGISTRY)
+    bound = server.server_address[1]
+    log.info("metrics on http://%s:%d/metrics", host, bound)
+    return f"{host}:{bound}", server
+

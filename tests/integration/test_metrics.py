@@ -1,0 +1,52 @@
+"""The control plane's Prometheus endpoint tells an operator what happened."""
+from __future__ import annotations
+
+import urllib.request
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.conftest import rid
+
+RUNNING = 3
+
+
+def _scrape(cp) -> dict:
+    assert cp.metrics_address, "the endpoint is on by default"
+    body = urllib.request.urlopen(f"http://{cp.metrics_address}/metrics", timeout=10).read().decode()
+    out: dict = {}
+    for fam in text_string_to_metric_families(body):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _value(m: dict, name: str, **labels) -> float:
+    return m.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_calls_outcomes_capacity_and_allocations_are_scraped(control_plane, tenant):
+    """After a placement, a refused call and a release, the scrape counts each by method and status code,
+    times the unary ones, and shows placements, capacity per model, live allocations and the ledger."""
+    before = _scrape(control_plane)
+    a = tenant.place(rid(), gpu_milli=250)
+    tenant.wait_state(a.allocation_id, {RUNNING}, 30)
+    with pytest.raises(grpc.RpcError):
+        tenant.place(rid(), gpu_count=-1)
+    m = _scrape(control_plane)
+    assert _value(m, "gpuaas_rpc_total", method="Place", code="OK") >= _value(
+        before, "gpuaas_rpc_total", method="Place", code="OK") + 1
+    assert _value(m, "gpuaas_rpc_total", method="Place", code="INVALID_ARGUMENT") >= _value(
+        before, "gpuaas_rpc_total", method="Place", code="INVALID_ARGUMENT") + 1
+    assert _value(m, "gpuaas_rpc_seconds_count", method="Place") >= _value(
+        before, "gpuaas_rpc_seconds_count", method="Place") + 2
+    assert _value(m, "gpuaas_placements_total", outcome="placed") >= _value(
+        before, "gpuaas_placements_total", outcome="placed") + 1
+    assert _value(m, "gpuaas_gpu_total", gpu_model="H100") > 0
+    assert _value(m, "gpuaas_gpu_allocated_milli", gpu_model="H100") >= 250
+    assert _value(m, "gpuaas_allocations_live", state="RUNNING") >= 1
+    assert _value(m, "gpuaas_ledger_cursor") > 0
+    tenant.release(a.allocation_id)
+    m = _scrape(control_plane)
+    assert _value(m, "gpuaas_rpc_total", method="Release", code="OK") >= 1
