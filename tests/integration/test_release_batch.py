@@ -104,3 +104,34 @@ def test_empty_and_oversized_release_batches_are_refused(control_plane, tenant):
             tenant.release_batch(ids)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert tenant.get(a.allocation_id).state in (pb.ALLOCATION_STATE_PLACED, RUNNING)
+
+
+def test_batch_and_single_releases_racing_move_each_allocation_once(control_plane, tenant):
+    """A ReleaseBatch and single Releases of the same allocations, at the same time, from three threads:
+    every call succeeds, each allocation moves to RELEASING once and is billed exactly once."""
+    import concurrent.futures as cf
+
+    resp = tenant.place_batch([Client.request(rid(), gpu_milli=50, node_selector=ZONE) for _ in range(24)])
+    ids = [r.allocation.allocation_id for r in resp.results]
+    assert len(ids) == 24 and all(ids)
+    for a in ids:
+        tenant.wait_state(a, {RUNNING}, 30)
+    with cf.ThreadPoolExecutor(3) as ex:
+        batch = ex.submit(tenant.release_batch, ids)
+        singles = ex.submit(lambda: [tenant.release(a) for a in ids])
+        reverse = ex.submit(tenant.release_batch, ids[::-1])
+        answers = [batch.result(), reverse.result()]
+        single_answers = singles.result()
+    for resp in answers:
+        assert all(r.HasField("allocation") and r.allocation.state in (RELEASING, RELEASED) for r in resp.results)
+    assert all(a.state in (RELEASING, RELEASED) for a in single_answers)
+    final = [tenant.wait_state(a, {RELEASED}, 30) for a in ids]
+    ray.get(control_plane.ledger.flush.remote(timeout_s=30), timeout=40)
+    moves = dict(q(control_plane, "SELECT allocation_id::text, count(*) FROM control.allocation_events "
+                                  "WHERE allocation_id = ANY(%s::uuid[]) AND to_state = 'RELEASING' GROUP BY 1", ids))
+    assert moves == {a: 1 for a in ids}
+    with psycopg.connect(control_plane.urls.app) as conn:
+        for a in final:
+            billed = conn.execute("SELECT coalesce(sum(gpu_milli_us), 0) FROM ledger.usage_entries "
+                                  "WHERE allocation_id = %s", (a.allocation_id,)).fetchone()[0]
+            assert billed == 50 * (a.stopped_at.ToMicroseconds() - a.running_since.ToMicroseconds())
