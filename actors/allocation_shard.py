@@ -429,7 +429,9 @@ class AllocationShardCore:
         row = self.rows.get(aid)
         if row is None or row.tenant_id != tenant:
             return None
-        return await self._release(aid, AllocEvent.RELEASE_REQUESTED, utcnow(), None, load=False)
+        after = await self._release(aid, AllocEvent.RELEASE_REQUESTED, utcnow(), None, load=False)
+        # Back in the queue meanwhile (its prepare failed): the queue is the placement actor's to cancel.
+        return None if after is None or after.state is AllocState.QUEUED else after
 
     async def _release(self, aid: str, event: AllocEvent, at: dt.datetime, reason: str | None, *,
                        load: bool) -> AllocRow | None:

@@ -284,6 +284,10 @@ class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
             shard = self.core.alloc_shards[shard_of(row.allocation_id, len(self.core.alloc_shards))]
             _ray_get(shard.release.remote(row.allocation_id, "release_requested"), self.core.cfg.rpc_timeout_s * 2)
             row = self._owned(p.tenant_id, request.allocation_id)
+            if row.state is AllocState.QUEUED:
+                # Its prepare failed meanwhile and it went back to the queue: cancel it there (if it
+                # is not in the queue yet, it is answered QUEUED and a second Release cancels it).
+                row = self.core.cancel_queued(row.allocation_id) or row
         # Already releasing, released, failed or cancelled: the release is answered as is (idempotent).
         return placement_pb2.ReleaseResponse(allocation=allocation_pb(row, self.core.address_of))
 
@@ -336,6 +340,8 @@ class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
                 else:
                     item_error[aid] = ans
         rows.update(self._owned_many(p.tenant_id, reread))
+        for aid in [a for g in groups.values() for a in g if a in rows and rows[a].state is AllocState.QUEUED]:
+            rows[aid] = self.core.cancel_queued(aid) or rows[aid]  # its prepare failed meanwhile, as in Release
         out = placement_pb2.ReleaseBatchResponse()
         for i, aid in enumerate(ids):
             item = out.results.add()
