@@ -38,7 +38,7 @@ SCRAPE_ERRORS = Counter("gpuaas_scrape_errors", "Components that did not answer 
 
 def observe_rpc(method: str, context, seconds: float | None) -> None:
     """Record one answered call; ``seconds`` None for streams (their length is the client's choice)."""
-    code = context.code() if hasattr(context, "code") else None
+    code = context.code()  # None until a handler sets one: the call succeeded
     RPCS.labels(method, code.name if code is not None else "OK").inc()
     if seconds is not None:
         RPC_SECONDS.labels(method).observe(seconds)

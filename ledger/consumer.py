@@ -106,7 +106,6 @@ class LedgerConsumer:
         self.url = app_url
         self.interval_us = int(round(meter_interval_s * 1_000_000))
         self.batch_size_max = batch_size_max
-        self.gap_settle_s = gap_settle_s
         self.consumer = consumer
         self.conn: psycopg.Connection | None = None
         self.store: LedgerStore | None = None
@@ -211,7 +210,7 @@ class LedgerConsumer:
                 rows = self.conn.execute(
                     "SELECT id, topic, key, payload FROM control.outbox WHERE id > %s ORDER BY id LIMIT %s",
                     (self.cursor, self.batch_size_max)).fetchall()
-                rows = self._cut_at_gap(rows)
+                rows = self._gaps.cut(self.conn, self.cursor, rows)
                 if not rows:
                     return 0
                 meters, plan = self._plan(rows)
@@ -237,12 +236,6 @@ class LedgerConsumer:
         for alloc in plan["finished"]:
             self.telemetry.pop(alloc, None)
         return consumed
-
-    def _cut_at_gap(self, rows: list) -> list:
-        before = self._gaps.skipped
-        rows = self._gaps.cut(self.conn, self.cursor, rows)
-        self.counters["outbox_gaps_skipped"] += self._gaps.skipped - before
-        return rows
 
     def _apply(self, changes: _Changes) -> None:
         """A committed batch's meter changes into the open meters and the due index."""
@@ -435,7 +428,7 @@ class LedgerConsumer:
         return None
 
     def stats(self) -> dict:
-        out = dict(self.counters)
+        out = dict(self.counters, outbox_gaps_skipped=self._gaps.skipped)
         out.update(cursor=self.cursor, open_meters=len(self.meters), last_error=self.last_error,
                    meter_interval_s=self.interval_us / 1e6)
         if self.conn is not None and not self.conn.closed:
