@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import os
 
 import grpc
 import ray
@@ -18,8 +19,17 @@ from gpuaas.config import ControlPlaneConfig
 log = logging.getLogger("gpuaas.actors")
 
 
-def _logging():
+def _logging(component: str = ""):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if component:
+        name_connections(component)
+
+
+def name_connections(component: str) -> None:
+    """Every Postgres connection this actor's process opens names its component (libpq reads
+    PGAPPNAME), so an operator sees in pg_stat_activity which component holds a lock or runs a
+    slow statement. An application_name the operator set in the environment or URL wins."""
+    os.environ.setdefault("PGAPPNAME", f"gpuaas-{component}")
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=64, num_cpus=0)
@@ -28,7 +38,7 @@ class PlacementActor:
 
     def __init__(self, app_url: str, owner_url: str | None, config: ControlPlaneConfig, alloc_shards: list,
                  node_shards: list):
-        _logging()
+        _logging("placement")
         from actors.placement import PlacementCore
         from actors.servicers import AdminServicer, NodeRegistryServicer, PlacementServicer, WatchHub
         from gpuaas import auth
@@ -120,7 +130,7 @@ class PlacementActor:
 @ray.remote(max_restarts=-1, max_task_retries=0, num_cpus=0)
 class AllocationShardActor:
     def __init__(self, index: int, count: int, app_url: str, config: ControlPlaneConfig):
-        _logging()
+        _logging(f"allocation-shard-{index}")
         from actors.allocation_shard import AllocationShardCore
 
         self.core = AllocationShardCore(index=index, count=count, app_url=app_url, config=config)
@@ -175,7 +185,7 @@ class AllocationShardActor:
 @ray.remote(max_restarts=-1, max_task_retries=0, num_cpus=0)
 class NodeShardActor:
     def __init__(self, index: int, count: int, app_url: str, config: ControlPlaneConfig):
-        _logging()
+        _logging(f"node-shard-{index}")
         from actors.node_shard import NodeShardCore
 
         self.core = NodeShardCore(index=index, count=count, app_url=app_url, config=config)

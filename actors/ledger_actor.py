@@ -52,6 +52,9 @@ class LedgerActor:
     def __init__(self, app_url: str, meter_interval_s: float = 60.0, *, poll_interval_s: float = 0.2,
                  batch_size_max: int = 1000, close_lag_s: float = 2.0):
         logging.basicConfig(level=logging.INFO)
+        from actors.hosts import name_connections
+
+        name_connections("ledger")
         self._consumer = LedgerConsumer(app_url, meter_interval_s=meter_interval_s, batch_size_max=batch_size_max)
         self._lock = threading.Lock()
         self._stop = threading.Event()

@@ -61,13 +61,9 @@ from gpuaas.v1 import common_pb2
 log = logging.getLogger("gpuaas.placement")
 
 SCHEDULABLE_NODE_STATES = frozenset({NodeState.READY})
-# How long hand-offs to the allocation shards are gathered before one actor call per shard. Every
-# stage downstream (the shard's adopt, PrepareBatch per node, the PLACED → RUNNING commit) pays a fixed
-# cost per batch, so under unary traffic this window sets their batch sizes. The client's answer never
-# waits for it; only the start of the prepare does. Measured (benchmarks/grpc_placement.py, runs
-# interleaved): 3 ms → 20 ms took unary Place from ~610/s to ~840/s and the p50 at 500/s from 7–14 ms
-# to 3.5–5 ms; 50 ms was no better than 20 ms. 20 ms is nothing next to a job's start-up on the node.
-DISPATCH_COALESCE_S = 0.02
+# Hand-offs to the allocation shards wait up to ControlPlaneConfig.dispatch_linger_s for company, then go
+# as one actor call per shard; this many waiting go at once.
+DISPATCH_FLUSH_ITEMS = 1024
 RECONCILE_EVERY_S = 10.0  # capacity view vs Postgres: finished allocations still holding capacity
 QUEUE_REQUESTS_MAX = 200_000  # requests admitted but not yet decided; beyond this, UNAVAILABLE (back off)
 
@@ -208,7 +204,8 @@ class PlacementCore:
         self._preempt_tried: dict[str, float] = {}     # queued id → monotonic time of its last victim search
         self._preempt_note: dict[str, str] = {}        # queued id → why its last victim search found none
         self._requeue_pending: set[str] = set()        # back to QUEUED, row not read yet
-        self._dispatch_q: queue.Queue[list] = queue.Queue()
+        self._dispatch_cv = threading.Condition()
+        self._dispatch_pending: list[tuple] = []
         # Full collections over the capacity view stalled every request in flight (~0.1 s at 50k allocations).
         self.gc = runtime.GcPacer()
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="placement-dispatch", daemon=True)
@@ -560,29 +557,38 @@ class PlacementCore:
     def _dispatch(self, rows: list[AllocRow]) -> None:
         """Hand PLACED allocations to their shard, which prepares them on the nodes.
 
-        Hand-offs are coalesced for DISPATCH_COALESCE_S by one dispatcher thread:
-        under a stream of small (unary) commits that is one actor call per
-        shard per window instead of one per commit. The client's answer never
-        waits for this; only the prepare starts up to DISPATCH_COALESCE_S later.
+        Hand-offs wait up to ``dispatch_linger_s`` for company (or until DISPATCH_FLUSH_ITEMS wait),
+        then one dispatcher thread sends each shard its share in one actor call. Every stage
+        downstream (the shard's adopt, one PrepareBatch per node, the PLACED → RUNNING commit) pays a
+        fixed cost per batch, so under unary traffic this window sets their batch sizes, and with them
+        the CPU each placement costs the whole machine. The client's answer never waits for it; only
+        the start of the prepare does.
         """
         if not rows:
             return
         # The committed row travels with its id: the shard need not read back what was just written.
         items = [(r.allocation_id, {n: self.address_of(n) for n in r.node_ids()}, r) for r in rows]
-        self._dispatch_q.put(items)
+        with self._dispatch_cv:
+            self._dispatch_pending.extend(items)
+            n = len(self._dispatch_pending)
+            # Wake the dispatcher when a window opens, and when it is full; not on every commit.
+            if n == len(items) or n >= DISPATCH_FLUSH_ITEMS:
+                self._dispatch_cv.notify()
 
     def _dispatch_loop(self) -> None:
+        linger = self.cfg.dispatch_linger_s
         while not self._stop.is_set():
-            try:
-                items = self._dispatch_q.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            time.sleep(DISPATCH_COALESCE_S)
-            while True:
-                try:
-                    items.extend(self._dispatch_q.get_nowait())
-                except queue.Empty:
-                    break
+            with self._dispatch_cv:
+                if not self._dispatch_pending:
+                    self._dispatch_cv.wait(0.2)
+                    continue
+                deadline = time.monotonic() + linger
+                while len(self._dispatch_pending) < DISPATCH_FLUSH_ITEMS and not self._stop.is_set():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._dispatch_cv.wait(left)
+                items, self._dispatch_pending = self._dispatch_pending, []
             by_shard: dict[int, list] = {}
             for item in items:
                 by_shard.setdefault(shard_of(item[0], len(self.alloc_shards)), []).append(item)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import dataclasses
 import random
 import shutil
 import threading
@@ -79,6 +80,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--settle-max-s", type=float, default=10.0,
                     help="before the paced phase, wait at most this long for every PLACED allocation to be RUNNING")
+    ap.add_argument("--dispatch-linger-s", type=float, default=None,
+                    help="override ControlPlaneConfig.dispatch_linger_s (hand-off window to the allocation shards)")
     ap.add_argument("--json")
     ns = ap.parse_args()
 
@@ -91,7 +94,10 @@ def main() -> int:
 
     data = dbmod.gpuaas_home() / f"bench-grpc-{uuid.uuid4().hex[:6]}" / "pg"
     shutil.rmtree(data.parent, ignore_errors=True)
-    cp = ControlPlane(config=ControlPlaneConfig(listen="127.0.0.1:0"), data_dir=data,
+    cfg = ControlPlaneConfig(listen="127.0.0.1:0")
+    if ns.dispatch_linger_s is not None:
+        cfg = dataclasses.replace(cfg, dispatch_linger_s=ns.dispatch_linger_s)
+    cp = ControlPlane(config=cfg, data_dir=data,
                       sim=SimNodes(ns.nodes, ns.gpus_per_node, "H100"))
     cp.start(wait_nodes_s=120)
     rng = random.Random(1)
@@ -163,7 +169,7 @@ def main() -> int:
                "runs": {"batch": batch_rates, "unary": unary_rates, "p99_ms": p99s, "p50_ms": p50s,
                         "server_p99_ms": srv_p99s, "server_p50_ms": srv_p50s},
                "placement_actor_stats": stats, "rate": ns.rate, "threads": ns.threads,
-               "nodes": ns.nodes, "gpus_per_node": ns.gpus_per_node,
+               "nodes": ns.nodes, "gpus_per_node": ns.gpus_per_node, "dispatch_linger_s": cfg.dispatch_linger_s,
                "settle_before_paced_s": settle_s, "paced_latency_ms_in_send_order": timeline}
         print(f"\nmedian of {ns.repeats}: PlaceBatch {res['place_batch_per_s']:,.0f}/s (target ≥ 20,000) | "
               f"Place unary {res['place_unary_per_s']:,.0f}/s (target ≥ 1,500) | p99 at {ns.rate:.0f}/s "
