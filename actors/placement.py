@@ -230,9 +230,12 @@ class PlacementCore:
         return self._conn
 
     def _pipe_writer(self) -> psycopg.Connection:
-        """The writer stage's connection (new allocations); other writers hold self.lock and use _writer."""
+        """The writer stage's connection (new allocations); other writers hold self.lock and use _writer.
+
+        Autocommit: a group of new allocations is one statement, its own transaction (one round trip),
+        or, past store.SMALL_INSERT_MAX, BEGIN … COPY … COMMIT (store.insert_new_allocations)."""
         if self._pipe_conn is None or self._pipe_conn.closed or self._pipe_conn.broken:
-            self._pipe_conn = psycopg.connect(self.app_url, connect_timeout=5)
+            self._pipe_conn = psycopg.connect(self.app_url, autocommit=True, connect_timeout=5)
         return self._pipe_conn
 
     def reader(self) -> psycopg.Connection:
@@ -503,9 +506,7 @@ class PlacementCore:
         ok = True
         if new:
             try:
-                conn = self._pipe_writer()
-                with conn.transaction():
-                    store.insert_new_allocations(conn, [(r, e) for r, e, _ in new])
+                store.insert_new_allocations(self._pipe_writer(), [(r, e) for r, e, _ in new])
             except Exception as exc:  # noqa: BLE001 - undo the in-memory reservations, answer UNAVAILABLE
                 log.error("group commit of %d placements failed: %s", len(new), exc)
                 ok = False

@@ -8,6 +8,7 @@ transaction, so the three can never disagree. Handlers never run
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -139,17 +140,26 @@ def _next_event_ids(conn, n: int) -> list[int]:
 # 22.1/40.1 ms. The statement costs less client CPU at every size and less wall time up to a few hundred.
 SMALL_INSERT_MAX = 256
 
+# The statement takes its event ids from the sequence itself (ascending, in chain order) and appends
+# each outbox payload's event_id field (migration 0008), so it needs no round trip before it: on an
+# autocommit connection a commit of new allocations is one round trip.
 _INSERT_SMALL = (
-    "WITH a AS (INSERT INTO control.allocations (" + ", ".join(ALLOC_COLUMNS) + ")"
+    "WITH ids AS (SELECT array_agg(x ORDER BY x) AS id FROM (SELECT nextval('control.allocation_events_event_id_seq')"
+    " AS x FROM generate_series(1, %s::int)) s),"
+    " a AS (INSERT INTO control.allocations (" + ", ".join(ALLOC_COLUMNS) + ")"
     " SELECT * FROM unnest(%b::uuid[], %b::text[], %b::text[], %b::bytea[], %b::bytea[], %b::text[], %b::text[],"
     " %b::bigint[], %b::int[], %b::text[], %b::bigint[], %b::jsonb[], %b::int[], %b::int[], %b::timestamptz[],"
     " %b::timestamptz[], %b::timestamptz[], %b::timestamptz[], %b::timestamptz[], %b::timestamptz[],"
     " %b::timestamptz[])),"
+    " ev AS (SELECT ids.id[x.n] AS event_id, x.* FROM ids, unnest(%b::uuid[], %b::text[], %b::text[], %b::text[],"
+    " %b::text[], %b::text[], %b::bigint[], %b::timestamptz[], %b::bytea[]) WITH ORDINALITY AS x(allocation_id,"
+    " tenant_id, from_state, to_state, event, reason, version, at, payload, n)),"
     " e AS (INSERT INTO control.allocation_events (event_id, allocation_id, tenant_id, from_state, to_state, event,"
-    " reason, version, at) SELECT * FROM unnest(%b::bigint[], %b::uuid[], %b::text[], %b::text[], %b::text[],"
-    " %b::text[], %b::text[], %b::bigint[], %b::timestamptz[]))"
-    " INSERT INTO control.outbox (topic, key, payload) SELECT u.topic, u.key, u.payload"
-    " FROM unnest(%b::text[], %b::text[], %b::bytea[]) WITH ORDINALITY AS u(topic, key, payload, n) ORDER BY u.n")
+    " reason, version, at) SELECT event_id, allocation_id, tenant_id, from_state, to_state, event, reason, version,"
+    " at FROM ev),"
+    " o AS (INSERT INTO control.outbox (topic, key, payload) SELECT %s, allocation_id::text,"
+    " payload || control.pb_event_id_field(event_id) FROM ev ORDER BY n)"
+    " SELECT array_agg(event_id ORDER BY n) FROM ev")
 
 
 def insert_new_allocations(conn, items: Iterable[tuple[AllocRow, list[tuple[AllocEvent, AllocState | None]]]]):
@@ -158,55 +168,68 @@ def insert_new_allocations(conn, items: Iterable[tuple[AllocRow, list[tuple[Allo
     ``items``: (row in its final state, [(event, from_state), …] in order) —
     e.g. [(ACCEPTED, None), (PLACED, QUEUED)] for a request placed at once.
     One statement for up to SMALL_INSERT_MAX rows, else COPY: one round trip per table (group commit).
+    Inside the caller's transaction when one is open. On an autocommit connection the write is its
+    own transaction: the statement alone (one round trip), or BEGIN, the COPYs and COMMIT.
     Returns the event ids written, per item.
     """
     items = list(items)
+    if not items:
+        return []
+    small = len(items) <= SMALL_INSERT_MAX
     n_events = sum(len(evs) for _, evs in items)
-    ids = _next_event_ids(conn, n_events)
-    alloc_buf, event_rows, outbox_rows, per_item = [], [], [], []
+    # The statement takes its ids itself; COPY needs them first.
+    ids = None if small else _next_event_ids(conn, n_events)
+    alloc_buf, event_rows, outbox_rows, chains = [], [], [], []
     stamps = _Stamps()  # a batch's rows share one timestamp
     for row, evs in items:
         alloc_buf.append(row.db_values())
-        mine = []
         final_state, final_version = row.state, row.version
         version = final_version - len(evs)
         state = None
         at = row.updated_at
         stamp = stamps[at]
         # One message per row; each event of its chain changes only its own fields and is serialized
-        # in turn (the same bytes as _transition_payload on a snapshot of the row at that event).
+        # in turn (the same message as _transition_payload on a snapshot of the row at that event).
         msg = events_pb2.AllocationTransitioned(allocation_id=row.allocation_id, tenant_id=row.tenant_id,
                                                 reason=row.reason, at=stamp,
                                                 assignments=[assignment_pb(a) for a in row.assignments])
+        chains.append(len(evs))
         for event, src in evs:
             t = ALLOCATION_TABLE.transition(src, event)
             version += 1
-            eid = ids[len(event_rows)]
-            mine.append(eid)
-            event_rows.append((eid, row.allocation_id, row.tenant_id, src.name if src else None, t.dst.name,
-                               event.value, row.reason, version, at))
-            msg.event_id, msg.version, msg.event = eid, version, event.value
+            msg.version, msg.event = version, event.value
             msg.from_state, msg.to_state = (src.value if src else 0), t.dst.value
-            outbox_rows.append((TOPIC_ALLOC, row.allocation_id, msg.SerializeToString()))
+            if small:  # event_id left out: the statement appends it
+                event_rows.append((row.allocation_id, row.tenant_id, src.name if src else None, t.dst.name,
+                                   event.value, row.reason, version, at, msg.SerializeToString()))
+            else:
+                eid = ids[len(event_rows)]
+                event_rows.append((eid, row.allocation_id, row.tenant_id, src.name if src else None, t.dst.name,
+                                   event.value, row.reason, version, at))
+                msg.event_id = eid
+                outbox_rows.append((TOPIC_ALLOC, row.allocation_id, msg.SerializeToString()))
             state = t.dst
         assert state == final_state and version == final_version, "event chain must end in the row's state"
-        per_item.append(mine)
-    if len(alloc_buf) <= SMALL_INSERT_MAX:
-        cols = [list(c) for c in zip(*alloc_buf)] + [list(c) for c in zip(*event_rows)] + \
-            [list(c) for c in zip(*outbox_rows)]
-        conn.execute(_INSERT_SMALL, cols)
-        return per_item
-    cur = conn.cursor()
-    with cur.copy(f"COPY control.allocations ({', '.join(ALLOC_COLUMNS)}) FROM STDIN") as cp:
-        for values in alloc_buf:
-            cp.write_row(values)
-    with cur.copy("COPY control.allocation_events (event_id, allocation_id, tenant_id, from_state, to_state, event,"
-                  " reason, version, at) FROM STDIN") as cp:
-        for values in event_rows:
-            cp.write_row(values)
-    with cur.copy("COPY control.outbox (topic, key, payload) FROM STDIN") as cp:
-        for values in outbox_rows:
-            cp.write_row(values)
+    if small:
+        cols = [n_events] + [list(c) for c in zip(*alloc_buf)] + [list(c) for c in zip(*event_rows)] + [TOPIC_ALLOC]
+        ids = conn.execute(_INSERT_SMALL, cols).fetchone()[0]
+    else:
+        with conn.transaction() if conn.autocommit else contextlib.nullcontext():
+            cur = conn.cursor()
+            with cur.copy(f"COPY control.allocations ({', '.join(ALLOC_COLUMNS)}) FROM STDIN") as cp:
+                for values in alloc_buf:
+                    cp.write_row(values)
+            with cur.copy("COPY control.allocation_events (event_id, allocation_id, tenant_id, from_state, to_state,"
+                          " event, reason, version, at) FROM STDIN") as cp:
+                for values in event_rows:
+                    cp.write_row(values)
+            with cur.copy("COPY control.outbox (topic, key, payload) FROM STDIN") as cp:
+                for values in outbox_rows:
+                    cp.write_row(values)
+    per_item, k = [], 0
+    for n in chains:
+        per_item.append(list(ids[k:k + n]))
+        k += n
     return per_item
 
 

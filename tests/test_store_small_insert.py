@@ -43,12 +43,15 @@ def test_both_write_paths_store_rows_events_and_outbox_in_order(fresh_db, n):
             assert [events_pb2.AllocationTransitioned.FromString(p).event_id for (p,) in out] == eids
 
 
-def test_outbox_payloads_equal_a_snapshot_of_the_row_at_each_event(fresh_db):
-    """The batch path builds one message per row and re-serializes it per event; the bytes must be
-    what the per-transition path writes for the row as it was at that event."""
+@pytest.mark.parametrize("n", [1, 3, store.SMALL_INSERT_MAX + 3])
+def test_outbox_payloads_equal_a_snapshot_of_the_row_at_each_event(fresh_db, n):
+    """The batch paths build one message per row and re-serialize it per event; each payload must be
+    the message the per-transition path writes for the row as it was at that event. COPY writes the
+    very same bytes; the one-statement path appends the event_id field last (migration 0008), which
+    parses to the same message."""
     import dataclasses
 
-    items = _items(store.SMALL_INSERT_MAX + 3, "acme")
+    items = _items(n, "acme")
     with psycopg.connect(fresh_db.app) as conn:
         with conn.transaction():
             ids = store.insert_new_allocations(conn, items)
@@ -61,4 +64,42 @@ def test_outbox_payloads_equal_a_snapshot_of_the_row_at_each_event(fresh_db):
                 dst = AllocState.QUEUED if src is None else row.state
                 snap = dataclasses.replace(row, state=dst, version=version)
                 expected.append(store._transition_payload(snap, src, event, eid, row.updated_at))
-            assert out == expected
+            if n > store.SMALL_INSERT_MAX:
+                assert out == expected
+            else:
+                parse = events_pb2.AllocationTransitioned.FromString
+                assert [parse(p) for p in out] == [parse(p) for p in expected]
+                assert all(parse(p).event_id == e > 0 for p, e in zip(out, eids))
+
+
+@pytest.mark.parametrize("value", [0, 1, 127, 128, 300, 16_383, 16_384, 2**31 - 1, 2**31, 2**35 + 7, 2**63 - 1])
+def test_event_id_field_is_protobufs_own_encoding(fresh_db, value):
+    with psycopg.connect(fresh_db.app) as conn:
+        got = conn.execute("SELECT control.pb_event_id_field(%s)", (value,)).fetchone()[0]
+    assert bytes(got) == events_pb2.AllocationTransitioned(event_id=value).SerializeToString() or value == 0
+    assert events_pb2.AllocationTransitioned.FromString(bytes(got)).event_id == value
+
+
+def test_one_statement_on_an_autocommit_connection_is_all_or_nothing(fresh_db):
+    """The writer's connection is autocommit: the one statement is the whole transaction. A batch one
+    of whose rows cannot be written (here a request_id taken by a committed allocation) leaves no
+    row, event or outbox message of any of its allocations."""
+    first = _items(1, "acme")
+    with psycopg.connect(fresh_db.app, autocommit=True) as conn:
+        [eids] = store.insert_new_allocations(conn, first)
+        assert len(eids) == 2
+        batch = _items(3, "acme")
+        taken = batch[1][0]
+        batch[1] = (AllocRow(**{**taken.__dict__, "request_id": first[0][0].request_id}), batch[1][1])
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            store.insert_new_allocations(conn, batch)
+        ids = [r.allocation_id for r, _ in batch]
+        for table, col in (("allocations", "allocation_id"), ("allocation_events", "allocation_id")):
+            assert conn.execute(f"SELECT count(*) FROM control.{table} WHERE {col} = ANY(%s::uuid[])",
+                                (ids,)).fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM control.outbox WHERE key = ANY(%s)", (ids,)).fetchone()[0] == 0
+        # The connection is usable at once, and the next batch commits by itself.
+        store.insert_new_allocations(conn, _items(2, "acme"))
+    with psycopg.connect(fresh_db.app) as other:
+        assert other.execute("SELECT count(*) FROM control.allocations").fetchone()[0] == 3
+        assert other.execute("SELECT count(*) FROM control.outbox").fetchone()[0] == 6

@@ -50,3 +50,16 @@ def test_calls_outcomes_capacity_and_allocations_are_scraped(control_plane, tena
     tenant.release(a.allocation_id)
     m = _scrape(control_plane)
     assert _value(m, "gpuaas_rpc_total", method="Release", code="OK") >= 1
+
+
+def test_every_component_names_its_postgres_connections(control_plane):
+    """pg_stat_activity tells an operator which component holds each connection (a lock, a slow
+    statement): every actor sets application_name for the connections its process opens."""
+    import psycopg
+
+    with psycopg.connect(control_plane.urls.owner, autocommit=True) as conn:
+        names = {r[0] for r in conn.execute("SELECT application_name FROM pg_stat_activity"
+                                            " WHERE usename = 'gpuaas_app'")}
+    expected = {"gpuaas-placement", "gpuaas-ledger", "gpuaas-node-shard-0"} | {
+        f"gpuaas-allocation-shard-{i}" for i in range(control_plane.cfg.allocation_shards)}
+    assert expected <= names, f"missing {sorted(expected - names)}; seen {sorted(names)}"
