@@ -164,8 +164,9 @@ class AllocationShardCore:
         """Apply one edge to the cached row; on a version conflict reload and give up.
 
         Transitions requested while a commit is in flight are written together
-        in the next one (group commit: one transaction, one UPDATE and two
-        COPYs for the batch), each still version-checked on its own.
+        in the next one (group commit: one statement, its own transaction, updating
+        the rows and writing their events and outbox messages), each still
+        version-checked on its own.
         """
         row = self.rows.get(aid)
         if row is None:
@@ -213,7 +214,9 @@ class AllocationShardCore:
                 seen.add(item[0])
             self._tx_pending = later
             try:
-                results = await self.db.tx(store.transition_allocations, [(r, e, kw) for _, r, e, kw, _ in batch])
+                # One statement (state, events, outbox), its own transaction: one round trip.
+                results = await self.db.statement(store.transition_allocations,
+                                                  [(r, e, kw) for _, r, e, kw, _ in batch])
             except Exception as exc:  # noqa: BLE001 - every caller in the batch gets the commit's failure
                 results = [exc] * len(batch)
             for (_, _, _, _, fut), res in zip(batch, results):

@@ -88,9 +88,28 @@ class DbThread:
             self._conn = None
             raise Unavailable(f"database unavailable: {exc}") from exc
 
+    def _run_statement(self, fn, args, kwargs):
+        try:
+            conn = self._connection()
+            conn.autocommit = True
+            try:
+                return fn(conn, *args, **kwargs)
+            finally:
+                if not conn.closed and not conn.broken:
+                    conn.autocommit = False
+        except psycopg.OperationalError as exc:
+            self._conn = None
+            raise Unavailable(f"database unavailable: {exc}") from exc
+
     async def tx(self, fn, *args, **kwargs):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._exec, self._run, fn, args, kwargs)
+
+    async def statement(self, fn, *args, **kwargs):
+        """Run ``fn``, which issues exactly one statement, in autocommit: the statement is its own
+        transaction, one round trip instead of BEGIN, statement, COMMIT."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._exec, self._run_statement, fn, args, kwargs)
 
 
 class AgentStubs:

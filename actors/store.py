@@ -268,13 +268,19 @@ _TRANSITION_MANY = (
     " assignments=v.assignments::jsonb, prepare_attempts=v.prepare_attempts, release_attempts=v.release_attempts,"
     " lease_expires_at=v.lease_expires_at, queue_deadline=v.queue_deadline, next_attempt_at=v.next_attempt_at"
     " FROM v WHERE a.allocation_id = v.allocation_id AND a.version = v.old_version RETURNING a.allocation_id),"
+    # Event ids for exactly the rows updated, ascending in item order (as insert_new_allocations).
+    " x AS (SELECT x.*, row_number() OVER (ORDER BY x.n) AS k FROM unnest(%b::uuid[], %b::text[], %b::text[],"
+    " %b::text[], %b::text[], %b::text[], %b::bigint[], %b::timestamptz[], %b::bytea[]) WITH ORDINALITY AS"
+    " x(allocation_id, tenant_id, from_state, to_state, event, reason, version, at, payload, n)"
+    " WHERE x.allocation_id IN (SELECT allocation_id FROM u)),"
+    " ids AS (SELECT array_agg(i ORDER BY i) AS id FROM (SELECT nextval('control.allocation_events_event_id_seq') AS i"
+    " FROM x) s),"
+    " ev AS (SELECT ids.id[x.k] AS event_id, x.* FROM x, ids),"
     " e AS (INSERT INTO control.allocation_events (event_id, allocation_id, tenant_id, from_state, to_state, event,"
-    " reason, version, at) SELECT x.* FROM unnest(%b::bigint[], %b::uuid[], %b::text[], %b::text[], %b::text[],"
-    " %b::text[], %b::text[], %b::bigint[], %b::timestamptz[]) AS x(event_id, allocation_id, tenant_id, from_state,"
-    " to_state, event, reason, version, at) WHERE x.allocation_id IN (SELECT allocation_id FROM u)),"
-    " o AS (INSERT INTO control.outbox (topic, key, payload) SELECT y.topic, y.key, y.payload"
-    " FROM unnest(%b::text[], %b::text[], %b::bytea[]) WITH ORDINALITY AS y(topic, key, payload, n)"
-    " WHERE y.key IN (SELECT allocation_id::text FROM u) ORDER BY y.n)"
+    " reason, version, at) SELECT event_id, allocation_id, tenant_id, from_state, to_state, event, reason, version,"
+    " at FROM ev),"
+    " o AS (INSERT INTO control.outbox (topic, key, payload) SELECT %s, allocation_id::text,"
+    " payload || control.pb_event_id_field(event_id) FROM ev ORDER BY n)"
     " SELECT allocation_id FROM u")
 
 
@@ -287,8 +293,9 @@ def transition_allocations(conn, items: Sequence[tuple[AllocRow, AllocEvent, dic
     (IllegalTransition when the table has no such edge, FailedPrecondition
     when its version moved). One statement writes them all: a version-checked
     UPDATE, and the events and outbox rows of exactly the rows it updated, so
-    state, event and outbox still commit or fail together. (Event ids are taken
-    for every item first; an item whose version moved leaves its id unused.)
+    state, event and outbox still commit or fail together; it takes the event
+    ids itself, for the rows updated only. On an autocommit connection the
+    statement is its own transaction: one round trip.
     """
     results: list = [None] * len(items)
     todo: list[tuple[int, AllocRow, AllocRow, AllocEvent, dt.datetime]] = []
@@ -302,18 +309,15 @@ def transition_allocations(conn, items: Sequence[tuple[AllocRow, AllocEvent, dic
             results[i] = exc
     if not todo:
         return results
-    ids = _next_event_ids(conn, len(todo))
     stamps = _Stamps()
     cols = [(n.allocation_id, r.version, n.state.name, n.reason, n.version, n.updated_at, n.running_since,
              n.stopped_at, json.dumps(n.assignments), n.prepare_attempts, n.release_attempts, n.lease_expires_at,
              n.queue_deadline, n.next_attempt_at) for _, r, n, _, _ in todo]
-    events = [(eid, r.allocation_id, r.tenant_id, r.state.name, n.state.name, ev.value, n.reason, n.version, at)
-              for eid, (_, r, n, ev, at) in zip(ids, todo)]
-    outbox = [(TOPIC_ALLOC, r.allocation_id, _transition_payload(n, r.state, ev, eid, at, stamps[at]))
-              for eid, (_, r, n, ev, at) in zip(ids, todo)]
+    # The payload without its event_id: the statement takes the ids and appends the field (migration 0008).
+    events = [(r.allocation_id, r.tenant_id, r.state.name, n.state.name, ev.value, n.reason, n.version, at,
+               _transition_payload(n, r.state, ev, 0, at, stamps[at])) for _, r, n, ev, at in todo]
     done = {str(r[0]) for r in conn.execute(
-        _TRANSITION_MANY, [list(c) for c in zip(*cols)] + [list(c) for c in zip(*events)] +
-        [list(c) for c in zip(*outbox)])}
+        _TRANSITION_MANY, [list(c) for c in zip(*cols)] + [list(c) for c in zip(*events)] + [TOPIC_ALLOC])}
     for i, row, new, _, _ in todo:
         if row.allocation_id in done:
             results[i] = new

@@ -111,7 +111,9 @@ def test_a_group_of_transitions_writes_exactly_the_ones_that_pass(fresh_db, grou
                 "SELECT e.event_id, o.payload FROM control.allocation_events e JOIN control.outbox o"
                 " ON o.key = e.allocation_id::text AND o.id = (SELECT max(id) FROM control.outbox WHERE key = %s)"
                 " WHERE e.allocation_id = %s AND e.version = 3", (r.allocation_id, r.allocation_id)).fetchone()
-            assert payload == store._transition_payload(new, AllocState.PLACED, AllocEvent.PREPARE_OK, eid, t)
+            parse = events_pb2.AllocationTransitioned.FromString
+            assert parse(payload) == parse(store._transition_payload(new, AllocState.PLACED, AllocEvent.PREPARE_OK,
+                                                                     eid, t))
         for r in (stale, illegal):
             assert store.load_allocation(conn, r.allocation_id).state is AllocState.PLACED
             assert _counts(conn, r.allocation_id) == (2, 2)
