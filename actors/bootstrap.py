@@ -50,10 +50,12 @@ def _free_port(host: str) -> int:
 
 class ControlPlane:
     def __init__(self, *, config: ControlPlaneConfig, ray_address: str | None = None,
-                 data_dir: pathlib.Path | None = None, sim: SimNodes | None = None):
+                 data_dir: pathlib.Path | None = None, sim: SimNodes | None = None, scratch_data: bool = False):
+        """``scratch_data``: an embedded database in ``data_dir`` that is deleted when this process exits."""
         self.cfg = config
         self.ray_address = ray_address
         self.data_dir = data_dir
+        self.scratch_data = scratch_data
         self.sim = sim or SimNodes()
         self.urls: dbmod.DatabaseUrls | None = None
         self.placement = None
@@ -72,7 +74,7 @@ class ControlPlane:
 
     def start(self, *, wait_nodes_s: float = 60.0) -> "ControlPlane":
         t0 = time.perf_counter()
-        self.urls = dbmod.resolve(self.data_dir)
+        self.urls = dbmod.resolve(self.data_dir, scratch=self.scratch_data)
         applied = apply_migrations(self.urls.owner)
         log.info("database ready (%s); %d migration(s) applied", "embedded" if self.urls.embedded else "external",
                  len(applied))

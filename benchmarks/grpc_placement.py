@@ -23,7 +23,6 @@ import argparse
 import concurrent.futures as cf
 import dataclasses
 import random
-import shutil
 import threading
 import time
 import uuid
@@ -92,12 +91,12 @@ def main() -> int:
     from gpuaas.config import ControlPlaneConfig
     from ledger import db as dbmod
 
-    data = dbmod.gpuaas_home() / f"bench-grpc-{uuid.uuid4().hex[:6]}" / "pg"
-    shutil.rmtree(data.parent, ignore_errors=True)
+    # A fresh database per run, deleted when this process exits.
+    data = dbmod.gpuaas_home() / f"bench-grpc-{uuid.uuid4().hex[:6]}"
     cfg = ControlPlaneConfig(listen="127.0.0.1:0")
     if ns.dispatch_linger_s is not None:
         cfg = dataclasses.replace(cfg, dispatch_linger_s=ns.dispatch_linger_s)
-    cp = ControlPlane(config=cfg, data_dir=data,
+    cp = ControlPlane(config=cfg, data_dir=data, scratch_data=True,
                       sim=SimNodes(ns.nodes, ns.gpus_per_node, "H100"))
     cp.start(wait_nodes_s=120)
     rng = random.Random(1)

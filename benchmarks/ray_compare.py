@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import random
-import shutil
 import time
 import uuid
 
@@ -100,10 +99,9 @@ def ours_rates(reqs: list[dict], serial_reqs: list[dict], nodes: int, gpus: int,
     from gpuaas.config import ControlPlaneConfig
     from ledger import db as dbmod
 
-    # A fresh database per run (the embedded server of an earlier run keeps its own folder).
-    data = dbmod.gpuaas_home() / f"bench-ray-compare-{uuid.uuid4().hex[:6]}" / "pg"
-    shutil.rmtree(data.parent, ignore_errors=True)
-    cp = ControlPlane(config=ControlPlaneConfig(listen="127.0.0.1:0"), data_dir=data,
+    # A fresh database per run, deleted when this process exits.
+    data = dbmod.gpuaas_home() / f"bench-ray-compare-{uuid.uuid4().hex[:6]}"
+    cp = ControlPlane(config=ControlPlaneConfig(listen="127.0.0.1:0"), data_dir=data, scratch_data=True,
                       sim=SimNodes(nodes, gpus, "H100"))
     cp.start(wait_nodes_s=300)
     try:
@@ -176,7 +174,6 @@ def ours_rates(reqs: list[dict], serial_reqs: list[dict], nodes: int, gpus: int,
     finally:
         cp.stop()
         ray.shutdown() if ray.is_initialized() else None
-        shutil.rmtree(data.parent, ignore_errors=True)
 
 
 def main() -> int:

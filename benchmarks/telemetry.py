@@ -218,9 +218,9 @@ def real(daemons: int, gpus: int, injections: int, settle_s: float) -> dict:
     from gpuaas.v1 import common_pb2 as pb
     from ledger import db as dbmod
 
-    data = dbmod.gpuaas_home() / f"bench-telemetry-{uuid.uuid4().hex[:6]}" / "pg"
-    shutil.rmtree(data.parent, ignore_errors=True)
-    cp = ControlPlane(config=ControlPlaneConfig(listen="127.0.0.1:0", telemetry_interval_ms=1000), data_dir=data,
+    # A fresh database per run, deleted when this process exits.
+    data = dbmod.gpuaas_home() / f"bench-telemetry-{uuid.uuid4().hex[:6]}"
+    cp = ControlPlane(config=ControlPlaneConfig(listen="127.0.0.1:0", telemetry_interval_ms=1000), data_dir=data, scratch_data=True,
                       sim=SimNodes(daemons, gpus, "H100"))
     cp.start(wait_nodes_s=180)
     try:

@@ -57,11 +57,13 @@ def _with_user(url: str, user: str, password: str | None) -> str:
 _EMBEDDED = {}
 
 
-def start_embedded(data_dir: pathlib.Path | None = None):
+def start_embedded(data_dir: pathlib.Path | None = None, *, scratch: bool = False):
     """Start (or reuse) the embedded server; returns the pgserver handle.
 
     The server keeps running while any process holding a handle lives; the
-    handle stops it at interpreter exit of the last holder.
+    handle stops it at interpreter exit of the last holder. ``scratch``: the
+    folder is deleted then too (benchmarks: a fresh database per run, and no
+    gigabytes left behind).
     """
     import pgserver  # imported lazily: external-database deployments never need it
 
@@ -71,18 +73,18 @@ def start_embedded(data_dir: pathlib.Path | None = None):
     if key not in _EMBEDDED:
         data_dir.mkdir(parents=True, exist_ok=True)
         log.info("starting embedded PostgreSQL in %s", data_dir)
-        _EMBEDDED[key] = pgserver.get_server(data_dir, cleanup_mode="stop")
+        _EMBEDDED[key] = pgserver.get_server(data_dir, cleanup_mode="delete" if scratch else "stop")
     return _EMBEDDED[key]
 
 
-def resolve(data_dir: pathlib.Path | None = None) -> DatabaseUrls:
-    """Find (or start) the database and return its owner and runtime URLs."""
+def resolve(data_dir: pathlib.Path | None = None, *, scratch: bool = False) -> DatabaseUrls:
+    """Find (or start) the database and return its owner and runtime URLs (``scratch``: see start_embedded)."""
     external = os.environ.get("GPUAAS_DATABASE_URL")
     if external:
         app = os.environ.get("GPUAAS_APP_DATABASE_URL") or _with_user(
             external, APP_ROLE, os.environ.get("GPUAAS_APP_PASSWORD"))
         return DatabaseUrls(owner=external, app=app, embedded=False)
-    server = start_embedded(data_dir)
+    server = start_embedded(data_dir, scratch=scratch)
     owner = server.get_uri()
     # pgserver answers postgresql://postgres:@/postgres?host=<socket dir>
     app = owner.replace("postgres:@", f"{APP_ROLE}:@", 1)
