@@ -230,3 +230,5 @@ class ControlPlane:
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
         shutil.rmtree(self.daemon_dir, ignore_errors=True)
+        if self.scratch_data and self.urls is not None and self.urls.embedded and self.data_dir is not None:
+            dbmod.stop_embedded(self.data_dir)  # a scratch database lives as long as its control plane

@@ -51,3 +51,26 @@ def write_json(path: str | None, payload: dict) -> None:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(text + "\n")
         print(f"wrote {p}")
+
+
+def wait_quiet(timeout_s: float = 30.0) -> float:
+    """Wait until the processes of an earlier phase are gone (Ray workers and raylets, simulated node
+    daemons), so that one side's start-up or tear-down is not measured against the other; returns
+    the seconds waited. Reads /proc, so it only waits on Linux."""
+    def leftovers() -> int:
+        n = 0
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            try:
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if cmd.startswith("ray::") or "node_daemon.main" in cmd or "/raylet" in cmd or "gcs_server" in cmd:
+                n += 1
+        return n
+
+    t0 = time.perf_counter()
+    while os.path.isdir("/proc") and leftovers() and time.perf_counter() - t0 < timeout_s:
+        time.sleep(0.2)
+    return time.perf_counter() - t0

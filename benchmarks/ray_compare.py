@@ -33,7 +33,7 @@ import time
 import uuid
 
 import _common  # noqa: F401  (puts the repo on sys.path)
-from _common import median, write_json
+from _common import median, wait_quiet, write_json
 
 
 def request_stream(n: int, seed: int) -> list[dict]:
@@ -195,7 +195,10 @@ def main() -> int:
     runs = {"ray_waves": [], "ray_one_at_a_time": [], "ours_waves": [], "ours_one_at_a_time": []}
     details = []
     for i in range(ns.repeats):
+        # Each side starts once the other's processes of the previous phase have exited.
+        wait_quiet()
         rw, rs = ray_pg_rates(reqs[:ns.ray_requests], serial_reqs, ns.nodes * ns.gpus_per_node, ns.wave, ns.clients)
+        wait_quiet()
         ow, os_, d = ours_rates(reqs, serial_reqs, ns.nodes, ns.gpus_per_node, ns.wave, ns.clients)
         for k, v in zip(runs, (rw, rs, ow, os_)):
             runs[k].append(v)

@@ -77,6 +77,14 @@ def start_embedded(data_dir: pathlib.Path | None = None, *, scratch: bool = Fals
     return _EMBEDDED[key]
 
 
+def stop_embedded(data_dir: pathlib.Path) -> None:
+    """Stop the embedded server of ``data_dir`` started by this process (deleting its folder when it
+    was started as scratch)."""
+    handle = _EMBEDDED.pop(str(data_dir.resolve()), None)
+    if handle is not None:
+        handle.cleanup()
+
+
 def resolve(data_dir: pathlib.Path | None = None, *, scratch: bool = False) -> DatabaseUrls:
     """Find (or start) the database and return its owner and runtime URLs (``scratch``: see start_embedded)."""
     external = os.environ.get("GPUAAS_DATABASE_URL")
