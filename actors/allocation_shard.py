@@ -426,20 +426,22 @@ class AllocationShardCore:
         return row.state.name if row is not None else "UNKNOWN"
 
     async def release_owned(self, aid: str, tenant: str) -> AllocRow | None:
-        """The API's release of an allocation this shard holds live for ``tenant``: the row as it stands
-        after the release, answered without a read of Postgres. None when this shard does not hold it
-        (queued, finished, or another tenant's): the caller then takes the general path."""
-        row = self.rows.get(aid)
-        if row is None or row.tenant_id != tenant:
+        """The API's release of ``tenant``'s allocation of this shard: the row as it stands after the
+        release. A row this shard holds live is answered without a read of Postgres; one it does not
+        hold yet (placed, and its hand-off still waiting: ``dispatch_linger_s``) is read here, once.
+        None when the row is queued, another tenant's or missing: the caller takes the general path."""
+        try:
+            after = await self._release(aid, AllocEvent.RELEASE_REQUESTED, utcnow(), None, load=True, tenant=tenant)
+        except FailedPrecondition:  # not in Postgres: the general path answers NOT_FOUND
             return None
-        after = await self._release(aid, AllocEvent.RELEASE_REQUESTED, utcnow(), None, load=False)
         # Back in the queue meanwhile (its prepare failed): the queue is the placement actor's to cancel.
         return None if after is None or after.state is AllocState.QUEUED else after
 
     async def _release(self, aid: str, event: AllocEvent, at: dt.datetime, reason: str | None, *,
-                       load: bool) -> AllocRow | None:
+                       load: bool, tenant: str | None = None) -> AllocRow | None:
         """The row after the release: RELEASING now, or as it was when it is not PLACED/RUNNING.
-        None when the row moved concurrently, or (``load`` false) is not held here."""
+        None when the row moved concurrently, (``load`` false) is not held here, or (``tenant``
+        given) belongs to another tenant: then nothing is changed."""
         async with self._lock(aid):
             row = self.rows.get(aid)
             if row is None:
@@ -448,8 +450,12 @@ class AllocationShardCore:
                 row = await self.db.tx(store.load_allocation, aid)
                 if row is None:
                     raise FailedPrecondition(f"allocation {aid} not found")
+                if tenant is not None and row.tenant_id != tenant:
+                    return None
                 if row.state in (AllocState.PLACED, AllocState.RUNNING):
                     self.rows[aid] = row
+            if tenant is not None and row.tenant_id != tenant:
+                return None
             if row.state not in (AllocState.PLACED, AllocState.RUNNING):
                 return row
             new = await self._transition(aid, event, at=at, reason=(reason or event.value)[:500])

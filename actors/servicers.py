@@ -274,8 +274,9 @@ class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
         aid = _uuid_or_404(request.allocation_id)
         shards = self.core.alloc_shards
         if self.core.owner_tenant.get(aid) == p.tenant_id:
-            # The caller's own and in the capacity view: its shard most likely holds it live and answers
-            # with the row after the release, with no read of Postgres on this side.
+            # The caller's own and in the capacity view: its shard releases it (from its live row, or,
+            # when the release overtakes the hand-off, from one read of its own) and answers with the
+            # row after the release, with no read of Postgres on this side.
             row = _ray_get(shards[shard_of(aid, len(shards))].release_owned.remote(aid, p.tenant_id),
                            self.core.cfg.rpc_timeout_s * 2)
             if row is not None:

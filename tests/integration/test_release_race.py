@@ -21,8 +21,9 @@ def test_release_while_preparing_leaves_nothing_on_the_nodes(control_plane, tena
         resp = tenant.place_batch([Client.request(rid(), gpu_milli=10, node_selector=ZONE) for _ in range(40)])
         ids = [r.allocation.allocation_id for r in resp.results if r.HasField("allocation")]
         assert len(ids) == 40, resp
-        for a in ids:  # at once: most are still PLACED, their Prepare queued or in flight
-            tenant.release(a)
+        for a in ids:  # at once: most are still PLACED, their hand-off waiting or their Prepare in flight
+            # Each answer is the row after the release, whether or not the shard held it yet.
+            assert tenant.release(a).state in (pb.ALLOCATION_STATE_RELEASING, pb.ALLOCATION_STATE_RELEASED)
         for a in ids:
             assert tenant.wait_state(a, {pb.ALLOCATION_STATE_RELEASED}, 60).state == pb.ALLOCATION_STATE_RELEASED
     held = set()
