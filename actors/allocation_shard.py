@@ -450,9 +450,7 @@ class AllocationShardCore:
                 row = await self.db.tx(store.load_allocation, aid)
                 if row is None:
                     raise FailedPrecondition(f"allocation {aid} not found")
-                if tenant is not None and row.tenant_id != tenant:
-                    return None
-                if row.state in (AllocState.PLACED, AllocState.RUNNING):
+                if row.state in (AllocState.PLACED, AllocState.RUNNING) and tenant in (None, row.tenant_id):
                     self.rows[aid] = row
             if tenant is not None and row.tenant_id != tenant:
                 return None

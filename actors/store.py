@@ -177,44 +177,45 @@ def insert_new_allocations(conn, items: Iterable[tuple[AllocRow, list[tuple[Allo
         return []
     small = len(items) <= SMALL_INSERT_MAX
     n_events = sum(len(evs) for _, evs in items)
-    # The statement takes its ids itself; COPY needs them first.
-    ids = None if small else _next_event_ids(conn, n_events)
-    alloc_buf, event_rows, outbox_rows, chains = [], [], [], []
-    stamps = _Stamps()  # a batch's rows share one timestamp
-    for row, evs in items:
-        alloc_buf.append(row.db_values())
-        final_state, final_version = row.state, row.version
-        version = final_version - len(evs)
-        state = None
-        at = row.updated_at
-        stamp = stamps[at]
-        # One message per row; each event of its chain changes only its own fields and is serialized
-        # in turn (the same message as _transition_payload on a snapshot of the row at that event).
-        msg = events_pb2.AllocationTransitioned(allocation_id=row.allocation_id, tenant_id=row.tenant_id,
-                                                reason=row.reason, at=stamp,
-                                                assignments=[assignment_pb(a) for a in row.assignments])
-        chains.append(len(evs))
-        for event, src in evs:
-            t = ALLOCATION_TABLE.transition(src, event)
-            version += 1
-            msg.version, msg.event = version, event.value
-            msg.from_state, msg.to_state = (src.value if src else 0), t.dst.value
-            if small:  # event_id left out: the statement appends it
-                event_rows.append((row.allocation_id, row.tenant_id, src.name if src else None, t.dst.name,
-                                   event.value, row.reason, version, at, msg.SerializeToString()))
-            else:
-                eid = ids[len(event_rows)]
-                event_rows.append((eid, row.allocation_id, row.tenant_id, src.name if src else None, t.dst.name,
-                                   event.value, row.reason, version, at))
-                msg.event_id = eid
-                outbox_rows.append((TOPIC_ALLOC, row.allocation_id, msg.SerializeToString()))
-            state = t.dst
-        assert state == final_state and version == final_version, "event chain must end in the row's state"
-    if small:
-        cols = [n_events] + [list(c) for c in zip(*alloc_buf)] + [list(c) for c in zip(*event_rows)] + [TOPIC_ALLOC]
-        ids = conn.execute(_INSERT_SMALL, cols).fetchone()[0]
-    else:
-        with conn.transaction() if conn.autocommit else contextlib.nullcontext():
+    # The statement takes its ids itself. COPY needs them first, from inside its transaction: the
+    # watch hub and the ledger's tail wait at a missing id only while a transaction that took it runs.
+    with conn.transaction() if conn.autocommit and not small else contextlib.nullcontext():
+        ids = None if small else _next_event_ids(conn, n_events)
+        alloc_buf, event_rows, outbox_rows, chains = [], [], [], []
+        stamps = _Stamps()  # a batch's rows share one timestamp
+        for row, evs in items:
+            alloc_buf.append(row.db_values())
+            final_state, final_version = row.state, row.version
+            version = final_version - len(evs)
+            state = None
+            at = row.updated_at
+            stamp = stamps[at]
+            # One message per row; each event of its chain changes only its own fields and is serialized
+            # in turn (the same message as _transition_payload on a snapshot of the row at that event).
+            msg = events_pb2.AllocationTransitioned(allocation_id=row.allocation_id, tenant_id=row.tenant_id,
+                                                    reason=row.reason, at=stamp,
+                                                    assignments=[assignment_pb(a) for a in row.assignments])
+            chains.append(len(evs))
+            for event, src in evs:
+                t = ALLOCATION_TABLE.transition(src, event)
+                version += 1
+                msg.version, msg.event = version, event.value
+                msg.from_state, msg.to_state = (src.value if src else 0), t.dst.value
+                if small:  # event_id left out: the statement appends it
+                    event_rows.append((row.allocation_id, row.tenant_id, src.name if src else None, t.dst.name,
+                                       event.value, row.reason, version, at, msg.SerializeToString()))
+                else:
+                    eid = ids[len(event_rows)]
+                    event_rows.append((eid, row.allocation_id, row.tenant_id, src.name if src else None, t.dst.name,
+                                       event.value, row.reason, version, at))
+                    msg.event_id = eid
+                    outbox_rows.append((TOPIC_ALLOC, row.allocation_id, msg.SerializeToString()))
+                state = t.dst
+            assert state == final_state and version == final_version, "event chain must end in the row's state"
+        if small:
+            cols = [n_events] + [list(c) for c in zip(*alloc_buf)] + [list(c) for c in zip(*event_rows)] + [TOPIC_ALLOC]
+            ids = conn.execute(_INSERT_SMALL, cols).fetchone()[0]
+        else:
             cur = conn.cursor()
             with cur.copy(f"COPY control.allocations ({', '.join(ALLOC_COLUMNS)}) FROM STDIN") as cp:
                 for values in alloc_buf:

@@ -80,15 +80,17 @@ def test_event_id_field_is_protobufs_own_encoding(fresh_db, value):
     assert events_pb2.AllocationTransitioned.FromString(bytes(got)).event_id == value
 
 
-def test_one_statement_on_an_autocommit_connection_is_all_or_nothing(fresh_db):
-    """The writer's connection is autocommit: the one statement is the whole transaction. A batch one
-    of whose rows cannot be written (here a request_id taken by a committed allocation) leaves no
-    row, event or outbox message of any of its allocations."""
+@pytest.mark.parametrize("n", [3, store.SMALL_INSERT_MAX + 1])
+def test_a_write_on_an_autocommit_connection_is_all_or_nothing(fresh_db, n):
+    """The writer's connection is autocommit: the one statement, or BEGIN … COPY … COMMIT past
+    SMALL_INSERT_MAX, is the whole transaction. A batch one of whose rows cannot be written (here a
+    request_id taken by a committed allocation) leaves no row, event or outbox message of any of its
+    allocations."""
     first = _items(1, "acme")
     with psycopg.connect(fresh_db.app, autocommit=True) as conn:
         [eids] = store.insert_new_allocations(conn, first)
         assert len(eids) == 2
-        batch = _items(3, "acme")
+        batch = _items(n, "acme")
         taken = batch[1][0]
         batch[1] = (AllocRow(**{**taken.__dict__, "request_id": first[0][0].request_id}), batch[1][1])
         with pytest.raises(psycopg.errors.UniqueViolation):
