@@ -115,8 +115,11 @@ def test_bad_fault_file_is_rejected_and_daemon_continues(sim_daemon):
     import pathlib
 
     d = pathlib.Path(sim_daemon.config.fault_dir)
-    (d / "bad.json").write_text('{"fault": "xid", "gpu": 99, "xid": 79}')
-    (d / "worse.json").write_text("not json")
+    # Written under a hidden name and renamed, as the fault directory's protocol asks: a file written
+    # in place can be read half-written by the next poll, and then rejected for the wrong reason.
+    for name, text in (("bad.json", '{"fault": "xid", "gpu": 99, "xid": 79}'), ("worse.json", "not json")):
+        (d / f".{name}.tmp").write_text(text)
+        (d / f".{name}.tmp").rename(d / name)
     wait_for(lambda: all((d / f).exists() for f in ("bad.json.rejected", "worse.json.rejected",
                                                     "bad.json.rejected.reason", "worse.json.rejected.reason")))
     assert "gpu" in (d / "bad.json.rejected.reason").read_text()
