@@ -262,7 +262,9 @@ class LedgerConsumer:
                 plan["dead"].append((oid, topic, key, None, key, f"undecodable payload: {e}", bytes(payload)))
                 continue
             decoded.append((oid, topic, key, bytes(payload), ev))
-            allocs.add(ev.allocation_id)
+            if ev.to_state == RUNNING or ev.from_state == RUNNING:
+                # Only billing edges read the ledger's meter events (two of an allocation's ~5 events).
+                allocs.add(ev.allocation_id)
         known = {}  # (allocation, kind) -> event_id already in the ledger
         if decoded:
             for alloc, kind, eid in self.conn.execute(
