@@ -68,6 +68,9 @@ class ControlPlaneCollector:
         yield GaugeMetricFamily("gpuaas_queue_depth", "Requests waiting in the placement queue",
                                 value=len(core.queued))
         yield GaugeMetricFamily("gpuaas_nodes", "Nodes in the placement actor's capacity view", value=len(core.nodes))
+        yield GaugeMetricFamily("gpuaas_handoffs_waiting",
+                                "Committed placements not yet handed to their allocation shard (dispatch_linger_s)",
+                                value=core.handoffs_waiting())
 
         cap = {name: GaugeMetricFamily(f"gpuaas_gpu_{name}", help_, labels=["gpu_model"]) for name, help_ in (
             ("total", "GPUs in the fleet"),

@@ -576,6 +576,11 @@ class PlacementCore:
             if n == len(items) or n >= DISPATCH_FLUSH_ITEMS:
                 self._dispatch_cv.notify()
 
+    def handoffs_waiting(self) -> int:
+        """Committed PLACED allocations waiting for their hand-off window."""
+        with self._dispatch_cv:
+            return len(self._dispatch_pending)
+
     def _dispatch_loop(self) -> None:
         linger = self.cfg.dispatch_linger_s
         while not self._stop.is_set():

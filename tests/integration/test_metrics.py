@@ -47,6 +47,8 @@ def test_calls_outcomes_capacity_and_allocations_are_scraped(control_plane, tena
     assert _value(m, "gpuaas_gpu_allocated_milli", gpu_model="H100") >= 250
     assert _value(m, "gpuaas_allocations_live", state="RUNNING") >= 1
     assert _value(m, "gpuaas_ledger_cursor") > 0
+    # The allocation is RUNNING, so its hand-off is done: nothing waits (and the gauge is there).
+    assert ("gpuaas_handoffs_waiting", ()) in m and _value(m, "gpuaas_handoffs_waiting") == 0
     tenant.release(a.allocation_id)
     m = _scrape(control_plane)
     assert _value(m, "gpuaas_rpc_total", method="Release", code="OK") >= 1
