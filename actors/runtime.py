@@ -76,27 +76,17 @@ class DbThread:
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed or self._conn.broken:
-            self._conn = psycopg.connect(self.url, connect_timeout=5)
+            # Autocommit: ``tx`` opens its transaction explicitly, ``statement`` needs none.
+            self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
         return self._conn
 
-    def _run(self, fn, args, kwargs):
+    def _run(self, fn, args, kwargs, in_tx: bool = True):
         try:
             conn = self._connection()
+            if not in_tx:
+                return fn(conn, *args, **kwargs)
             with conn.transaction():
                 return fn(conn, *args, **kwargs)
-        except psycopg.OperationalError as exc:
-            self._conn = None
-            raise Unavailable(f"database unavailable: {exc}") from exc
-
-    def _run_statement(self, fn, args, kwargs):
-        try:
-            conn = self._connection()
-            conn.autocommit = True
-            try:
-                return fn(conn, *args, **kwargs)
-            finally:
-                if not conn.closed and not conn.broken:
-                    conn.autocommit = False
         except psycopg.OperationalError as exc:
             self._conn = None
             raise Unavailable(f"database unavailable: {exc}") from exc
@@ -106,10 +96,10 @@ class DbThread:
         return await loop.run_in_executor(self._exec, self._run, fn, args, kwargs)
 
     async def statement(self, fn, *args, **kwargs):
-        """Run ``fn``, which issues exactly one statement, in autocommit: the statement is its own
-        transaction, one round trip instead of BEGIN, statement, COMMIT."""
+        """Run ``fn``, which issues exactly one statement, without BEGIN and COMMIT around it: the
+        statement is its own transaction, one round trip."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._exec, self._run_statement, fn, args, kwargs)
+        return await loop.run_in_executor(self._exec, self._run, fn, args, kwargs, False)
 
 
 class AgentStubs:

@@ -281,16 +281,16 @@ class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
                            self.core.cfg.rpc_timeout_s * 2)
             if row is not None:
                 return placement_pb2.ReleaseResponse(allocation=allocation_pb(row, self.core.address_of))
-        row = self._owned(p.tenant_id, request.allocation_id)
+        row = self._owned(p.tenant_id, aid)
         if row.state is AllocState.QUEUED:
             new = self.core.cancel_queued(row.allocation_id)
             if new is not None:
                 return placement_pb2.ReleaseResponse(allocation=allocation_pb(new, self.core.address_of))
-            row = self._owned(p.tenant_id, request.allocation_id)
+            row = self._owned(p.tenant_id, aid)
         if row.state in (AllocState.PLACED, AllocState.RUNNING):
-            shard = self.core.alloc_shards[shard_of(row.allocation_id, len(self.core.alloc_shards))]
-            _ray_get(shard.release.remote(row.allocation_id, "release_requested"), self.core.cfg.rpc_timeout_s * 2)
-            row = self._owned(p.tenant_id, request.allocation_id)
+            _ray_get(shards[shard_of(aid, len(shards))].release.remote(aid, "release_requested"),
+                     self.core.cfg.rpc_timeout_s * 2)
+            row = self._owned(p.tenant_id, aid)
             if row.state is AllocState.QUEUED:
                 # Its prepare failed meanwhile and it went back to the queue: cancel it there (if it
                 # is not in the queue yet, it is answered QUEUED and a second Release cancels it).

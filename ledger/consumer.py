@@ -266,7 +266,7 @@ class LedgerConsumer:
                 # Only billing edges read the ledger's meter events (two of an allocation's ~5 events).
                 allocs.add(ev.allocation_id)
         known = {}  # (allocation, kind) -> event_id already in the ledger
-        if decoded:
+        if allocs:  # a batch of accepted/placed events alone reads nothing
             for alloc, kind, eid in self.conn.execute(
                     "SELECT allocation_id::text, kind, event_id FROM ledger.meter_events"
                     " WHERE allocation_id = ANY(%b::uuid[])", (list(_valid_uuids(allocs)),)):
