@@ -101,6 +101,16 @@ def _still_placed(conn, ids: list[str], versions: list[int]) -> set[str]:
         (ids, versions))}
 
 
+def _refusal(aid: str, exc: BaseException) -> GpuaasError:
+    """A failed release of one allocation of a group, as the error its caller answers with."""
+    if isinstance(exc, GpuaasError):
+        return exc
+    if isinstance(exc, IllegalTransition):
+        return FailedPrecondition(str(exc))
+    log.error("release of %s failed: %r", aid, exc)
+    return Unavailable(f"release of {aid} failed ({exc.__class__.__name__}); retry")
+
+
 class AllocationShardCore:
     def __init__(self, *, index: int, count: int, app_url: str, config: ControlPlaneConfig):
         self.index, self.count, self.cfg = index, count, config
@@ -119,6 +129,7 @@ class AllocationShardCore:
         self._prep_flushers: dict[str, asyncio.Task] = {}
         self._prep_single: set[str] = set()
         self._freed_pending: list[str] = []
+        self._freed_flusher: asyncio.Task | None = None
         self._preparing: dict[str, asyncio.Task] = {}
         self._tx_flusher: asyncio.Task | None = None
         self._placement = None
@@ -194,15 +205,21 @@ class AllocationShardCore:
         return new
 
     def _free_soon(self, aid: str) -> None:
-        """Tell the placement actor the capacity is back; releases finishing together share one call."""
+        """Tell the placement actor the capacity is back. One call in flight at a time: the releases
+        that finish while it runs share the next one (no window to wait out when idle)."""
         self._freed_pending.append(aid)
-        if len(self._freed_pending) == 1:
-            asyncio.get_running_loop().call_soon(self._flush_freed)
+        if self._freed_flusher is None or self._freed_flusher.done():
+            self._freed_flusher = asyncio.get_running_loop().create_task(self._flush_freed())
 
-    def _flush_freed(self) -> None:
-        ids, self._freed_pending = self._freed_pending, []
-        if ids:
-            self.placement().capacity_freed.remote(ids, False)
+    async def _flush_freed(self) -> None:
+        await asyncio.sleep(0)  # the releases finishing in this loop turn join the first call
+        while self._freed_pending:
+            ids, self._freed_pending = self._freed_pending, []
+            try:
+                await self.placement().capacity_freed.remote(ids, False)
+            except Exception as exc:  # noqa: BLE001 - the placement actor's reconcile pass frees them
+                log.warning("capacity_freed of %d allocation(s) failed (%r); the placement actor's reconcile "
+                            "pass frees them", len(ids), exc)
 
     async def _flush_transitions(self) -> None:
         await asyncio.sleep(0)  # let the callers woken in this loop turn join the batch
@@ -425,29 +442,52 @@ class AllocationShardCore:
         row = await self._release(aid, AllocEvent(event_name), at, reason, load=True)
         return row.state.name if row is not None else "UNKNOWN"
 
-    async def release_owned(self, aid: str, tenant: str) -> AllocRow | None:
+    async def release_owned(self, aid: str, tenant: str, read: dict | None = None) -> AllocRow | None:
         """The API's release of ``tenant``'s allocation of this shard: the row as it stands after the
         release. A row this shard holds live is answered without a read of Postgres; one it does not
         hold yet (placed, and its hand-off still waiting: ``dispatch_linger_s``) is read here, once.
         None when the row is queued, another tenant's or missing: the caller takes the general path."""
         try:
-            after = await self._release(aid, AllocEvent.RELEASE_REQUESTED, utcnow(), None, load=True, tenant=tenant)
+            after = await self._release(aid, AllocEvent.RELEASE_REQUESTED, utcnow(), None, load=True, tenant=tenant,
+                                        read=read)
         except FailedPrecondition:  # not in Postgres: the general path answers NOT_FOUND
             return None
         # Back in the queue meanwhile (its prepare failed): the queue is the placement actor's to cancel.
         return None if after is None or after.state is AllocState.QUEUED else after
 
+    async def release_owned_many(self, items: list[tuple[str, str]]) -> list:
+        """``release_owned`` for several (allocation id, tenant) pairs: the API's Release calls that
+        queued behind one another (``runtime.Combiner``), in one actor call. Per item, in order: what
+        ``release_owned`` answers, or the refusal (an exception instance) for that item alone."""
+        read = await self._read_missing([aid for aid, _ in items])
+        done = await asyncio.gather(*[self.release_owned(aid, tenant, read) for aid, tenant in items],
+                                    return_exceptions=True)
+        return [_refusal(aid, r) if isinstance(r, BaseException) else r for (aid, _), r in zip(items, done)]
+
+    async def _read_missing(self, aids: list[str]) -> dict:
+        """The rows among ``aids`` this shard does not hold (placed, their hand-off still waiting), by
+        id, read in one query rather than one round trip each; {} when fewer than two."""
+        missing = [a for a in dict.fromkeys(aids) if a not in self.rows and store.is_uuid(a)]
+        if len(missing) < 2:
+            return {}
+        return {r.allocation_id: r for r in await self.db.tx(
+            store.load_allocations, "allocation_id = ANY(%b::uuid[])", (missing,))}
+
     async def _release(self, aid: str, event: AllocEvent, at: dt.datetime, reason: str | None, *,
-                       load: bool, tenant: str | None = None) -> AllocRow | None:
+                       load: bool, tenant: str | None = None, read: dict | None = None) -> AllocRow | None:
         """The row after the release: RELEASING now, or as it was when it is not PLACED/RUNNING.
         None when the row moved concurrently, (``load`` false) is not held here, or (``tenant``
-        given) belongs to another tenant: then nothing is changed."""
+        given) belongs to another tenant: then nothing is changed. ``read``: rows a group release
+        read together beforehand (by id), used in place of a read of its own for a row not held here;
+        a row that moved since then fails its version check and is read again (``_transition``)."""
         async with self._lock(aid):
             row = self.rows.get(aid)
             if row is None:
                 if not load:
                     return None
-                row = await self.db.tx(store.load_allocation, aid)
+                row = read.get(aid) if read else None
+                if row is None:
+                    row = await self.db.tx(store.load_allocation, aid)
                 if row is None:
                     raise FailedPrecondition(f"allocation {aid} not found")
                 if row.state in (AllocState.PLACED, AllocState.RUNNING) and tenant in (None, row.tenant_id):
@@ -475,20 +515,11 @@ class AllocationShardCore:
         never stops the others)."""
         event = AllocEvent(event_name)
         at = dt.datetime.fromisoformat(at_iso) if at_iso else utcnow()
-        done = await asyncio.gather(*[self._release(a, event, at, None, load=True) for a in aids],
+        read = await self._read_missing(aids)
+        done = await asyncio.gather(*[self._release(a, event, at, None, load=True, read=read) for a in aids],
                                     return_exceptions=True)
-        out: list[AllocRow | bytes | None] = []
-        for aid, r in zip(aids, done):
-            if r is None or isinstance(r, AllocRow):
-                out.append(r)
-                continue
-            if isinstance(r, IllegalTransition):
-                r = FailedPrecondition(str(r))
-            elif not isinstance(r, GpuaasError):
-                log.error("release of %s failed: %r", aid, r)
-                r = Unavailable(f"release of {aid} failed ({r.__class__.__name__}); retry")
-            out.append(r.to_status().SerializeToString())
-        return out
+        return [_refusal(aid, r).to_status().SerializeToString() if isinstance(r, BaseException) else r
+                for aid, r in zip(aids, done)]
 
     # ------------------------------------------------------------ cleanup
 

@@ -53,8 +53,8 @@ class PlacementActor:
                 ("grpc.so_reuseport", 0)]
         self.server = grpc.server(cf.ThreadPoolExecutor(max_workers=config.grpc_workers), options=opts,
                                   maximum_concurrent_rpcs=config.grpc_workers * 64)
-        placement_pb2_grpc.add_PlacementServiceServicer_to_server(PlacementServicer(self.core, authn, self.hub),
-                                                                  self.server)
+        self.placement_servicer = PlacementServicer(self.core, authn, self.hub)
+        placement_pb2_grpc.add_PlacementServiceServicer_to_server(self.placement_servicer, self.server)
         node_pb2_grpc.add_NodeRegistryServicer_to_server(NodeRegistryServicer(self.core, authn), self.server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.core, authn, owner_url), self.server)
         self.health = health.HealthServicer()
@@ -98,7 +98,8 @@ class PlacementActor:
 
     def stats(self) -> dict:
         return dict(self.core.stats, queued_now=len(self.core.queued), nodes=len(self.core.nodes),
-                    gc=dict(self.core.gc.stats))
+                    gc=dict(self.core.gc.stats),
+                    release_calls=[dict(c.stats) for c in self.placement_servicer.release_calls])
 
     def place_latency(self, clear: bool = True) -> list[float]:
         """Unary Place handler latencies (s) recorded since the last clear, oldest first."""
@@ -110,6 +111,12 @@ class PlacementActor:
 
     def reconcile(self) -> int:
         return self.core.reconcile_released()
+
+    def held(self, allocation_ids: list[str]) -> list[str]:
+        """Those of ``allocation_ids`` whose capacity the capacity view still holds (its capacity_freed
+        has not arrived yet)."""
+        with self.core.lock:
+            return [a for a in allocation_ids if a in self.core.engine.allocs]
 
     def check_invariants(self) -> bool:
         with self.core.lock:
@@ -160,6 +167,10 @@ class AllocationShardActor:
     async def release_owned(self, aid: str, tenant: str):
         await self._ensure()
         return await self.core.release_owned(aid, tenant)
+
+    async def release_owned_many(self, items):
+        await self._ensure()
+        return await self.core.release_owned_many(items)
 
     async def release_many(self, aids, event_name: str = "release_requested", at_iso: str | None = None):
         await self._ensure()

@@ -6,6 +6,7 @@ intents to the core or to a shard. They never change state themselves.
 from __future__ import annotations
 
 import base64
+import concurrent.futures as cf
 import logging
 import queue
 import threading
@@ -14,7 +15,7 @@ import uuid
 
 import ray
 
-from actors import convert, metrics, store
+from actors import convert, metrics, runtime, store
 from actors.placement import PlacementCore, allocation_pb, shard_of
 from actors.store import AllocRow
 from gpuaas import auth
@@ -213,6 +214,14 @@ class WatchHub:
 class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
     def __init__(self, core: PlacementCore, authn: auth.Authenticator, hub: WatchHub):
         self.core, self.authn, self.hub = core, authn, hub
+        # Release calls to each allocation shard: one actor call in flight per shard, the releases that
+        # arrive meanwhile go together in the next (runtime.Combiner).
+        self.release_calls = [runtime.Combiner(functools.partial(self._release_owned_many, shard),
+                                               name=f"release-calls-{i}") for i, shard in enumerate(core.alloc_shards)]
+
+    def _release_owned_many(self, shard, items: list[tuple[str, str]]) -> list:
+        return _ray_get(shard.release_owned_many.remote(items),
+                        self.core.cfg.rpc_timeout_s * 2 + len(items) * 0.002)
 
     def _principal(self, context) -> auth.Principal:
         p = self.authn.authenticate(context.invocation_metadata())
@@ -277,8 +286,11 @@ class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
             # The caller's own and in the capacity view: its shard releases it (from its live row, or,
             # when the release overtakes the hand-off, from one read of its own) and answers with the
             # row after the release, with no read of Postgres on this side.
-            row = _ray_get(shards[shard_of(aid, len(shards))].release_owned.remote(aid, p.tenant_id),
-                           self.core.cfg.rpc_timeout_s * 2)
+            fut = self.release_calls[shard_of(aid, len(shards))].submit((aid, p.tenant_id))
+            try:
+                row = fut.result(self.core.cfg.rpc_timeout_s * 3)
+            except cf.TimeoutError:
+                raise Unavailable("allocation shard busy; retry") from None
             if row is not None:
                 return placement_pb2.ReleaseResponse(allocation=allocation_pb(row, self.core.address_of))
         row = self._owned(p.tenant_id, aid)

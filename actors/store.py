@@ -328,10 +328,16 @@ def transition_allocations(conn, items: Sequence[tuple[AllocRow, AllocEvent, dic
     return results
 
 
-def load_allocation(conn, allocation_id: str, *, for_update: bool = False) -> AllocRow | None:
+def is_uuid(value) -> bool:
     try:
-        uuid.UUID(allocation_id)
+        uuid.UUID(value)
     except (ValueError, TypeError, AttributeError):
+        return False
+    return True
+
+
+def load_allocation(conn, allocation_id: str, *, for_update: bool = False) -> AllocRow | None:
+    if not is_uuid(allocation_id):
         return None
     rec = conn.execute(f"SELECT {', '.join(ALLOC_COLUMNS)} FROM control.allocations WHERE allocation_id = %s"
                        + (" FOR UPDATE" if for_update else ""), (allocation_id,)).fetchone()

@@ -11,9 +11,10 @@ import grpc
 from gpuaas.client import Client
 from gpuaas.v1 import common_pb2 as pb
 from gpuaas.v1 import node_pb2, node_pb2_grpc
-from tests.integration.conftest import q, rid
+from tests.integration.conftest import q, rid, tenant_fixture
 
 ZONE = {"zone": "sim-a"}   # the session's simulated nodes only
+other = tenant_fixture()
 
 
 def test_release_while_preparing_leaves_nothing_on_the_nodes(control_plane, tenant):
@@ -87,3 +88,45 @@ def test_a_late_hand_off_of_a_stale_row_changes_nothing(control_plane, tenant):
         assert q(control_plane, "SELECT version, state FROM control.allocations WHERE allocation_id = %s",
                  a.allocation_id) == [(version, state)]
     assert tenant.get(running.allocation_id).state == pb.ALLOCATION_STATE_RUNNING
+
+
+def test_concurrent_releases_each_get_their_own_answer_and_capacity_comes_back(control_plane, tenant, other):
+    """Unary Releases arriving together share actor calls to their shard (runtime.Combiner) and the
+    shard's capacity_freed calls to the placement actor. Each caller still gets its own row after the
+    release, another tenant's id is refused on its own, and every released allocation's capacity
+    leaves the placement actor's capacity view."""
+    import concurrent.futures as cf
+    import time
+
+    import ray
+
+    resp = tenant.place_batch([Client.request(rid(), gpu_milli=10, node_selector=ZONE) for _ in range(48)])
+    ids = [r.allocation.allocation_id for r in resp.results if r.HasField("allocation")]
+    assert len(ids) == 48, resp
+    for a in ids[:24]:  # half RUNNING, half released while their hand-off may still wait
+        tenant.wait_state(a, {pb.ALLOCATION_STATE_RUNNING}, 30)
+    theirs = other.place(rid(), gpu_milli=10).allocation_id
+    before = ray.get(control_plane.placement.stats.remote())["release_calls"]
+
+    def release(a):
+        try:
+            return a, tenant.release(a)
+        except grpc.RpcError as err:
+            return a, err.code()
+
+    with cf.ThreadPoolExecutor(16) as ex:
+        answers = dict(ex.map(release, ids + [theirs]))
+    assert answers.pop(theirs) == grpc.StatusCode.NOT_FOUND
+    for a, got in answers.items():
+        assert got.allocation_id == a and got.state in (pb.ALLOCATION_STATE_RELEASING, pb.ALLOCATION_STATE_RELEASED)
+    after = ray.get(control_plane.placement.stats.remote())["release_calls"]
+    # Every release of the caller's own went through the shard calls (the other tenant's id never does:
+    # the ownership check refuses it first).
+    assert sum(x["items"] for x in after) - sum(x["items"] for x in before) == len(ids)
+    for a in ids:
+        tenant.wait_state(a, {pb.ALLOCATION_STATE_RELEASED}, 60)
+    deadline = time.monotonic() + 30
+    while (held := ray.get(control_plane.placement.held.remote(ids))) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert held == [], f"capacity of {len(held)} released allocation(s) still held"
+    assert other.get(theirs).state in (pb.ALLOCATION_STATE_PLACED, pb.ALLOCATION_STATE_RUNNING)
