@@ -46,5 +46,9 @@ class ControlPlaneConfig:
     allocation_tick_s: float = 0.2
     # How often the placement actor appends a capacity snapshot (ledger.capacity_samples) for analytics.
     capacity_sample_s: float = 10.0
+    # How often the placement actor looks for finished allocations whose capacity it still holds (a
+    # lost capacity_freed); 0 turns the pass off. Each pass after the first reads only the event log
+    # since the previous ones (PlacementCore.reconcile_released).
+    reconcile_s: float = 10.0
     # A GPU at or above this temperature, or in hardware thermal slowdown, is a thermal trip.
     thermal_trip_c: int = 92

@@ -158,3 +158,26 @@ def test_a_watch_stream_gets_an_event_that_commits_after_a_higher_one(control_pl
     stream.cancel()
     assert low < high and {low, high} <= set(got), got
     assert got.index(low) < got.index(high), "delivered in id order"
+
+
+def test_every_running_allocation_gets_usage_when_the_read_is_split(control_plane, tenant):
+    """The node shard reads the RUNNING allocations in parts by id range (USAGE_READ_RANGES): every
+    allocation, wherever its id falls, still gets its usage rows."""
+    from actors.node_shard import USAGE_READ_RANGES
+
+    ids = [r.allocation.allocation_id for r in tenant.place_batch(
+        [Client.request(rid(), gpu_milli=10) for _ in range(32)]).results]
+    assert len({i[0] for i in ids}) > 1  # ids spread over several parts
+    assert all(sum(lo <= i <= hi for lo, hi in USAGE_READ_RANGES) == 1 for i in ids)
+    for a in ids:
+        tenant.wait_state(a, {RUNNING}, 30)
+    time.sleep(control_plane.cfg.usage_window_s * 2 + control_plane.cfg.meter_interval_s + 1)
+    tenant.release_batch(ids)
+    for a in ids:
+        tenant.wait_state(a, {RELEASED}, 30)
+    ray.get(control_plane.ledger.flush.remote(timeout_s=30), timeout=40)
+    with psycopg.connect(control_plane.urls.app) as conn:
+        have = {str(r[0]) for r in conn.execute(
+            "SELECT DISTINCT allocation_id FROM ledger.usage_entries WHERE allocation_id = ANY(%s::uuid[])"
+            " AND kind = 0 AND energy_mj > 0", (ids,))}
+    assert have == set(ids)
