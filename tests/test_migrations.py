@@ -31,3 +31,20 @@ def test_event_tables_reject_update_delete_truncate(fresh_db, table):
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
                 conn.execute(stmt)
         assert conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 1
+
+
+def test_opaque_columns_carry_no_planner_statistics(fresh_db):
+    """ANALYZE skips the columns no query filters on (migration 0009): their statistics cost most of an
+    ANALYZE of control.allocations, which autovacuum runs in one burst as the table grows."""
+    with psycopg.connect(fresh_db.owner, autocommit=True) as conn:
+        conn.execute("INSERT INTO control.outbox (topic, key, payload) VALUES ('t', 'k', '\\x00')")
+        conn.execute("ANALYZE control.allocations, control.outbox")
+        skipped = {(t, c) for t, c in conn.execute(
+            "SELECT c.relname, a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'control' AND a.attnum > 0"
+            " AND a.attstattarget = 0")}
+        assert skipped == {("allocations", "assignments"), ("allocations", "request"),
+                           ("allocations", "request_hash"), ("outbox", "payload")}
+        analyzed = {c for (c,) in conn.execute(
+            "SELECT attname FROM pg_stats WHERE schemaname = 'control' AND tablename = 'outbox'")}
+        assert "key" in analyzed and "payload" not in analyzed
