@@ -71,13 +71,17 @@ def test_idempotent_replay_and_conflicting_body(tenant):
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
 
 
-def test_watch_streams_committed_transitions(tenant):
+def test_watch_streams_committed_transitions(control_plane, tenant):
     """WatchAllocations delivers QUEUED→PLACED→RUNNING→RELEASING→RELEASED for an allocation, in order."""
+    # The backlog is asked for with an event id > 0 that precedes ours: on a fresh control plane
+    # (this test alone) our first event would be id 1 itself.
+    tenant.place(rid(), gpu_milli=10)
+    [(before,)] = q(control_plane, "SELECT max(event_id) FROM control.allocation_events")
     a = tenant.place(rid(), gpu_milli=100)
     tenant.wait_state(a.allocation_id, {RUNNING}, 30)
     tenant.release(a.allocation_id)
     tenant.wait_state(a.allocation_id, {RELEASED}, 30)
-    stream = tenant.watch([a.allocation_id], after_event_id=1, timeout_s=10)
+    stream = tenant.watch([a.allocation_id], after_event_id=before, timeout_s=10)
     got = []
     for ev in stream:
         got.append(ev.to_state)
@@ -141,7 +145,17 @@ def test_a_watch_stream_gets_an_event_that_commits_after_a_higher_one(control_pl
                   a.allocation_id)
     got: list[int] = []
     stream = tenant.watch([a.allocation_id], after_event_id=last, timeout_s=20)
-    reader = threading.Thread(target=lambda: [got.append(ev.event_id) for ev in stream], daemon=True)
+    import grpc
+
+    def read():
+        try:
+            for ev in stream:
+                got.append(ev.event_id)
+        except grpc.RpcError as err:  # the test cancels the stream once it has seen both events
+            if err.code() != grpc.StatusCode.CANCELLED:
+                raise
+
+    reader = threading.Thread(target=read, daemon=True)
     reader.start()
     insert = ("INSERT INTO control.allocation_events (allocation_id, tenant_id, from_state, to_state, event,"
               " reason, version, at) VALUES (%s, %s, 'RUNNING', 'RUNNING', 'note', %s, %s, now()) RETURNING event_id")
@@ -156,6 +170,7 @@ def test_a_watch_stream_gets_an_event_that_commits_after_a_higher_one(control_pl
     while time.monotonic() < deadline and not {low, high} <= set(got):
         time.sleep(0.05)
     stream.cancel()
+    reader.join(5)
     assert low < high and {low, high} <= set(got), got
     assert got.index(low) < got.index(high), "delivered in id order"
 
