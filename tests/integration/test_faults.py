@@ -193,3 +193,45 @@ def test_cordoned_node_losing_its_daemon_stops_billing_and_stays_cordoned(contro
     _wait(lambda: state() == "READY", 5, "READY")
     b = tenant.place(rid(), gpu_count=1, node_selector={"pool": node})
     tenant.wait_state(b.allocation_id, {RUNNING}, 30)
+
+
+def _events(cp, aid: str) -> list[str]:
+    return [e for (e,) in _db(cp, "SELECT event FROM control.allocation_events WHERE allocation_id = %s"
+                                  " ORDER BY event_id", aid)]
+
+
+def test_a_failed_prepare_goes_back_to_the_queue_and_runs_on_the_next_try(control_plane, pool_node, tenant):
+    """PLACED → QUEUED when the node refuses the Prepare (attempt counted, capacity freed), placed again
+    by the queue pass, and RUNNING once the node takes it; never billed for the failed try."""
+    name, _ = pool_node
+    inject(control_plane, name, {"fault": "prepare_fail", "times": 1})
+    a = tenant.place(rid(), gpu_count=1, node_selector={"pool": name})
+    got = tenant.wait_state(a.allocation_id, {RUNNING}, 30)
+    assert got.assignments[0].node_id == name
+    assert _events(control_plane, a.allocation_id) == ["accepted", "placed", "prepare_failed_retry", "placed",
+                                                        "prepare_ok"]
+    [(attempts,)] = _db(control_plane, "SELECT prepare_attempts FROM control.allocations WHERE allocation_id = %s",
+                        a.allocation_id)
+    assert attempts == 1
+
+
+def test_a_prepare_refused_every_time_fails_the_allocation_and_frees_its_gpu(control_plane, pool_node, tenant):
+    """After prepare_attempts_max refusals: FAILED (then cleaned up on the node and RELEASED), the
+    capacity back in the placement view, nothing billed."""
+    name, _ = pool_node
+    tries = control_plane.cfg.prepare_attempts_max
+    inject(control_plane, name, {"fault": "prepare_fail", "times": tries})
+    a = tenant.place(rid(), gpu_count=4, node_selector={"pool": name})  # the whole node
+    tenant.wait_state(a.allocation_id, {RELEASED}, 60)
+    events = _events(control_plane, a.allocation_id)
+    assert events == ["accepted"] + ["placed", "prepare_failed_retry"] * (tries - 1) + [
+        "placed", "prepare_failed_final", "cleanup_ok"], events
+    [(reason,)] = _db(control_plane, "SELECT reason FROM control.allocation_events WHERE allocation_id = %s"
+                                     " AND event = 'prepare_failed_final'", a.allocation_id)
+    assert "prepare failed" in reason
+    # Its GPUs are free again: the whole node can be placed at once.
+    _wait(lambda: not ray.get(control_plane.placement.held.remote([a.allocation_id])), 15, "capacity back")
+    b = tenant.place(rid(), gpu_count=4, node_selector={"pool": name})
+    assert tenant.wait_state(b.allocation_id, {RUNNING}, 30).state == RUNNING
+    assert _db(control_plane, "SELECT count(*) FROM ledger.usage_entries WHERE allocation_id = %s",
+               a.allocation_id) == [(0,)]
