@@ -103,10 +103,12 @@ def test_list_is_paged_and_tenant_scoped(tenant, admin):
 def test_queue_waits_then_places_when_capacity_frees(tenant, control_plane):
     """wait=true queues a request no node can take now, and places it when capacity is released."""
     from tests.integration.conftest import NODES
-    big = [tenant.place(rid(), gpu_count=GPUS) for _ in range(NODES)]
+    # The session's simulated nodes only: a node another test started (and stopped) may still be offered.
+    zone = {"zone": "sim-a"}
+    big = [tenant.place(rid(), gpu_count=GPUS, node_selector=zone) for _ in range(NODES)]
     for a in big:
         tenant.wait_state(a.allocation_id, {RUNNING}, 30)
-    waiting = tenant.place(rid(), gpu_count=GPUS, wait=True, queue_timeout_s=60)
+    waiting = tenant.place(rid(), gpu_count=GPUS, wait=True, queue_timeout_s=60, node_selector=zone)
     assert waiting.state == pb.ALLOCATION_STATE_QUEUED
     explained = tenant.get(waiting.allocation_id)
     assert explained.pending_explanation
