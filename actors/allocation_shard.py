@@ -362,15 +362,15 @@ class AllocationShardCore:
             rows = [r for r in sent if r.allocation_id in current]
         if ids:
             rows += await self.db.tx(store.load_allocations, "allocation_id = ANY(%b::uuid[])", (ids,))
-        group = []
+        group: dict[str, None] = {}  # ordered, each id once
         for r in rows:
             busy = self.tasks.get(r.allocation_id)
             if busy is not None and not busy.done():
                 continue  # already being prepared (a re-sent hand-off after a placement restart)
-            if r.state is AllocState.PLACED and r.allocation_id not in group:
+            if r.state is AllocState.PLACED:
                 self.rows[r.allocation_id] = r
-                group.append(r.allocation_id)
-        self._spawn_prepares(group)
+                group[r.allocation_id] = None
+        self._spawn_prepares(list(group))
         return len(rows)
 
     # ------------------------------------------------------------ prepare
