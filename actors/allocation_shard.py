@@ -186,72 +186,62 @@ class AllocationShardCore:
         row = self.rows.get(aid)
         if row is None:
             return None
-        fut = asyncio.get_running_loop().create_future()
+        fut = self._queue_transition(aid, row, event, kw)
+        await asyncio.wait([fut])
+        return await self._settle(aid, fut)
+
+    async def _transition_many(self, items: list[tuple[str, AllocEvent, dict]]) -> list:
+        """_transition for several allocations at once: their edges join the same group commit. Per
+        item: the new row, or None (not held; moved concurrently, and reloaded; the commit's outcome
+        unknown, and reloaded on the next tick; or failed, and logged)."""
+        futs = []
+        for aid, event, kw in items:
+            row = self.rows.get(aid)
+            futs.append(None if row is None else self._queue_transition(aid, row, event, kw))
+        pending = [f for f in futs if f is not None]
+        if pending:
+            await asyncio.wait(pending)
+        out = []
+        for (aid, event, _), fut in zip(items, futs):
+            try:
+                out.append(None if fut is None else await self._settle(aid, fut))
+            except Exception as exc:  # noqa: BLE001 - this item alone
+                if not isinstance(exc, Unavailable):
+                    log.error("%s of %s failed: %r", event.value, aid, exc)
+                out.append(None)
+        return out
+
+    def _queue_transition(self, aid: str, row: AllocRow, event: AllocEvent, kw: dict) -> asyncio.Future:
+        """Queue an edge for the next group commit: a future of the new row."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         self._tx_pending.append((aid, row, event, kw, fut))
         if self._tx_flusher is None or self._tx_flusher.done():
-            self._tx_flusher = asyncio.get_running_loop().create_task(self._flush_transitions())
-        try:
-            new = await fut
-        except Unavailable:
-            # The commit's outcome is unknown (connection lost): reload from Postgres on the next tick.
+            self._tx_flusher = loop.create_task(self._flush_transitions())
+        return fut
+
+    async def _settle(self, aid: str, fut: asyncio.Future) -> AllocRow | None:
+        """The cached row after a committed edge: the new row, or None after a version conflict (the
+        row is reloaded). Unavailable (the commit's outcome unknown) marks the row for a reload on the
+        next tick and is raised, as is any other failure."""
+        exc = fut.exception()
+        if isinstance(exc, Unavailable):
             self.uncertain.add(aid)
-            raise
-        except FailedPrecondition:
+            raise exc
+        if isinstance(exc, FailedPrecondition):
             fresh = await self.db.tx(store.load_allocation, aid)
             if fresh is not None:
                 self.rows[aid] = fresh
             log.warning("allocation %s moved concurrently; now %s", aid, fresh.state.name if fresh else "gone")
             return None
+        if exc is not None:
+            raise exc
+        new = fut.result()
         self.rows[aid] = new
         if new.state in (AllocState.RELEASED, AllocState.CANCELLED, AllocState.QUEUED):
             self.rows.pop(aid, None)
             self.locks.pop(aid, None)
         return new
-
-    async def _transition_many(self, items: list[tuple[str, AllocEvent, dict]]) -> list:
-        """_transition for several allocations at once: their edges join the same group commit. Per
-        item: the new row, or None (not held; moved concurrently, and reloaded; or the commit's outcome
-        unknown, and reloaded on the next tick)."""
-        loop = asyncio.get_running_loop()
-        futs: list = []
-        for aid, event, kw in items:
-            row = self.rows.get(aid)
-            fut = None
-            if row is not None:
-                fut = loop.create_future()
-                self._tx_pending.append((aid, row, event, kw, fut))
-            futs.append(fut)
-        pending = [f for f in futs if f is not None]
-        if pending:
-            if self._tx_flusher is None or self._tx_flusher.done():
-                self._tx_flusher = loop.create_task(self._flush_transitions())
-            await asyncio.wait(pending)
-        out = []
-        for (aid, event, _), fut in zip(items, futs):
-            if fut is None:
-                out.append(None)
-                continue
-            exc = fut.exception()
-            if isinstance(exc, Unavailable):
-                self.uncertain.add(aid)
-                out.append(None)
-            elif isinstance(exc, FailedPrecondition):
-                fresh = await self.db.tx(store.load_allocation, aid)
-                if fresh is not None:
-                    self.rows[aid] = fresh
-                log.warning("allocation %s moved concurrently; now %s", aid, fresh.state.name if fresh else "gone")
-                out.append(None)
-            elif exc is not None:
-                log.error("%s of %s failed: %r", event.value, aid, exc)
-                out.append(None)
-            else:
-                new = fut.result()
-                self.rows[aid] = new
-                if new.state in (AllocState.RELEASED, AllocState.CANCELLED, AllocState.QUEUED):
-                    self.rows.pop(aid, None)
-                    self.locks.pop(aid, None)
-                out.append(new)
-        return out
 
     def _free_soon(self, aid: str) -> None:
         """Tell the placement actor the capacity is back. One call in flight at a time: the releases

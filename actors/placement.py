@@ -983,6 +983,7 @@ class PlacementCore:
         return len(done)
 
     def _finished_still_held(self) -> list[str]:
+        """One pass of reconcile_released: the allocations held here whose rows are finished."""
         top = self._read(lambda c: c.execute(
             "SELECT coalesce(max(event_id), 0) FROM control.allocation_events").fetchone()[0])
         if self._recon_full:
