@@ -133,7 +133,6 @@ class AllocationShardCore:
         self._prep_flushers: dict[str, asyncio.Task] = {}
         self._prep_single: set[str] = set()
         self._freed_pending: list[str] = []
-        self._freed_flusher: asyncio.Task | None = None
         self._preparing: dict[str, asyncio.Task] = {}
         self._tx_flusher: asyncio.Task | None = None
         self._placement = None
@@ -166,12 +165,7 @@ class AllocationShardCore:
                 pass
             else:
                 old.cancel()
-        is_prepare = getattr(coro, "__qualname__", "").endswith("._prepare")
         t = asyncio.get_running_loop().create_task(coro)
-        if is_prepare:
-            self._preparing[aid] = t
-            t.add_done_callback(
-                lambda _t, a=aid: self._preparing.pop(a, None) if self._preparing.get(a) is _t else None)
         self.tasks[aid] = t
         t.add_done_callback(lambda _t, a=aid: self.tasks.pop(a, None) if self.tasks.get(a) is _t else None)
 
@@ -244,21 +238,18 @@ class AllocationShardCore:
         return new
 
     def _free_soon(self, aid: str) -> None:
-        """Tell the placement actor the capacity is back. One call in flight at a time: the releases
-        that finish while it runs share the next one (no window to wait out when idle)."""
+        """Tell the placement actor the capacity is back; releases finishing in one loop turn share one
+        call. Fire and forget, and never queued behind a call in flight: a capacity_freed runs the
+        placement actor's queue pass, so waiting for one call's answer before sending the next (tried)
+        held freed capacity back for as long as that pass took. A lost call is the reconcile pass's."""
         self._freed_pending.append(aid)
-        if self._freed_flusher is None or self._freed_flusher.done():
-            self._freed_flusher = asyncio.get_running_loop().create_task(self._flush_freed())
+        if len(self._freed_pending) == 1:
+            asyncio.get_running_loop().call_soon(self._flush_freed)
 
-    async def _flush_freed(self) -> None:
-        await asyncio.sleep(0)  # the releases finishing in this loop turn join the first call
-        while self._freed_pending:
-            ids, self._freed_pending = self._freed_pending, []
-            try:
-                await self.placement().capacity_freed.remote(ids, False)
-            except Exception as exc:  # noqa: BLE001 - the placement actor's reconcile pass frees them
-                log.warning("capacity_freed of %d allocation(s) failed (%r); the placement actor's reconcile "
-                            "pass frees them", len(ids), exc)
+    def _flush_freed(self) -> None:
+        ids, self._freed_pending = self._freed_pending, []
+        if ids:
+            self.placement().capacity_freed.remote(ids, False)
 
     async def _flush_transitions(self) -> None:
         await asyncio.sleep(0)  # let the callers woken in this loop turn join the batch
@@ -321,13 +312,15 @@ class AllocationShardCore:
                 new = await self._transition(r.allocation_id, event, at=at, reason=f"{event.value} (found on resume)")
                 if new is not None:
                     self.stats["failed"] += 1
+        placed = []
         for r in [self.rows[a] for a in list(self.rows)]:
             if r.state is AllocState.PLACED:
-                self._spawn(r.allocation_id, self._prepare(r.allocation_id))
+                placed.append(r.allocation_id)
             elif r.state is AllocState.RELEASING:
                 self._spawn(r.allocation_id, self._cleanup(r.allocation_id))
             elif r.state is AllocState.FAILED and not (r.node_ids() & self.nodes_down):
                 self._spawn(r.allocation_id, self._cleanup(r.allocation_id))
+        self._spawn_prepares(placed)
         asyncio.get_running_loop().create_task(self._tick_loop())
         log.info("allocation shard %d/%d resumed %d allocations", self.index, self.count, len(mine))
         return {"resumed": len(mine)}
@@ -364,15 +357,6 @@ class AllocationShardCore:
         return len(rows)
 
     # ------------------------------------------------------------ prepare
-
-    async def _call_prepare(self, row: AllocRow) -> None:
-        await asyncio.gather(*[self._prepare_on(self.addresses[a["node_id"]], node_pb2.PrepareRequest(
-            allocation_id=row.allocation_id, gpu_indices=a["gpu_indices"], gpu_milli=a["gpu_milli"],
-            tenant_id=row.tenant_id)) for a in row.assignments])
-
-    async def _prepare_on(self, address: str, req: node_pb2.PrepareRequest) -> node_pb2.PrepareResponse:
-        """Prepare one replica; replicas bound for one node travel together in a PrepareBatch."""
-        return await self._queue_prepare(address, req)
 
     def _queue_prepare(self, address: str, req: node_pb2.PrepareRequest) -> asyncio.Future:
         """Queue one replica's Prepare for its node's next PrepareBatch: a future of its outcome."""
@@ -428,36 +412,11 @@ class AllocationShardCore:
                 else:
                     fut.set_result(out.response if isinstance(out, node_pb2.PrepareResult) else out)
 
-    async def _prepare(self, aid: str) -> None:
-        """Prepare one allocation on its nodes, then PLACED → RUNNING (or the failure's edge). A
-        hand-off's allocations go as a group instead (_prepare_group); this serves the resume and the
-        supervisor."""
-        row = self.rows.get(aid)
-        if row is None or row.state is not AllocState.PLACED:
-            return
-        error = None
-        try:
-            if row.node_ids() & self.nodes_down:
-                raise RuntimeError("node offline")
-            await self._call_prepare(row)
-        except PREPARE_ERRORS as exc:
-            error = exc
-        if error is not None:
-            await self._prepare_failed(aid, error)
-            return
-        async with self._lock(aid):
-            row = self.rows.get(aid)
-            if row is None or row.state is not AllocState.PLACED:
-                return  # released meanwhile
-            at = utcnow()
-            req = common_pb2.PlacementRequest.FromString(row.request)
-            lease = at + dt.timedelta(seconds=req.lease_s) if req.lease_s else None
-            if await self._transition(aid, AllocEvent.PREPARE_OK, at=at, lease_expires_at=lease):
-                self.stats["prepared"] += 1
-
     def _spawn_prepares(self, aids: list[str]) -> None:
-        """Prepare a hand-off's allocations as one group: one task for all of them, registered under
-        each id as its prepare, as _spawn does for one (a release waits for it; it is never cut off)."""
+        """Prepare PLACED allocations (a hand-off, a resume, the supervisor's retries) as one group: one
+        task for all of them, registered under each id as its prepare. A release waits for it and never
+        cuts it off (_spawn, _cleanup). An id whose task still runs is left out: never two at once."""
+        aids = [a for a in aids if self.tasks.get(a) is None or self.tasks[a].done()]
         if not aids:
             return
         t = asyncio.get_running_loop().create_task(self._prepare_group(aids))
@@ -474,10 +433,11 @@ class AllocationShardCore:
         t.add_done_callback(done)
 
     async def _prepare_group(self, aids: list[str]) -> None:
-        """_prepare for a hand-off's allocations together: every replica's Prepare is queued for its
+        """Prepare allocations on their nodes, together: every replica's Prepare is queued for its
         node's PrepareBatch, the outcomes are awaited at once, and the allocations whose nodes took
-        them go PLACED → RUNNING in one group commit. No task per allocation: a task, a gather and a
-        lock wait each, for thousands of allocations a hand-off, were a quarter of the shard's time."""
+        them go PLACED → RUNNING in one group commit (a refused or failed one: _prepare_failed). No
+        task per allocation: a task, a gather and a lock wait each, for thousands of allocations a
+        hand-off, were a quarter of the shard's time."""
         waits: dict[str, list[asyncio.Future]] = {}
         errors: dict[str, BaseException] = {}
         for aid in aids:
@@ -809,6 +769,7 @@ class AllocationShardCore:
                 last_scan = time.monotonic()
                 # At most once a second, and only over what is due: the leases that ended and the
                 # rows that are not RUNNING (a shard holds tens of thousands of RUNNING allocations).
+                placed = []
                 for aid in list(self.rows.waiting):
                     row = self.rows.get(aid)
                     if row is None:
@@ -818,10 +779,11 @@ class AllocationShardCore:
                     busy = self.tasks.get(aid)
                     if busy is None or busy.done():
                         if st is AllocState.PLACED:
-                            self._spawn(aid, self._prepare(aid))
+                            placed.append(aid)
                         elif st in (AllocState.RELEASING, AllocState.FAILED) and not (
                                 row.node_ids() & self.nodes_down):
                             self._spawn(aid, self._cleanup(aid))
+                self._spawn_prepares(placed)
                 expired = self.rows.due_leases(now)
                 for i, (aid, at) in enumerate(expired):
                     # Billing stops at the lease's end, not when this pass noticed it.
