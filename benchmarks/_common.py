@@ -74,3 +74,27 @@ def wait_quiet(timeout_s: float = 30.0) -> float:
     while os.path.isdir("/proc") and leftovers() and time.perf_counter() - t0 < timeout_s:
         time.sleep(0.2)
     return time.perf_counter() - t0
+
+
+def start_control_plane(name: str, nodes: int, gpus_per_node: int, config=None, wait_nodes_s: float = 120.0):
+    """A running control plane on a scratch database (deleted when it stops) with ``nodes`` simulated
+    nodes of ``gpus_per_node`` H100s, and a placement token of the tenant "bench": (control plane,
+    token). The caller stops it."""
+    import uuid
+
+    from actors.bootstrap import ControlPlane, SimNodes
+    from gpuaas.client import Client
+    from gpuaas.config import ControlPlaneConfig
+    from ledger import db as dbmod
+
+    data = dbmod.gpuaas_home() / f"bench-{name}-{uuid.uuid4().hex[:6]}"
+    cp = ControlPlane(config=config or ControlPlaneConfig(listen="127.0.0.1:0"), data_dir=data, scratch_data=True,
+                      sim=SimNodes(nodes, gpus_per_node, "H100"))
+    cp.start(wait_nodes_s=wait_nodes_s)
+    try:
+        admin = Client(cp.address, cp.admin_token)
+        admin.create_tenant("bench")
+        return cp, admin.create_token("bench")
+    except BaseException:
+        cp.stop()
+        raise

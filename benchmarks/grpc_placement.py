@@ -28,7 +28,7 @@ import time
 import uuid
 
 import _common  # noqa: F401
-from _common import median, percentile, write_json
+from _common import median, percentile, start_control_plane, write_json
 
 
 def placed_pending(cp) -> int:
@@ -86,24 +86,16 @@ def main() -> int:
 
     import ray
 
-    from actors.bootstrap import ControlPlane, SimNodes
     from gpuaas.client import Client
     from gpuaas.config import ControlPlaneConfig
-    from ledger import db as dbmod
 
-    # A fresh database per run, deleted when this process exits.
-    data = dbmod.gpuaas_home() / f"bench-grpc-{uuid.uuid4().hex[:6]}"
     cfg = ControlPlaneConfig(listen="127.0.0.1:0")
     if ns.dispatch_linger_s is not None:
         cfg = dataclasses.replace(cfg, dispatch_linger_s=ns.dispatch_linger_s)
-    cp = ControlPlane(config=cfg, data_dir=data, scratch_data=True,
-                      sim=SimNodes(ns.nodes, ns.gpus_per_node, "H100"))
-    cp.start(wait_nodes_s=120)
+    # A fresh database per run, deleted when the control plane stops.
+    cp, token = start_control_plane("grpc", ns.nodes, ns.gpus_per_node, cfg)
     rng = random.Random(1)
     try:
-        admin = Client(cp.address, cp.admin_token)
-        admin.create_tenant("bench")
-        token = admin.create_token("bench")
         clients = [Client(cp.address, token) for _ in range(ns.threads)]
         run = uuid.uuid4().hex[:6]
         batch_rates, unary_rates, p50s, p99s = [], [], [], []

@@ -33,7 +33,7 @@ import time
 import uuid
 
 import _common  # noqa: F401  (puts the repo on sys.path)
-from _common import median, wait_quiet, write_json
+from _common import median, start_control_plane, wait_quiet, write_json
 
 
 def request_stream(n: int, seed: int) -> list[dict]:
@@ -94,20 +94,11 @@ def ours_rates(reqs: list[dict], serial_reqs: list[dict], nodes: int, gpus: int,
     import grpc
     import ray
 
-    from actors.bootstrap import ControlPlane, SimNodes
     from gpuaas.client import Client
-    from gpuaas.config import ControlPlaneConfig
-    from ledger import db as dbmod
 
-    # A fresh database per run, deleted when this process exits.
-    data = dbmod.gpuaas_home() / f"bench-ray-compare-{uuid.uuid4().hex[:6]}"
-    cp = ControlPlane(config=ControlPlaneConfig(listen="127.0.0.1:0"), data_dir=data, scratch_data=True,
-                      sim=SimNodes(nodes, gpus, "H100"))
-    cp.start(wait_nodes_s=300)
+    # A fresh database per run, deleted when the control plane stops.
+    cp, token = start_control_plane("ray-compare", nodes, gpus, wait_nodes_s=300)
     try:
-        admin = Client(cp.address, cp.admin_token)
-        admin.create_tenant("bench")
-        token = admin.create_token("bench")
         clis = [Client(cp.address, token, timeout_s=120) for _ in range(clients)]
         run = uuid.uuid4().hex[:6]
         exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]

@@ -24,7 +24,7 @@ import time
 import uuid
 
 import _common  # noqa: F401  (puts the repo on sys.path)
-from _common import median, write_json
+from _common import median, start_control_plane, write_json
 
 
 def _processes() -> dict[int, tuple[str, int]]:
@@ -89,19 +89,10 @@ def main() -> int:
     import psycopg
     import ray
 
-    from actors.bootstrap import ControlPlane, SimNodes
     from gpuaas.client import Client
-    from gpuaas.config import ControlPlaneConfig
-    from ledger import db as dbmod
 
-    data = dbmod.gpuaas_home() / f"bench-release-{uuid.uuid4().hex[:6]}"
-    cp = ControlPlane(config=ControlPlaneConfig(listen="127.0.0.1:0"), data_dir=data, scratch_data=True,
-                      sim=SimNodes(ns.nodes, ns.gpus_per_node, "H100"))
-    cp.start(wait_nodes_s=120)
+    cp, token = start_control_plane("release", ns.nodes, ns.gpus_per_node)
     try:
-        admin = Client(cp.address, cp.admin_token)
-        admin.create_tenant("bench")
-        token = admin.create_token("bench")
         clients = [Client(cp.address, token) for _ in range(ns.threads)]
         run = uuid.uuid4().hex[:6]
 
