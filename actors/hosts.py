@@ -164,10 +164,6 @@ class AllocationShardActor:
         await self._ensure()
         return await self.core.release(aid, event_name, at_iso, reason)
 
-    async def release_owned(self, aid: str, tenant: str):
-        await self._ensure()
-        return await self.core.release_owned(aid, tenant)
-
     async def release_owned_many(self, items):
         await self._ensure()
         return await self.core.release_owned_many(items)

@@ -98,3 +98,11 @@ def start_control_plane(name: str, nodes: int, gpus_per_node: int, config=None, 
     except BaseException:
         cp.stop()
         raise
+
+
+def placed_pending(cp) -> int:
+    """Allocations the control plane has placed but not yet prepared (its downstream backlog)."""
+    import psycopg
+
+    with psycopg.connect(cp.urls.app, autocommit=True) as conn:
+        return conn.execute("SELECT count(*) FROM control.allocations WHERE state = 'PLACED'").fetchone()[0]

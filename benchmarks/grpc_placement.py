@@ -28,15 +28,7 @@ import time
 import uuid
 
 import _common  # noqa: F401
-from _common import median, percentile, start_control_plane, write_json
-
-
-def placed_pending(cp) -> int:
-    """Allocations the control plane has placed but not yet prepared (its downstream backlog)."""
-    import psycopg
-
-    with psycopg.connect(cp.urls.app, autocommit=True) as conn:
-        return conn.execute("SELECT count(*) FROM control.allocations WHERE state = 'PLACED'").fetchone()[0]
+from _common import median, percentile, placed_pending, start_control_plane, write_json
 
 
 def paced_with_threads(clients, run, rep, n, interval, threads, rng) -> list[float]:

@@ -24,7 +24,7 @@ import time
 import uuid
 
 import _common  # noqa: F401  (puts the repo on sys.path)
-from _common import median, start_control_plane, write_json
+from _common import median, placed_pending, start_control_plane, write_json
 
 
 def _processes() -> dict[int, tuple[str, int]]:
@@ -105,10 +105,7 @@ def main() -> int:
             resp = clients[0].place_batch([Client.request(f"{run}-{tag}-{i}", gpu_milli=1) for i in range(n)])
             ids = [r.allocation.allocation_id for r in resp.results if r.HasField("allocation")]
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                with psycopg.connect(cp.urls.app, autocommit=True) as conn:
-                    if conn.execute("SELECT count(*) FROM control.allocations WHERE state = 'PLACED'").fetchone()[0] == 0:
-                        break
+            while time.monotonic() < deadline and placed_pending(cp) > 0:
                 time.sleep(0.1)
             time.sleep(1.0)  # let the hand-offs' own work settle before the clock starts
             return ids

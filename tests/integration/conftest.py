@@ -66,6 +66,18 @@ def give_back(c: Client) -> None:
             pass
 
 
+def wait_capacity_back(cp, ids, timeout_s: float = 30.0) -> list[str]:
+    """Wait until the placement actor's capacity view holds none of ``ids``; returns those it still holds."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while (held := ray.get(cp.placement.held.remote(list(ids)))) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return held
+
+
 def q(cp, sql, *params):
     """Read Postgres directly (as the owner): what the tests assert is what was committed."""
     import psycopg

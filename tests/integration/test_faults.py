@@ -12,7 +12,7 @@ import ray
 
 from gpuaas.v1 import common_pb2 as pb
 
-from tests.integration.conftest import rid
+from tests.integration.conftest import rid, wait_capacity_back
 
 RUNNING, FAILED, RELEASED = pb.ALLOCATION_STATE_RUNNING, pb.ALLOCATION_STATE_FAILED, pb.ALLOCATION_STATE_RELEASED
 
@@ -230,7 +230,7 @@ def test_a_prepare_refused_every_time_fails_the_allocation_and_frees_its_gpu(con
                                      " AND event = 'prepare_failed_final'", a.allocation_id)
     assert "prepare failed" in reason
     # Its GPUs are free again: the whole node can be placed at once.
-    _wait(lambda: not ray.get(control_plane.placement.held.remote([a.allocation_id])), 15, "capacity back")
+    assert wait_capacity_back(control_plane, [a.allocation_id], 15) == []
     b = tenant.place(rid(), gpu_count=4, node_selector={"pool": name})
     assert tenant.wait_state(b.allocation_id, {RUNNING}, 30).state == RUNNING
     assert _db(control_plane, "SELECT count(*) FROM ledger.usage_entries WHERE allocation_id = %s",

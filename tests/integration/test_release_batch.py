@@ -12,7 +12,7 @@ from google.rpc import error_details_pb2
 from gpuaas.client import Client
 from gpuaas.v1 import common_pb2 as pb
 
-from tests.integration.conftest import GPUS, NODES, q, rid, tenant_fixture
+from tests.integration.conftest import GPUS, NODES, q, rid, tenant_fixture, wait_capacity_back
 
 RUNNING, RELEASING, RELEASED, CANCELLED, QUEUED = (
     pb.ALLOCATION_STATE_RUNNING, pb.ALLOCATION_STATE_RELEASING, pb.ALLOCATION_STATE_RELEASED,
@@ -140,8 +140,6 @@ def test_batch_and_single_releases_racing_move_each_allocation_once(control_plan
 def test_a_batch_released_right_after_placing_is_read_once_and_freed_once(control_plane, tenant):
     """Released before their hand-off reaches the shard, the rows are read by the shard together (one
     query) rather than one by one; each is still released exactly once, and its capacity comes back."""
-    import time
-
     resp = tenant.place_batch([Client.request(rid(), gpu_milli=10, node_selector=ZONE) for _ in range(30)])
     ids = [r.allocation.allocation_id for r in resp.results if r.HasField("allocation")]
     assert len(ids) == 30, resp
@@ -154,7 +152,4 @@ def test_a_batch_released_right_after_placing_is_read_once_and_freed_once(contro
                                    " WHERE allocation_id = ANY(%s::uuid[]) AND event = 'release_requested'"
                                    " GROUP BY 1", ids))
     assert counts == {a: 1 for a in ids}
-    deadline = time.monotonic() + 30
-    while (held := ray.get(control_plane.placement.held.remote(ids))) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert held == []
+    assert wait_capacity_back(control_plane, ids) == []

@@ -11,7 +11,7 @@ import grpc
 from gpuaas.client import Client
 from gpuaas.v1 import common_pb2 as pb
 from gpuaas.v1 import node_pb2, node_pb2_grpc
-from tests.integration.conftest import q, rid, tenant_fixture
+from tests.integration.conftest import q, rid, tenant_fixture, wait_capacity_back
 
 ZONE = {"zone": "sim-a"}   # the session's simulated nodes only
 other = tenant_fixture()
@@ -91,12 +91,10 @@ def test_a_late_hand_off_of_a_stale_row_changes_nothing(control_plane, tenant):
 
 
 def test_concurrent_releases_each_get_their_own_answer_and_capacity_comes_back(control_plane, tenant, other):
-    """Unary Releases arriving together share actor calls to their shard (runtime.Combiner) and the
-    shard's capacity_freed calls to the placement actor. Each caller still gets its own row after the
-    release, another tenant's id is refused on its own, and every released allocation's capacity
-    leaves the placement actor's capacity view."""
+    """Unary Releases arriving together share actor calls to their shard (runtime.Combiner). Each
+    caller still gets its own row after the release, another tenant's id is refused on its own, and
+    every released allocation's capacity leaves the placement actor's capacity view."""
     import concurrent.futures as cf
-    import time
 
     import ray
 
@@ -125,8 +123,6 @@ def test_concurrent_releases_each_get_their_own_answer_and_capacity_comes_back(c
     assert sum(x["items"] for x in after) - sum(x["items"] for x in before) == len(ids)
     for a in ids:
         tenant.wait_state(a, {pb.ALLOCATION_STATE_RELEASED}, 60)
-    deadline = time.monotonic() + 30
-    while (held := ray.get(control_plane.placement.held.remote(ids))) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    held = wait_capacity_back(control_plane, ids)
     assert held == [], f"capacity of {len(held)} released allocation(s) still held"
     assert other.get(theirs).state in (pb.ALLOCATION_STATE_PLACED, pb.ALLOCATION_STATE_RUNNING)
