@@ -30,19 +30,8 @@ log = logging.getLogger("gpuaas.allocations")
 
 ACTIVE = ("PLACED", "RUNNING", "RELEASING", "FAILED", "RELEASE_FAILED")
 PREPARE_BATCH_MAX = 4096  # the NodeAgent contract's bound on one PrepareBatch
+CLEANUP_BATCH_MAX = 4096  # and on one CleanupBatch
 SCAN_EVERY_S = 1.0  # supervisor and lease pass over the shard's rows
-
-
-class PrepareRefused(RuntimeError):
-    """One replica of a PrepareBatch was refused by the node (its own Prepare's status)."""
-
-    def __init__(self, status):
-        super().__init__(status.message)
-        self.status = status
-
-
-class _Unbatched(Exception):
-    pass
 
 
 # What a Prepare can fail with that counts as the node refusing it (an attempt): anything else is a bug.
@@ -127,14 +116,24 @@ class AllocationShardCore:
         self.tasks: dict[str, asyncio.Task] = {}
         self.uncertain: set[str] = set()  # rows whose last write may or may not have committed
         self.stats = {"prepared": 0, "prepare_failures": 0, "released": 0, "cleanup_failures": 0, "failed": 0,
-                      "lease_expired": 0, "commits": 0}
+                      "lease_expired": 0, "commits": 0, "cleanups_not_sent": 0}
         self._tx_pending: list[tuple] = []
-        self._prep_pending: dict[str, list[tuple]] = {}
-        self._prep_flushers: dict[str, asyncio.Task] = {}
-        self._prep_single: set[str] = set()
+        # One PrepareBatch / CleanupBatch per node for what is queued together (runtime.NodeBatcher).
+        self.prepares = runtime.NodeBatcher(self.agents, single="Prepare", batch="PrepareBatch",
+                                            batch_request=node_pb2.PrepareBatchRequest, max_items=PREPARE_BATCH_MAX,
+                                            timeout_s=config.rpc_timeout_s)
+        self.cleanups = runtime.NodeBatcher(self.agents, single="Cleanup", batch="CleanupBatch",
+                                            batch_request=node_pb2.CleanupBatchRequest, max_items=CLEANUP_BATCH_MAX,
+                                            timeout_s=config.rpc_timeout_s)
         self._freed_pending: list[str] = []
         self._preparing: dict[str, asyncio.Task] = {}
         self._tx_flusher: asyncio.Task | None = None
+        self._addr_read: asyncio.Task | None = None
+        # Allocations a node may hold: every one this shard found active when it started (an earlier
+        # incarnation may have prepared it), and every one it has sent a Prepare for since. Any other
+        # was never sent to a node (released before its hand-off was prepared): its cleanup needs no
+        # call to the nodes (_on_nodes).
+        self._sent: set[str] = set()
         self._placement = None
         self.gc = runtime.GcPacer()
 
@@ -235,6 +234,8 @@ class AllocationShardCore:
         if new.state in (AllocState.RELEASED, AllocState.CANCELLED, AllocState.QUEUED):
             self.rows.pop(aid, None)
             self.locks.pop(aid, None)
+            if new.state is not AllocState.QUEUED:  # a queued one keeps its mark: it may be placed again
+                self._sent.discard(aid)
         return new
 
     def _free_soon(self, aid: str) -> None:
@@ -287,6 +288,24 @@ class AllocationShardCore:
                 offline[node_id] = updated_at
         return offline
 
+    async def _know_addresses(self, node_ids) -> None:
+        """Learn the address of any of these nodes this shard has not heard of: a node registered
+        after the shard loaded the addresses, whose node_ready is still on its way, is read from
+        Postgres (one read, shared by the callers that miss at the same time). A node still unknown
+        after it fails its caller's lookup (KeyError), as before."""
+        if all(n in self.addresses for n in node_ids):
+            return
+        if self._addr_read is None or self._addr_read.done():
+            self._addr_read = asyncio.get_running_loop().create_task(self.db.tx(lambda c: c.execute(
+                "SELECT node_id, address FROM control.nodes").fetchall()))
+        try:
+            rows = await asyncio.shield(self._addr_read)
+        except Exception as exc:  # noqa: BLE001 - the lookup that follows fails as it would have
+            log.warning("reading node addresses failed: %s", exc)
+            return
+        for node_id, address in rows:
+            self.addresses.setdefault(node_id, address)  # a known address changes only by node_ready
+
     # ------------------------------------------------------------ start / resume
 
     async def start(self) -> dict:
@@ -297,6 +316,7 @@ class AllocationShardCore:
         mine = [r for r in rows if shard_of(r.allocation_id, self.count) == self.index]
         for r in mine:
             self.rows[r.allocation_id] = r
+            self._sent.add(r.allocation_id)
         # A node lost or a GPU fault detected while this shard was down (its
         # fail_on_node call died with it): fail those RUNNING allocations now,
         # billing stopped at the persisted detection time.
@@ -358,60 +378,6 @@ class AllocationShardCore:
 
     # ------------------------------------------------------------ prepare
 
-    def _queue_prepare(self, address: str, req: node_pb2.PrepareRequest) -> asyncio.Future:
-        """Queue one replica's Prepare for its node's next PrepareBatch: a future of its outcome."""
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self._prep_pending.setdefault(address, []).append((req, fut))
-        task = self._prep_flushers.get(address)
-        if task is None or task.done():
-            self._prep_flushers[address] = loop.create_task(self._flush_prepares(address))
-        return fut
-
-    async def _flush_prepares(self, address: str) -> None:
-        await asyncio.sleep(0)  # let the replicas placed in this loop turn join the batch
-        while self._prep_pending.get(address):
-            batch, seen, later = [], set(), []
-            for item in self._prep_pending[address]:
-                if item[1].done():
-                    continue  # its caller is gone: nothing waits for this Prepare, so it is not sent
-                # An allocation id appears once per batch (the daemon refuses duplicates).
-                aid = item[0].allocation_id
-                (later if aid in seen or len(batch) >= PREPARE_BATCH_MAX else batch).append(item)
-                seen.add(aid)
-            self._prep_pending[address] = later
-            stub = self.agents.get(address)
-            try:
-                if address in self._prep_single:
-                    raise _Unbatched()
-                resp = await stub.PrepareBatch(node_pb2.PrepareBatchRequest(requests=[r for r, _ in batch]),
-                                               timeout=self.cfg.rpc_timeout_s)
-                outcomes = list(resp.results)
-                if len(outcomes) != len(batch):
-                    raise RuntimeError(f"PrepareBatch answered {len(outcomes)} results for {len(batch)} items")
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
-                    outcomes = [exc] * len(batch)
-                else:  # a daemon from before PrepareBatch: one Prepare per replica
-                    self._prep_single.add(address)
-                    outcomes = None
-            except _Unbatched:
-                outcomes = None
-            except (RuntimeError, asyncio.TimeoutError) as exc:
-                outcomes = [exc] * len(batch)
-            if outcomes is None:
-                outcomes = await asyncio.gather(*[stub.Prepare(r, timeout=self.cfg.rpc_timeout_s) for r, _ in batch],
-                                                return_exceptions=True)
-            for (_, fut), out in zip(batch, outcomes):
-                if fut.done():
-                    continue
-                if isinstance(out, BaseException):
-                    fut.set_exception(out)
-                elif isinstance(out, node_pb2.PrepareResult) and out.HasField("error"):
-                    fut.set_exception(PrepareRefused(out.error))
-                else:
-                    fut.set_result(out.response if isinstance(out, node_pb2.PrepareResult) else out)
-
     def _spawn_prepares(self, aids: list[str]) -> None:
         """Prepare PLACED allocations (a hand-off, a resume, the supervisor's retries) as one group: one
         task for all of them, registered under each id as its prepare. A release waits for it and never
@@ -440,6 +406,7 @@ class AllocationShardCore:
         hand-off, were a quarter of the shard's time."""
         waits: dict[str, list[asyncio.Future]] = {}
         errors: dict[str, BaseException] = {}
+        await self._know_addresses({n for aid in aids if aid in self.rows for n in self.rows[aid].node_ids()})
         for aid in aids:
             row = self.rows.get(aid)
             if row is None or row.state is not AllocState.PLACED:
@@ -452,7 +419,8 @@ class AllocationShardCore:
             except KeyError as exc:  # no replica goes out when one has no known address
                 errors[aid] = exc
                 continue
-            waits[aid] = [self._queue_prepare(addr, node_pb2.PrepareRequest(
+            self._sent.add(aid)
+            waits[aid] = [self.prepares.queue(addr, node_pb2.PrepareRequest(
                 allocation_id=aid, gpu_indices=a["gpu_indices"], gpu_milli=a["gpu_milli"], tenant_id=row.tenant_id))
                 for addr, a in zip(addrs, row.assignments)]
         if waits:
@@ -519,15 +487,33 @@ class AllocationShardCore:
                     self.placement().capacity_freed.remote([aid], False)
                     self._spawn(aid, self._cleanup(aid))
 
+    def _on_nodes(self, row: AllocRow) -> bool:
+        """Whether a node may hold this allocation: False only when no Prepare for it was ever sent.
+        This shard is the only sender of its allocations' Prepares; what an earlier incarnation may
+        have sent, it found active on start (``_sent``), or it went back to the queue with a failed
+        attempt counted (``prepare_attempts``) and perhaps a failed best-effort cleanup."""
+        return row.allocation_id in self._sent or row.prepare_attempts > 0
+
     async def _best_effort_cleanup(self, row: AllocRow) -> None:
-        for a in row.assignments:
-            addr = self.addresses.get(a["node_id"])
-            if addr and a["node_id"] not in self.nodes_down:
-                try:
-                    await self.agents.get(addr).Cleanup(node_pb2.CleanupRequest(allocation_id=row.allocation_id),
-                                                        timeout=self.cfg.rpc_timeout_s)
-                except grpc.RpcError:
-                    pass
+        if not self._on_nodes(row):
+            return
+        await self._know_addresses(row.node_ids())
+        addrs = [self.addresses.get(n) for n in row.node_ids() if n not in self.nodes_down]
+        await self._cleanup_on_nodes(row.allocation_id, [a for a in addrs if a])
+
+    async def _cleanup_on_nodes(self, aid: str, addresses: list[str]) -> BaseException | None:
+        """Cleanup of ``aid`` on these nodes, each queued for its node's next CleanupBatch, all at once:
+        the first failure, or None. NOT_FOUND is no failure: the node never saw (or already forgot)
+        the allocation, so nothing is left behind."""
+        outs = await asyncio.gather(*[self.cleanups.queue(addr, node_pb2.CleanupRequest(allocation_id=aid))
+                                      for addr in addresses], return_exceptions=True)
+        for out in outs:
+            if isinstance(out, (grpc.RpcError, runtime.ItemRefused)):
+                if out.code() != grpc.StatusCode.NOT_FOUND:
+                    return out
+            elif isinstance(out, BaseException):
+                return out
+        return None
 
     # ------------------------------------------------------------ release
 
@@ -633,17 +619,19 @@ class AllocationShardCore:
                 wait = (row.next_attempt_at - utcnow()).total_seconds()
                 if wait > 0:
                     await asyncio.sleep(wait)
-            error = None
-            try:
-                for a in row.assignments:
-                    await self.agents.get(self.addresses[a["node_id"]]).Cleanup(
-                        node_pb2.CleanupRequest(allocation_id=aid), timeout=self.cfg.rpc_timeout_s)
-            except grpc.RpcError as exc:
-                # NOT_FOUND: the node never saw (or already forgot) it — nothing is left behind.
-                if exc.code() != grpc.StatusCode.NOT_FOUND:
+            if not self._on_nodes(row):
+                # Released before any Prepare went out (its hand-off still waiting): nothing is on a
+                # node, so no Cleanup call; the row still goes RELEASING → RELEASED as every release.
+                error = None
+                self.stats["cleanups_not_sent"] += 1
+            else:
+                await self._know_addresses(row.node_ids())
+                try:
+                    addrs = [self.addresses[n] for n in sorted(row.node_ids())]
+                except KeyError as exc:  # a node with no known address: nothing goes out
                     error = exc
-            except KeyError as exc:
-                error = exc
+                else:
+                    error = await self._cleanup_on_nodes(aid, addrs)
             async with self._lock(aid):
                 row = self.rows.get(aid)
                 if row is None:
@@ -800,4 +788,6 @@ class AllocationShardCore:
         by_state: dict[str, int] = {}
         for r in self.rows.values():
             by_state[r.state.name] = by_state.get(r.state.name, 0) + 1
-        return {"index": self.index, "by_state": by_state, "stats": dict(self.stats)}
+        # Calls to the daemons: one per node per batch (a daemon without the batch calls: one per item).
+        calls = {"prepare_calls": self.prepares.calls, "cleanup_calls": self.cleanups.calls}
+        return {"index": self.index, "by_state": by_state, "stats": {**self.stats, **calls}}

@@ -160,6 +160,15 @@ class DbThread:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._exec, self._run, fn, args, kwargs, False)
 
+    def close(self) -> None:
+        """Close the connection on its thread and end the thread (an actor's process ending does this
+        by itself; a core used outside an actor calls it)."""
+        def shut():
+            if self._conn is not None:
+                self._conn.close()
+        self._exec.submit(shut).result()
+        self._exec.shutdown()
+
 
 class AgentStubs:
     """NodeAgent stubs by address, on grpc.aio channels."""
@@ -179,6 +188,96 @@ class AgentStubs:
         hit = self._stubs.pop(address, None)
         if hit:
             await hit[0].close()
+
+
+class ItemRefused(RuntimeError):
+    """One item of a NodeAgent batch call was refused by the node: ``status`` is the
+    ``google.rpc.Status`` its own single call would have answered."""
+
+    def __init__(self, status):
+        super().__init__(status.message)
+        self.status = status
+
+    def code(self) -> grpc.StatusCode:
+        return _CODES.get(self.status.code, grpc.StatusCode.UNKNOWN)
+
+
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+class NodeBatcher:
+    """One per-allocation NodeAgent call (``Prepare``, ``Cleanup``), batched per node: the items queued
+    for a node in one loop turn, and those queued while its previous batch is on the wire, go in one
+    batch call (``PrepareBatch``, ``CleanupBatch``), one item per allocation id per batch. Each item
+    succeeds or fails on its own, as its own call would: its future gets the response, the call's
+    error (``grpc.RpcError``, a timeout), or ``ItemRefused``. A daemon from before the batch call
+    (UNIMPLEMENTED) gets one call per item from then on."""
+
+    def __init__(self, agents: AgentStubs, *, single: str, batch: str, batch_request, max_items: int,
+                 timeout_s: float):
+        self.agents, self.single, self.batch = agents, single, batch
+        self.batch_request, self.max_items, self.timeout_s = batch_request, max_items, timeout_s
+        self._pending: dict[str, list[tuple]] = {}
+        self._flushers: dict[str, asyncio.Task] = {}
+        self._unbatched: set[str] = set()
+        self.calls = 0  # batch (or single) calls sent
+
+    def queue(self, address: str, req) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._pending.setdefault(address, []).append((req, fut))
+        task = self._flushers.get(address)
+        if task is None or task.done():
+            self._flushers[address] = loop.create_task(self._flush(address))
+        return fut
+
+    async def _flush(self, address: str) -> None:
+        await asyncio.sleep(0)  # let the items queued in this loop turn join the batch
+        while self._pending.get(address):
+            batch, seen, later = [], set(), []
+            for item in self._pending[address]:
+                if item[1].done():
+                    continue  # its caller is gone: nothing waits for this call, so it is not sent
+                # An allocation id appears once per batch (the daemon refuses duplicates).
+                aid = item[0].allocation_id
+                (later if aid in seen or len(batch) >= self.max_items else batch).append(item)
+                seen.add(aid)
+            self._pending[address] = later
+            if batch:
+                try:
+                    outcomes = await self._send(address, [r for r, _ in batch])
+                except Exception as exc:  # noqa: BLE001 - a caller waits on each item: none is left hanging
+                    log.error("%s to %s failed: %r", self.batch, address, exc)
+                    outcomes = [exc] * len(batch)
+                for (_, fut), out in zip(batch, outcomes):
+                    if fut.done():
+                        continue
+                    if isinstance(out, BaseException):
+                        fut.set_exception(out)
+                    else:
+                        fut.set_result(out)
+
+    async def _send(self, address: str, reqs: list) -> list:
+        """Per request, in order: its response, or the exception that stands for its failure."""
+        stub = self.agents.get(address)
+        if address not in self._unbatched:
+            self.calls += 1
+            try:
+                resp = await getattr(stub, self.batch)(self.batch_request(requests=reqs), timeout=self.timeout_s)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    return [exc] * len(reqs)
+                self._unbatched.add(address)  # a daemon from before the batch call
+            except asyncio.TimeoutError as exc:
+                return [exc] * len(reqs)
+            else:
+                if len(resp.results) != len(reqs):
+                    return [RuntimeError(f"{self.batch} answered {len(resp.results)} results for "
+                                         f"{len(reqs)} items")] * len(reqs)
+                return [ItemRefused(r.error) if r.HasField("error") else r.response for r in resp.results]
+        self.calls += len(reqs)
+        call = getattr(stub, self.single)
+        return await asyncio.gather(*[call(r, timeout=self.timeout_s) for r in reqs], return_exceptions=True)
 
 
 def backoff_s(attempt: int, base_s: float, max_s: float) -> float:

@@ -116,6 +116,10 @@ class GpuBackend(abc.ABC):
     @abc.abstractmethod
     def processes(self, gpu_index: int) -> list[ProcessSample]: ...
 
+    # True when end_processes may wait (up to its grace) for processes to exit: a CleanupBatch then
+    # cleans its items up side by side, so that one stubborn process does not hold back the rest.
+    process_end_waits = True
+
     @abc.abstractmethod
     def end_processes(self, gpu_indices: list[int], *, grace_s: float = 5.0) -> int:
         """End every process on these GPUs (TERM, then KILL after grace); returns how many ended."""

@@ -168,6 +168,7 @@ class NodeDaemon:
                 self.faults.stop()
             if self.server is not None:
                 self.server.stop(grace_s).wait(grace_s + 1)
+                self.servicer.close_pool()
             self.hub.stop()
             self.backend.close()
             if self.config.port_file:

@@ -39,6 +39,9 @@ STREAMS_MAX = 16
 RPCS_CONCURRENT_MAX = 256
 MESSAGE_BYTES_MAX = 1024 * 1024
 PREPARE_BATCH_MAX = 4096
+CLEANUP_BATCH_MAX = 4096
+# Items of one CleanupBatch cleaned up side by side when the backend may wait for processes to end.
+CLEANUP_PARALLEL_MAX = 16
 # A stream's handler sleeps until a frame or its buffer closes (client gone, daemon stopping:
 # both close the buffer); this timeout is only a safety net, so it is long — with many
 # streams a short poll is thousands of needless thread wake-ups a second.
@@ -50,6 +53,22 @@ def _internal(exc: BaseException) -> status_pb2.Status:
     ref = uuid.uuid4().hex[:8]
     log.exception("internal error (ref %s): %s", ref, exc)
     return status_pb2.Status(code=code_pb2.INTERNAL, message=f"internal error (ref {ref}); see the node daemon's log")
+
+
+def _check_batch(rpc: str, items, limit: int) -> None:
+    """A batch RPC's own checks: 1..limit items, allocation ids unique (else INVALID_ARGUMENT, and no
+    item is acted on). Each item's own checks are its single RPC's, answered per item."""
+    v: list[tuple[str, str]] = []
+    if not 1 <= len(items) <= limit:
+        v.append(("requests", f"1..{limit} items; got {len(items)}"))
+    seen: set[str] = set()
+    for k, r in enumerate(items):
+        if r.allocation_id in seen:
+            v.append((f"requests[{k}].allocation_id", f"{r.allocation_id!r} appears twice in the batch"))
+            break
+        seen.add(r.allocation_id)
+    if v:
+        raise InvalidArgument(f"invalid {rpc}: {v[0][0]}: {v[0][1]}", violations=v)
 
 
 def unary(fn):
@@ -96,6 +115,8 @@ class NodeAgentServicer(node_pb2_grpc.NodeAgentServicer):
         self.daemon = daemon
         self._lock = threading.Lock()
         self.buffers: set[StreamBuffer] = set()
+        self._pool_lock = threading.Lock()
+        self._pool: futures.ThreadPoolExecutor | None = None  # CleanupBatch's, made on first need
 
     def close_streams(self) -> None:
         """End every telemetry stream now (the daemon is stopping)."""
@@ -155,17 +176,7 @@ class NodeAgentServicer(node_pb2_grpc.NodeAgentServicer):
     @unary
     def PrepareBatch(self, request, context):
         items = request.requests
-        v: list[tuple[str, str]] = []
-        if not 1 <= len(items) <= PREPARE_BATCH_MAX:
-            v.append(("requests", f"1..{PREPARE_BATCH_MAX} items; got {len(items)}"))
-        seen: set[str] = set()
-        for k, r in enumerate(items):
-            if r.allocation_id in seen:
-                v.append((f"requests[{k}].allocation_id", f"{r.allocation_id!r} appears twice in the batch"))
-                break
-            seen.add(r.allocation_id)
-        if v:
-            raise InvalidArgument(f"invalid PrepareBatch: {v[0][0]}: {v[0][1]}", violations=v)
+        _check_batch("PrepareBatch", items, PREPARE_BATCH_MAX)
         results = []
         for r in items:
             # Each item is exactly its own Prepare: same checks, same answer, same injected faults.
@@ -189,6 +200,43 @@ class NodeAgentServicer(node_pb2_grpc.NodeAgentServicer):
             raise Unavailable("injected cleanup failure")
         r = self.daemon.allocations.cleanup(request.allocation_id, grace_s=self.daemon.config.cleanup_grace_s)
         return node_pb2.CleanupResponse(processes_ended=r.processes_ended, message=r.message)
+
+    @unary
+    def CleanupBatch(self, request, context):
+        items = request.requests
+        _check_batch("CleanupBatch", items, CLEANUP_BATCH_MAX)
+
+        def one(r):
+            # Each item is exactly its own Cleanup: same checks, same answer, same injected faults.
+            try:
+                if self.daemon.call_faults.take("cleanup_fail"):
+                    raise Unavailable("injected cleanup failure")
+                done = self.daemon.allocations.cleanup(r.allocation_id, grace_s=self.daemon.config.cleanup_grace_s)
+                return node_pb2.CleanupResult(allocation_id=r.allocation_id, response=node_pb2.CleanupResponse(
+                    processes_ended=done.processes_ended, message=done.message))
+            except GpuaasError as err:
+                return node_pb2.CleanupResult(allocation_id=r.allocation_id, error=err.to_status())
+
+        if len(items) > 1 and self.daemon.backend.process_end_waits:
+            results = list(self._cleanup_pool().map(one, items))
+        else:
+            results = [one(r) for r in items]
+        failed = sum(1 for x in results if x.HasField("error"))
+        log.info("CleanupBatch: %d cleaned up, %d refused", len(results) - failed, failed)
+        return node_pb2.CleanupBatchResponse(results=results)
+
+    def close_pool(self) -> None:
+        """After the server has stopped: end CleanupBatch's threads."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False)
+
+    def _cleanup_pool(self) -> futures.ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = futures.ThreadPoolExecutor(CLEANUP_PARALLEL_MAX, thread_name_prefix="cleanup")
+            return self._pool
 
     @unary
     def Health(self, request, context):

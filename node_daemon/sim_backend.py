@@ -98,6 +98,7 @@ class _SimGpu:
 class SimulatedBackend(GpuBackend):
     name = BackendKind.SIMULATED.value
     simulated = True
+    process_end_waits = False  # simulated processes end at once
 
     def __init__(self, *, gpus: int = 8, model: str = "H100", island_size: int = 0, seed: int = 0,
                  clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,

@@ -240,6 +240,28 @@ class CleanupResponse(_message.Message):
     message: str
     def __init__(self, processes_ended: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
+class CleanupBatchRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[CleanupRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[CleanupRequest, _Mapping]]] = ...) -> None: ...
+
+class CleanupResult(_message.Message):
+    __slots__ = ("allocation_id", "response", "error")
+    ALLOCATION_ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    allocation_id: str
+    response: CleanupResponse
+    error: _status_pb2.Status
+    def __init__(self, allocation_id: _Optional[str] = ..., response: _Optional[_Union[CleanupResponse, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
+
+class CleanupBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[CleanupResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[CleanupResult, _Mapping]]] = ...) -> None: ...
+
 class HealthRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

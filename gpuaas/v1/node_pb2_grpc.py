@@ -181,6 +181,11 @@ class NodeAgentStub:
                 request_serializer=gpuaas_dot_v1_dot_node__pb2.CleanupRequest.SerializeToString,
                 response_deserializer=gpuaas_dot_v1_dot_node__pb2.CleanupResponse.FromString,
                 _registered_method=True)
+        self.CleanupBatch = channel.unary_unary(
+                '/gpuaas.v1.NodeAgent/CleanupBatch',
+                request_serializer=gpuaas_dot_v1_dot_node__pb2.CleanupBatchRequest.SerializeToString,
+                response_deserializer=gpuaas_dot_v1_dot_node__pb2.CleanupBatchResponse.FromString,
+                _registered_method=True)
         self.Health = channel.unary_unary(
                 '/gpuaas.v1.NodeAgent/Health',
                 request_serializer=gpuaas_dot_v1_dot_node__pb2.HealthRequest.SerializeToString,
@@ -231,6 +236,16 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CleanupBatch(self, request, context):
+        """Clean up several allocations in one call: the control plane batches what it
+        releases on this node in one go. Each item succeeds or fails on its own,
+        exactly as its own Cleanup would (results in request order); the call as a
+        whole fails only when the batch is malformed (INVALID_ARGUMENT).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Health(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -264,6 +279,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.Cleanup,
                     request_deserializer=gpuaas_dot_v1_dot_node__pb2.CleanupRequest.FromString,
                     response_serializer=gpuaas_dot_v1_dot_node__pb2.CleanupResponse.SerializeToString,
+            ),
+            'CleanupBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.CleanupBatch,
+                    request_deserializer=gpuaas_dot_v1_dot_node__pb2.CleanupBatchRequest.FromString,
+                    response_serializer=gpuaas_dot_v1_dot_node__pb2.CleanupBatchResponse.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
@@ -407,6 +427,33 @@ class NodeAgent:
             '/gpuaas.v1.NodeAgent/Cleanup',
             gpuaas_dot_v1_dot_node__pb2.CleanupRequest.SerializeToString,
             gpuaas_dot_v1_dot_node__pb2.CleanupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CleanupBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuaas.v1.NodeAgent/CleanupBatch',
+            gpuaas_dot_v1_dot_node__pb2.CleanupBatchRequest.SerializeToString,
+            gpuaas_dot_v1_dot_node__pb2.CleanupBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -17,7 +17,13 @@ ZONE = {"zone": "sim-a"}   # the session's simulated nodes only
 other = tenant_fixture()
 
 
+def _not_sent(cp) -> int:
+    import ray
+    return sum(ray.get(s.snapshot.remote())["stats"]["cleanups_not_sent"] for s in cp.alloc_shards)
+
+
 def test_release_while_preparing_leaves_nothing_on_the_nodes(control_plane, tenant):
+    not_sent_before = _not_sent(control_plane)
     for _ in range(3):
         resp = tenant.place_batch([Client.request(rid(), gpu_milli=10, node_selector=ZONE) for _ in range(40)])
         ids = [r.allocation.allocation_id for r in resp.results if r.HasField("allocation")]
@@ -27,6 +33,9 @@ def test_release_while_preparing_leaves_nothing_on_the_nodes(control_plane, tena
             assert tenant.release(a).state in (pb.ALLOCATION_STATE_RELEASING, pb.ALLOCATION_STATE_RELEASED)
         for a in ids:
             assert tenant.wait_state(a, {pb.ALLOCATION_STATE_RELEASED}, 60).state == pb.ALLOCATION_STATE_RELEASED
+    # The first releases of each round came before their hand-off: no Prepare had gone out, so no
+    # Cleanup call went to the nodes for them. The probe below shows that nothing was left behind.
+    assert _not_sent(control_plane) > not_sent_before
     held = set()
     for (assignments,) in q(control_plane, "SELECT assignments FROM control.allocations WHERE state IN"
                                            " ('PLACED','RUNNING','RELEASING','FAILED','RELEASE_FAILED')"):

@@ -75,6 +75,26 @@ def test_prepare_and_cleanup_roundtrip_idempotent(any_daemon):
     assert c2.processes_ended == 0 and "already" in c2.message
 
 
+def test_batch_prepare_and_cleanup(any_daemon):
+    """PrepareBatch and CleanupBatch answer per item in order; on NVML the cleanups run side by side."""
+    stub = stub_for(any_daemon)
+    n = len(stub.GetInventory(node_pb2.GetInventoryRequest(), timeout=5).gpus)
+    gpus = sorted({0, n - 1})
+    if any_daemon.backend.name == "nvml" and any(any_daemon.backend.processes(i) for i in gpus):
+        pytest.skip("GPUs busy with other processes: Cleanup would end them")
+    ids = [f"alloc-contract-b{g}" for g in gpus]
+    prep = stub.PrepareBatch(node_pb2.PrepareBatchRequest(requests=[
+        node_pb2.PrepareRequest(allocation_id=a, gpu_indices=[g], gpu_milli=500, tenant_id="t")
+        for a, g in zip(ids, gpus)]), timeout=10)
+    assert [r.response.cuda_visible_devices for r in prep.results] == [str(g) for g in gpus]
+    out = stub.CleanupBatch(node_pb2.CleanupBatchRequest(
+        requests=[node_pb2.CleanupRequest(allocation_id=a) for a in ids + ["alloc-contract-never"]]), timeout=30)
+    assert [r.allocation_id for r in out.results] == ids + ["alloc-contract-never"]
+    assert all(not r.HasField("error") and r.response.message for r in out.results[:-1])
+    assert out.results[-1].error.code == grpc.StatusCode.NOT_FOUND.value[0]
+    assert not {a.allocation_id for a in any_daemon.allocations.live()} & set(ids)
+
+
 def test_health_and_standard_health_service(any_daemon):
     """Health lists every GPU READY on a fresh daemon and grpc.health.v1 answers SERVING for NodeAgent."""
     ch = grpc.insecure_channel(any_daemon.address)

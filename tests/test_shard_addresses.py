@@ -1,0 +1,52 @@
+"""An allocation shard learns the address of a node registered after it started: the node shard's
+node_ready may still be on its way when the node's first allocation is prepared or cleaned up, so a
+lookup that misses reads the nodes from Postgres before it gives up (before, such a cleanup failed
+with KeyError and waited for its backoff). Real Postgres; the shard core runs without Ray."""
+from __future__ import annotations
+
+import asyncio
+
+import psycopg
+import pytest
+
+from actors.allocation_shard import AllocationShardCore
+from gpuaas.config import ControlPlaneConfig
+
+
+def add_node(url: str, node_id: str, address: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO control.nodes (node_id, address, state, backend, simulated, cpu_milli, memory_mib,"
+                     " labels, inventory, registered_at, last_seen_at, updated_at)"
+                     " VALUES (%s, %s, 'READY', 'SIMULATED', true, 64000, 512000, '{}', ''::bytea, now(), now(), now())",
+                     (node_id, address))
+
+
+@pytest.fixture
+def shard(fresh_db):
+    core = AllocationShardCore(index=0, count=1, app_url=fresh_db.app, config=ControlPlaneConfig())
+    yield core, fresh_db.owner
+    core.db.close()
+
+
+def test_a_node_registered_later_is_read_on_a_miss(shard):
+    core, url = shard
+    add_node(url, "early", "10.0.0.1:50051")
+    asyncio.run(core._load_addresses())
+    assert core.addresses == {"early": "10.0.0.1:50051"}
+    add_node(url, "late", "10.0.0.2:50051")  # registered after the shard loaded the addresses
+
+    async def misses_together():
+        # Several lookups missing at once: each learns the address.
+        await asyncio.gather(*[core._know_addresses({"late", "early"}) for _ in range(5)])
+
+    asyncio.run(misses_together())
+    assert core.addresses["late"] == "10.0.0.2:50051"
+
+
+def test_a_known_address_is_kept_and_an_unknown_node_stays_unknown(shard):
+    core, url = shard
+    add_node(url, "n1", "10.0.0.9:50051")
+    core.addresses["n1"] = "10.0.0.1:50051"  # what node_ready said last: only node_ready changes it
+    asyncio.run(core._know_addresses({"n1", "ghost"}))
+    assert core.addresses["n1"] == "10.0.0.1:50051"
+    assert "ghost" not in core.addresses  # the caller's lookup fails as before (KeyError)
