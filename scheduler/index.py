@@ -201,6 +201,8 @@ class FastIndex:
         row = c.gpu_free[n]
         for g in gpus:
             row[g] -= milli
+        if c._lazy is not None:
+            c._dirty.add(n)  # Cluster.take's bookkeeping of the mirrors, inlined
         self.gpus_changed(n, gpus, -milli)
         eng = self.engine
         d = milli * len(gpus)
