@@ -86,6 +86,7 @@ class Engine:
         self.ctx = _Ctx(self)
         self._rank: list[int] = []          # tie-break order per node slot (seeded shuffle)
         self._rank_np: np.ndarray | None = None
+        self._racks: np.ndarray | None = None  # rack number per node slot (_rack_ids)
         self.allocs: dict[str, _Alloc] = {}
         self.quota: dict[tuple[str, str], int] = {}
         self.used: dict[tuple[str, int], int] = {}       # (tenant, model id) → milli
@@ -119,6 +120,7 @@ class Engine:
         # seeded order: a random key per node; ties of score go to the lowest key
         self._rank[n] = int(self._order_rng.integers(0, 2**62))
         self._rank_np = None
+        self._racks = None
         self._frag = None
 
     def set_node_order(self, node_ids: Iterable[str]) -> None:
@@ -133,6 +135,7 @@ class Engine:
             raise SchedulerError(f"node {node_id!r} still holds allocations; drain it first")
         self.cluster.remove_node(node_id)
         self._rank_np = None
+        self._racks = None
 
     def set_node_schedulable(self, node_id: str, schedulable: bool) -> None:
         self.cluster.set_schedulable(self._node(node_id), bool(schedulable))
@@ -503,31 +506,40 @@ class Engine:
         reasons = dict(first_reasons or {})
         return None, reasons, self._facts(big)
 
+    def _rack_ids(self) -> np.ndarray:
+        """Per node slot, its rack's number (racks numbered in the order of their names), or -1 for a
+        node without a rack label. Labels change only with membership, which drops it."""
+        if self._racks is None:
+            labels = self.cluster.labels
+            names = sorted({lb[RACK_LABEL] for lb in labels if RACK_LABEL in lb})
+            number = {rk: i for i, rk in enumerate(names)}
+            self._racks = np.array([number.get(lb.get(RACK_LABEL), -1) for lb in labels], dtype=np.int64)
+        return self._racks
+
     def _plan_same_rack(self, req: Request, models):
         c = self.cluster
         need = replica_need(req, models)
         a = c.arrays()
         m, reasons = self._feasible(a, need)
-        racks: dict[str, list[int]] = {}
-        no_rack = 0
-        for n in np.flatnonzero(m):
-            rk = c.labels[n].get(RACK_LABEL)
-            if rk is None:
-                no_rack += 1
-            else:
-                racks.setdefault(rk, []).append(int(n))
+        cand = np.flatnonzero(m)
+        rack = self._rack_ids()[cand]
+        no_rack = int(np.count_nonzero(rack < 0))
         if no_rack:
             reasons[Reason.TOPOLOGY] = reasons.get(Reason.TOPOLOGY, 0) + no_rack
-        # smallest racks (by free GPU) first: keep big racks whole for big gangs
-        order = sorted(racks, key=lambda rk: (sum(sum(c.gpu_free[n]) for n in racks[rk]), rk))
+            cand, rack = cand[rack >= 0], rack[rack >= 0]
+        # Smallest racks (by free GPU milli of their feasible nodes) first, ties by rack name: keep big
+        # racks whole for big gangs. Vectorised: at 10,000 nodes a loop over nodes cost milliseconds.
+        free = np.bincount(rack, weights=a["gfree"][cand].sum(axis=1), minlength=int(rack.max(initial=-1)) + 1)
+        present = np.unique(rack)
+        order = present[np.lexsort((present, free[present]))]
         for rk in order[:RACK_TRIES_MAX]:
             only = np.zeros(len(c.ids), dtype=bool)
-            only[racks[rk]] = True
+            only[cand[rack == rk]] = True
             placed, _, _ = self._plan_each(req, need, restrict=only)
             if placed is not None:
                 return placed, {}, []
-        if racks:
-            reasons[Reason.TOPOLOGY] = reasons.get(Reason.TOPOLOGY, 0) + sum(len(v) for v in racks.values())
+        if len(cand):
+            reasons[Reason.TOPOLOGY] = reasons.get(Reason.TOPOLOGY, 0) + len(cand)
         reasons[Reason.GANG_INCOMPLETE] = 1
         return None, reasons, [f"no rack fits all {req.replicas} replicas"] + self._facts(need)
 
