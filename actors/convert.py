@@ -126,6 +126,8 @@ def validate_inventory(inv, address: str) -> None:
         v.append(("inventory.gpus.index", "indices must be unique and >= 0"))
     if any(not g.model for g in inv.gpus):
         v.append(("inventory.gpus.model", "every GPU needs a model"))
+    if any(not 0 <= g.nvlink_island < len(inv.gpus) for g in inv.gpus):
+        v.append(("inventory.gpus.nvlink_island", "an NVLink island is numbered 0..(GPUs on the node - 1)"))
     if inv.cpu_milli < 0 or inv.memory_mib < 0:
         v.append(("inventory.cpu_milli", "capacities must not be negative"))
     if v:

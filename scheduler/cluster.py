@@ -64,6 +64,8 @@ class Cluster:
             return n
         if spec.cpu_milli < 0 or spec.memory_mib < 0:
             raise SchedulerError(f"node {spec.node_id!r}: capacities must not be negative")
+        if any(g.nvlink_island < 0 for g in spec.gpus):
+            raise SchedulerError(f"node {spec.node_id!r}: NVLink island numbers must not be negative")
         gm = [self.model_of(g.model) for g in spec.gpus]
         row = ([MILLI] * len(gm), gm, [g.nvlink_island for g in spec.gpus], [True] * len(gm))
         if self.free_slots:
@@ -237,6 +239,7 @@ class Cluster:
             "mem_cap": np.array(self.mem_cap, dtype=np.int64),
             "sched": np.array([s and a for s, a in zip(self.schedulable, self.alive)], dtype=bool),
             "gfree": gfree, "gmodel": gmodel, "gisland": gisland, "gusable": gusable,
+            "islands": int(gisland.max(initial=0)) + 1,  # island ids change only with membership
             "gcount": np.array([len(r) for r in self.gpu_free], dtype=np.int64),
         }
 

@@ -15,7 +15,7 @@ def largest_free_island(a, need, ctx) -> np.ndarray:
     ok = ctx.model_ok(a, need) & a["gusable"] & (a["gfree"] == MILLI)
     isl = a["gisland"]
     best = np.zeros(ok.shape[0], dtype=np.int64)
-    for i in np.unique(isl):
+    for i in range(a["islands"]):  # island ids run 0..islands-1; padding GPUs are never usable
         best = np.maximum(best, (ok & (isl == i)).sum(axis=1))
     return best
 

@@ -116,3 +116,54 @@ def test_resolve_of_a_running_allocation_is_failed_precondition(control_plane, t
     with pytest.raises(grpc.RpcError) as err:
         admin.resolve(a.allocation_id)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def _inventory(**over):
+    from gpuaas.v1 import node_pb2
+    gpus = over.pop("gpus", [dict(index=i, uuid=f"GPU-bad-{i}", model="H100", memory_mib=81920, nvlink_island=0)
+                             for i in range(2)])
+    inv = node_pb2.NodeInventory(node_name=over.pop("node_name", "bad-input-node"), cpu_milli=8000,
+                                 memory_mib=65536, gpus=[node_pb2.GpuInfo(**g) for g in gpus])
+    for k, val in over.items():
+        setattr(inv, k, val)
+    return inv
+
+
+REGISTER_CASES = [
+    ("bad node name", dict(node_name="no spaces allowed"), "inventory.node_name"),
+    ("no GPUs", dict(gpus=[]), "inventory.gpus"),
+    ("duplicate GPU index", dict(gpus=[dict(index=0, model="H100"), dict(index=0, model="H100")]),
+     "inventory.gpus.index"),
+    ("GPU without a model", dict(gpus=[dict(index=0, model="")]), "inventory.gpus.model"),
+    ("negative NVLink island", dict(gpus=[dict(index=0, model="H100", nvlink_island=-1)]),
+     "inventory.gpus.nvlink_island"),
+    ("NVLink island past the GPUs", dict(gpus=[dict(index=0, model="H100", nvlink_island=3)]),
+     "inventory.gpus.nvlink_island"),
+    ("negative memory", dict(memory_mib=-1), "inventory.cpu_milli"),
+]
+
+
+@pytest.mark.parametrize("name,over,field", REGISTER_CASES, ids=[c[0] for c in REGISTER_CASES])
+def test_invalid_registration_is_rejected_with_field_violation(control_plane, name, over, field):
+    """A node's Register with a malformed inventory answers INVALID_ARGUMENT naming the field, and no
+    node row is written; without the node token it is UNAUTHENTICATED."""
+    from gpuaas.v1 import node_pb2, node_pb2_grpc
+
+    def nodes():
+        with psycopg.connect(control_plane.urls.app) as conn:
+            return conn.execute("SELECT count(*) FROM control.nodes").fetchone()[0]
+
+    before = nodes()
+    req = node_pb2.RegisterNodeRequest(inventory=_inventory(**over), agent_address="127.0.0.1:1")
+    with grpc.insecure_channel(control_plane.address) as ch:
+        stub = node_pb2_grpc.NodeRegistryStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Register(req, metadata=[("authorization", f"Bearer {control_plane.node_token}")], timeout=10)
+        code, _, violations = from_rpc_error(err.value)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in [f for f, _ in violations], violations
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Register(node_pb2.RegisterNodeRequest(inventory=_inventory(), agent_address="127.0.0.1:1"),
+                          timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert nodes() == before
