@@ -744,6 +744,8 @@ class AllocationShardCore:
                         r = fresh.get(aid)
                         if r is None or r.state in (AllocState.RELEASED, AllocState.CANCELLED, AllocState.QUEUED):
                             self.rows.pop(aid, None)
+                            if r is None or r.state is not AllocState.QUEUED:
+                                self._sent.discard(aid)
                             if r is not None and r.state is AllocState.RELEASED:
                                 self.placement().capacity_freed.remote([aid], False)
                             elif r is not None and r.state is AllocState.QUEUED:
