@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import rid
 
-RUNNING = 3
+RUNNING, RELEASED = 3, 5
 
 
 def _scrape(cp) -> dict:
@@ -49,9 +49,20 @@ def test_calls_outcomes_capacity_and_allocations_are_scraped(control_plane, tena
     assert _value(m, "gpuaas_ledger_cursor") > 0
     # The allocation is RUNNING, so its hand-off is done: nothing waits (and the gauge is there).
     assert ("gpuaas_handoffs_waiting", ()) in m and _value(m, "gpuaas_handoffs_waiting") == 0
+    # The shards' calls to the daemons: its Prepare went in a PrepareBatch.
+    assert _shard_events(m, "prepare_calls") >= _shard_events(before, "prepare_calls") + 1
     tenant.release(a.allocation_id)
+    tenant.wait_state(a.allocation_id, {RELEASED}, 30)
     m = _scrape(control_plane)
     assert _value(m, "gpuaas_rpc_total", method="Release", code="OK") >= 1
+    # It was prepared, so its Cleanup went out (in a CleanupBatch), and it counts as released.
+    assert _shard_events(m, "cleanup_calls") >= _shard_events(before, "cleanup_calls") + 1
+    assert _shard_events(m, "released") >= _shard_events(before, "released") + 1
+
+
+def _shard_events(m: dict, event: str) -> float:
+    return sum(v for (name, labels), v in m.items()
+               if name == "gpuaas_allocation_shard_events_total" and ("event", event) in labels)
 
 
 def test_every_component_names_its_postgres_connections(control_plane):
