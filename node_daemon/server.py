@@ -196,9 +196,13 @@ class NodeAgentServicer(node_pb2_grpc.NodeAgentServicer):
 
     @unary
     def Cleanup(self, request, context):
+        return self._cleanup(request.allocation_id)
+
+    def _cleanup(self, allocation_id: str) -> node_pb2.CleanupResponse:
+        """One Cleanup, alone or as an item of a CleanupBatch: same checks, same injected faults."""
         if self.daemon.call_faults.take("cleanup_fail"):
             raise Unavailable("injected cleanup failure")
-        r = self.daemon.allocations.cleanup(request.allocation_id, grace_s=self.daemon.config.cleanup_grace_s)
+        r = self.daemon.allocations.cleanup(allocation_id, grace_s=self.daemon.config.cleanup_grace_s)
         return node_pb2.CleanupResponse(processes_ended=r.processes_ended, message=r.message)
 
     @unary
@@ -207,13 +211,8 @@ class NodeAgentServicer(node_pb2_grpc.NodeAgentServicer):
         _check_batch("CleanupBatch", items, CLEANUP_BATCH_MAX)
 
         def one(r):
-            # Each item is exactly its own Cleanup: same checks, same answer, same injected faults.
-            try:
-                if self.daemon.call_faults.take("cleanup_fail"):
-                    raise Unavailable("injected cleanup failure")
-                done = self.daemon.allocations.cleanup(r.allocation_id, grace_s=self.daemon.config.cleanup_grace_s)
-                return node_pb2.CleanupResult(allocation_id=r.allocation_id, response=node_pb2.CleanupResponse(
-                    processes_ended=done.processes_ended, message=done.message))
+            try:  # each item is exactly its own Cleanup
+                return node_pb2.CleanupResult(allocation_id=r.allocation_id, response=self._cleanup(r.allocation_id))
             except GpuaasError as err:
                 return node_pb2.CleanupResult(allocation_id=r.allocation_id, error=err.to_status())
 
