@@ -198,7 +198,7 @@ class Engine:
             self._drop_hold(req.key)  # the preemptor consumes the capacity held for it
         if len(self.queue):
             self.queue.remove(req.key)
-        if self.index is not None and req.replicas == 1 and req.topology is not Topology.SAME_NVLINK_ISLAND:
+        if self.index is not None and req.replicas == 1:
             hit = self.index.place(req)
             if hit is not None:
                 return self._commit_one(req, hit, now_s)

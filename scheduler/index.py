@@ -5,16 +5,18 @@
 
 Best fit without scanning the cluster: a k-GPU request looks at buckets
 k, k+1, …; a share looks at the share buckets from its size upwards and then
-at a free GPU on the node with the fewest free GPUs. Each reservation and
-release moves a node or a GPU between buckets in O(1). The scan is bounded
-(``SCAN_MAX``); past it, or when the request needs the general pipeline
-(selectors on every node, topology, CPU-only), the engine falls back to the
-exhaustive filter → score path, which is also what explains a failure.
+at a free GPU on the node with the fewest free GPUs. A k-GPU request on one
+NVLink island takes the first node in that order with k free GPUs on one of its
+islands. Each reservation and release moves a node or a GPU between buckets in
+O(1). The scan is bounded (``SCAN_MAX``); past it, or when the request needs the
+general pipeline (several replicas, selectors on every node, CPU-only), the
+engine falls back to the exhaustive filter → score path, which is also what
+explains a failure.
 Nodes with GPUs of several models are left to that path.
 """
 from __future__ import annotations
 
-from scheduler.types import MILLI, Assignment
+from scheduler.types import MILLI, Assignment, Topology
 
 SHARE_BUCKET_MILLI = 50
 SHARE_BUCKETS = MILLI // SHARE_BUCKET_MILLI
@@ -165,28 +167,39 @@ class FastIndex:
                         budget -= 1
                         if budget <= 0:
                             return None
+        island = num > 1 and req.topology is Topology.SAME_NVLINK_ISLAND
         G = len(self.whole[mids[0]]) - 1
         for k in range(num, G + 1):
             for m in mids:
                 for n in self.whole[m][k]:
                     if cpu_free[n] >= cpu and mem_free[n] >= mem and (not sel or _match(c.labels[n], sel)):
-                        return self._take(n, self._pick(n, num), milli, req)
+                        gpus = self._pick(n, num, island)
+                        if gpus is not None:
+                            return self._take(n, gpus, milli, req)
                     budget -= 1
                     if budget <= 0:
                         return None
         return None
 
-    def _pick(self, n: int, num: int) -> tuple[int, ...]:
+    def _pick(self, n: int, num: int, island: bool = False) -> tuple[int, ...] | None:
+        """``num`` of node n's free healthy GPUs (on one NVLink island when ``island``: None when no
+        island of the node has that many free)."""
         c = self.c
         row, healthy, isl = c.gpu_free[n], c.gpu_healthy[n], c.gpu_island[n]
         gs = [g for g in range(len(row)) if row[g] == MILLI and healthy[g]]
-        if num == len(gs):
+        if num == len(gs) and not island:
             return tuple(gs)
         if isl[0] == isl[-1] and len(set(isl)) == 1:
             return tuple(gs[:num])
         from scheduler.engine import pick_islands
 
-        return pick_islands(gs, isl, num, False)
+        if island:
+            per: dict[int, int] = {}
+            for g in gs:
+                per[isl[g]] = per.get(isl[g], 0) + 1
+            if max(per.values(), default=0) < num:
+                return None
+        return pick_islands(gs, isl, num, island)
 
     def _take(self, n: int, gpus: tuple[int, ...], milli: int, req) -> Assignment:
         """Reserve what ``place`` found (its fit is already checked) and charge the tenant."""
