@@ -129,10 +129,10 @@ class AllocationShardCore:
         self._preparing: dict[str, asyncio.Task] = {}
         self._tx_flusher: asyncio.Task | None = None
         self._addr_read: asyncio.Task | None = None
-        # Allocations a node may hold: every one this shard found active when it started (an earlier
-        # incarnation may have prepared it), and every one it has sent a Prepare for since. Any other
-        # was never sent to a node (released before its hand-off was prepared): its cleanup needs no
-        # call to the nodes (_on_nodes).
+        # Allocations a node may hold: every live one this shard found active when it started (an
+        # earlier incarnation may have prepared it), and every one it has sent a Prepare for since;
+        # an id leaves when its row leaves the shard. Any other allocation (with no failed attempt
+        # counted) was never sent to a node: its cleanup needs no call to the nodes (_on_nodes).
         self._sent: set[str] = set()
         self._placement = None
         self.gc = runtime.GcPacer()
@@ -234,8 +234,8 @@ class AllocationShardCore:
         if new.state in (AllocState.RELEASED, AllocState.CANCELLED, AllocState.QUEUED):
             self.rows.pop(aid, None)
             self.locks.pop(aid, None)
-            if new.state is not AllocState.QUEUED:  # a queued one keeps its mark: it may be placed again
-                self._sent.discard(aid)
+            # Back in the queue after a failed Prepare, its row counts the attempt (_on_nodes).
+            self._sent.discard(aid)
         return new
 
     def _free_soon(self, aid: str) -> None:
@@ -489,9 +489,11 @@ class AllocationShardCore:
 
     def _on_nodes(self, row: AllocRow) -> bool:
         """Whether a node may hold this allocation: False only when no Prepare for it was ever sent.
-        This shard is the only sender of its allocations' Prepares; what an earlier incarnation may
-        have sent, it found active on start (``_sent``), or it went back to the queue with a failed
-        attempt counted (``prepare_attempts``) and perhaps a failed best-effort cleanup."""
+        This shard is the only sender of its allocations' Prepares. ``_sent`` holds the allocations
+        it has sent one for, and those it found active on start (an earlier incarnation may have).
+        An allocation that went back to the queue after a failed Prepare leaves ``_sent``. Its row
+        counts the attempt (``prepare_attempts``, kept across requeues), and its best-effort
+        cleanup may have failed, so it counts as sent when it is placed again."""
         return row.allocation_id in self._sent or row.prepare_attempts > 0
 
     async def _best_effort_cleanup(self, row: AllocRow) -> None:
@@ -744,8 +746,7 @@ class AllocationShardCore:
                         r = fresh.get(aid)
                         if r is None or r.state in (AllocState.RELEASED, AllocState.CANCELLED, AllocState.QUEUED):
                             self.rows.pop(aid, None)
-                            if r is None or r.state is not AllocState.QUEUED:
-                                self._sent.discard(aid)
+                            self._sent.discard(aid)
                             if r is not None and r.state is AllocState.RELEASED:
                                 self.placement().capacity_freed.remote([aid], False)
                             elif r is not None and r.state is AllocState.QUEUED:

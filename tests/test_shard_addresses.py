@@ -1,7 +1,12 @@
-"""An allocation shard learns the address of a node registered after it started: the node shard's
-node_ready may still be on its way when the node's first allocation is prepared or cleaned up, so a
-lookup that misses reads the nodes from Postgres before it gives up (before, such a cleanup failed
-with KeyError and waited for its backoff). Real Postgres; the shard core runs without Ray."""
+"""Two things an allocation shard must know without asking the placement actor.
+
+- The address of a node registered after the shard started. The node shard's node_ready may still
+  be on its way when the node's first allocation is prepared or cleaned up, so a lookup that misses
+  reads the nodes from Postgres before it gives up. Before, such a cleanup failed with KeyError and
+  waited out its backoff.
+- Which of its allocations no node can hold: their cleanup sends no call.
+
+Real Postgres; the shard core runs without Ray."""
 from __future__ import annotations
 
 import asyncio
@@ -50,3 +55,24 @@ def test_a_known_address_is_kept_and_an_unknown_node_stays_unknown(shard):
     asyncio.run(core._know_addresses({"n1", "ghost"}))
     assert core.addresses["n1"] == "10.0.0.1:50051"
     assert "ghost" not in core.addresses  # the caller's lookup fails as before (KeyError)
+
+
+def test_a_cleanup_call_is_skipped_only_for_an_allocation_never_sent(shard):
+    """_on_nodes: an allocation this shard never sent a Prepare for, with no failed attempt counted in
+    its row, is on no node; one it sent, or one back from the queue after a failed Prepare (its
+    best-effort cleanup may have failed), may be."""
+    import dataclasses
+
+    from actors.store import AllocRow, utcnow
+    from gpuaas.lifecycle import AllocState
+
+    core, _ = shard
+    now = utcnow()
+    row = AllocRow(allocation_id="a1", tenant_id="t", request_id="r", request_hash=b"", request=b"",
+                   state=AllocState.RELEASING, created_at=now, updated_at=now,
+                   assignments=[{"node_id": "n1", "gpu_indices": [0], "gpu_milli": 1000, "gpu_model": "H100"}])
+    assert not core._on_nodes(row)
+    core._sent.add("a1")
+    assert core._on_nodes(row)
+    core._sent.discard("a1")
+    assert core._on_nodes(dataclasses.replace(row, prepare_attempts=1))
