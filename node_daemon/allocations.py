@@ -86,6 +86,7 @@ class AllocationTable:
         # Per GPU: allocation id → milli held. Keeps Prepare and Cleanup O(GPUs of the
         # allocation), not O(allocations on the node), at thousands of fractional shares.
         self._holders: dict[int, dict[str, int]] = {i: {} for i in self.gpu_indices}
+        self._leaving: set[str] = set()  # allocations whose cleanup has begun and not finished
         self._held_milli: dict[int, int] = {i: 0 for i in self.gpu_indices}
         self.allocations_max = ALLOCATIONS_PER_GPU_MAX * max(1, len(self.gpu_indices))
         self._cleaned: collections.OrderedDict[str, CleanupResult] = collections.OrderedDict()
@@ -162,15 +163,27 @@ class AllocationTable:
                 if done is not None:
                     return CleanupResult(0, f"already cleaned up ({done.processes_ended} processes ended then)")
                 raise NotFound(f"allocation {allocation_id} is not prepared on this node")
-            shared = [i for i in alloc.gpu_indices if len(self._holders[i]) > 1]
-        exclusive = [i for i in alloc.gpu_indices if i not in shared]
-        ended = self.backend.end_processes(exclusive, grace_s=grace_s) if exclusive else 0
-        self.backend.on_release(allocation_id)
+            # A GPU stays shared while a holder that is not leaving remains: of two cleanups of one
+            # GPU's holders that overlap (two calls, or a CleanupBatch's items side by side), the
+            # later sees the GPU as its own and ends its processes, instead of each leaving them to
+            # the other.
+            self._leaving.add(allocation_id)
+            shared = [i for i in alloc.gpu_indices
+                      if any(h != allocation_id and h not in self._leaving for h in self._holders[i])]
+        try:
+            exclusive = [i for i in alloc.gpu_indices if i not in shared]
+            ended = self.backend.end_processes(exclusive, grace_s=grace_s) if exclusive else 0
+            self.backend.on_release(allocation_id)
+        except BaseException:
+            with self._lock:
+                self._leaving.discard(allocation_id)
+            raise
         msg = f"ended {ended} leftover process(es) on GPUs {exclusive}" if exclusive else "no exclusive GPUs"
         if shared:
             msg += f"; GPUs {shared} are shared with other allocations, their processes were left running"
         result = CleanupResult(ended, msg)
         with self._lock:
+            self._leaving.discard(allocation_id)
             if self._live.pop(allocation_id, None) is not None:
                 for i in alloc.gpu_indices:
                     self._held_milli[i] -= self._holders[i].pop(allocation_id, 0)

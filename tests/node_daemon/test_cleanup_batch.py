@@ -81,3 +81,34 @@ def test_injected_failure_takes_one_item(sim_daemon):
     assert _live(sim_daemon) == {"f1"}
     assert not _batch(stub, "f1").results[0].HasField("error")
     assert _live(sim_daemon) == set()
+
+
+def test_overlapping_cleanups_of_one_gpu_end_its_processes(sim_daemon):
+    """Two allocations share GPU 1 and their cleanups overlap (two calls at once, or a batch's items side
+    by side). The later one sees the GPU as its own and ends its processes; before, each saw the other
+    still holding it and both left the processes running. The overlap is made certain by holding the
+    simulated backend's lock, so the first cleanup waits inside the backend after it has begun."""
+    import threading
+    import time
+
+    stub = stub_for(sim_daemon)
+    _prepare(stub, "s1", [1], milli=300)
+    _prepare(stub, "s2", [1], milli=300)
+    table, results = sim_daemon.allocations, {}
+
+    def clean(aid):
+        results[aid] = table.cleanup(aid, grace_s=0.1)
+
+    with sim_daemon.backend._lock:  # the first cleanup blocks in on_release, already begun
+        first = threading.Thread(target=clean, args=("s1",))
+        first.start()
+        time.sleep(0.3)  # it has decided that GPU 1 is shared and now waits for the backend
+        assert first.is_alive() and "s1" not in results
+        second = threading.Thread(target=clean, args=("s2",))
+        second.start()
+        second.join(0.2)  # it waits for the backend too, after deciding whose GPU 1 is
+    first.join(5)
+    second.join(5)
+    assert "shared" in results["s1"].message
+    assert "ended" in results["s2"].message and "[1]" in results["s2"].message
+    assert _live(sim_daemon) == set()
