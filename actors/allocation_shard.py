@@ -406,23 +406,31 @@ class AllocationShardCore:
         hand-off, were a quarter of the shard's time."""
         waits: dict[str, list[asyncio.Future]] = {}
         errors: dict[str, BaseException] = {}
-        await self._know_addresses({n for aid in aids if aid in self.rows for n in self.rows[aid].node_ids()})
-        for aid in aids:
-            row = self.rows.get(aid)
-            if row is None or row.state is not AllocState.PLACED:
-                continue
-            if row.node_ids() & self.nodes_down:
-                errors[aid] = RuntimeError("node offline")
-                continue
-            try:
-                addrs = [self.addresses[a["node_id"]] for a in row.assignments]
-            except KeyError as exc:  # no replica goes out when one has no known address
-                errors[aid] = exc
-                continue
-            self._sent.add(aid)
-            waits[aid] = [self.prepares.queue(addr, node_pb2.PrepareRequest(
-                allocation_id=aid, gpu_indices=a["gpu_indices"], gpu_milli=a["gpu_milli"], tenant_id=row.tenant_id))
-                for addr, a in zip(addrs, row.assignments)]
+        todo, unknown = aids, []
+        for first_pass in (True, False):
+            for aid in todo:
+                row = self.rows.get(aid)
+                if row is None or row.state is not AllocState.PLACED:
+                    continue
+                if row.node_ids() & self.nodes_down:
+                    errors[aid] = RuntimeError("node offline")
+                    continue
+                addrs = [self.addresses.get(a["node_id"]) for a in row.assignments]
+                if None in addrs:  # no replica goes out when one has no known address
+                    if first_pass:
+                        unknown.append(aid)
+                    else:
+                        errors[aid] = KeyError(row.assignments[addrs.index(None)]["node_id"])
+                    continue
+                self._sent.add(aid)
+                waits[aid] = [self.prepares.queue(addr, node_pb2.PrepareRequest(
+                    allocation_id=aid, gpu_indices=a["gpu_indices"], gpu_milli=a["gpu_milli"],
+                    tenant_id=row.tenant_id)) for addr, a in zip(addrs, row.assignments)]
+            if not unknown:
+                break
+            # Only on a miss: a node registered after this shard learned the addresses.
+            await self._know_addresses({n for aid in unknown if aid in self.rows for n in self.rows[aid].node_ids()})
+            todo, unknown = unknown, []
         if waits:
             await asyncio.wait([f for fs in waits.values() for f in fs])
         ok = []
