@@ -8,7 +8,8 @@ loopback; `gpuaas up` prints the address):
   These are the only metrics touched on the request path (a counter and a histogram
   update, a few microseconds).
 * Everything else is read when scraped, from the state the components keep anyway:
-  placement outcomes and commits, the queue, capacity per GPU model (the same figures
+  placement outcomes and commits, the queue, the placement actor's garbage collections,
+  capacity per GPU model (the same figures
   as ``ledger.capacity_samples``), allocations by state and the shards' prepare/release
   counters, and the ledger consumer's progress. A component that does not answer within
   ``SCRAPE_TIMEOUT_S`` is left out of that scrape and counted in
@@ -71,6 +72,20 @@ class ControlPlaneCollector:
         yield GaugeMetricFamily("gpuaas_handoffs_waiting",
                                 "Committed placements not yet handed to their allocation shard (dispatch_linger_s)",
                                 value=core.handoffs_waiting())
+
+        gc_stats = core.gc.stats
+        gc_runs = CounterMetricFamily("gpuaas_placement_gc_collections",
+                                      "Garbage collections in the placement actor's process, by generation "
+                                      "(generation 2 only when its pacer gives the frozen objects back)",
+                                      labels=["generation"])
+        gc_time = CounterMetricFamily("gpuaas_placement_gc_seconds",
+                                      "Time the placement actor's process spent in garbage collections (every "
+                                      "thread waits meanwhile), by generation", labels=["generation"])
+        for g in range(3):
+            gc_runs.add_metric([str(g)], gc_stats["collections"][g])
+            gc_time.add_metric([str(g)], gc_stats["collection_s"][g])
+        yield gc_runs
+        yield gc_time
 
         cap = {name: GaugeMetricFamily(f"gpuaas_gpu_{name}", help_, labels=["gpu_model"]) for name, help_ in (
             ("total", "GPUs in the fleet"),
