@@ -100,6 +100,16 @@ def start_control_plane(name: str, nodes: int, gpus_per_node: int, config=None, 
         raise
 
 
+def downstream_pending(cp) -> int:
+    """Allocations still being prepared (PLACED) or cleaned up (RELEASING): work the shards and the
+    daemons have yet to do for what the clients were already answered."""
+    import psycopg
+
+    with psycopg.connect(cp.urls.app, autocommit=True) as conn:
+        return conn.execute("SELECT count(*) FROM control.allocations WHERE state IN ('PLACED', 'RELEASING')"
+                            ).fetchone()[0]
+
+
 def placed_pending(cp) -> int:
     """Allocations the control plane has placed but not yet prepared (its downstream backlog)."""
     import psycopg

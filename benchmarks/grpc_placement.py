@@ -3,7 +3,11 @@
 Starts a real control plane (embedded Postgres, local Ray, the actors,
 simulated node daemons), then, from this separate client process:
 - PlaceBatch: batches of small fractional requests; every placement is
-  committed to Postgres (group commit) before the answer;
+  committed to Postgres (group commit) before the answer. The headline is one client
+  sending its batches one after another (each waits for the last answer, so it is
+  latency-bound). After the other phases, the same is measured from several client
+  processes at once (``--batch-clients``, 4; each releases what it placed, untimed), which
+  shows the server's capacity where the machine has the cores for it;
 - Place unary, sustained: closed loop from several client threads (the headline, 8 by
   default), and again from more threads after the paced phase (``--threads-high``, 32): the
   closed loop from one client process is latency-bound, so the server's capacity shows only
@@ -31,7 +35,7 @@ import time
 import uuid
 
 import _common  # noqa: F401
-from _common import median, percentile, placed_pending, start_control_plane, write_json
+from _common import downstream_pending, median, percentile, placed_pending, start_control_plane, write_json
 
 
 def paced_with_threads(clients, run, rep, n, interval, threads, rng) -> list[float]:
@@ -59,6 +63,56 @@ def paced_with_threads(clients, run, rep, n, interval, threads, rng) -> list[flo
         start = time.perf_counter()
         go.set()
         return [f.result() for f in futures]
+
+
+def _batch_client(address: str, token: str, prefix: str, batches: int, batch_size: int, seed: int,
+                  go, out) -> None:
+    """One client process of the concurrent PlaceBatch phase: builds its batches, waits for ``go``,
+    sends them one after another, reports (placed, start, end) and releases what it placed."""
+    from gpuaas.client import Client
+
+    rng = random.Random(seed)
+    client = Client(address, token, timeout_s=120)
+    todo = [[Client.request(f"{prefix}-b{b}-{i}", gpu_milli=rng.randint(1, 2)) for i in range(batch_size)]
+            for b in range(batches)]
+    out.put("ready")
+    go.wait()
+    ids, t0 = [], time.perf_counter()
+    for reqs in todo:
+        resp = client.place_batch(reqs)
+        ids.extend(r.allocation.allocation_id for r in resp.results if r.HasField("allocation"))
+    t1 = time.perf_counter()
+    # Untimed: give the capacity back, so that the later phases (and repeats) find the fleet as the
+    # single client's phase left it.
+    for k in range(0, len(ids), batch_size):
+        client.release_batch(ids[k:k + batch_size])
+    out.put((len(ids), t0, t1))
+
+
+def concurrent_batches(address: str, token: str, prefix: str, clients: int, batches: int, batch_size: int) -> float:
+    """PlaceBatch from ``clients`` processes at once, each sending ``batches`` batches one after
+    another: placements answered per second, from the first send to the last answer. Requests are
+    built before the clock starts (each process's own work, not the server's). Each process then
+    releases its placements; this returns once they are released."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    go, out = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_batch_client, args=(address, token, f"{prefix}-c{k}", batches, batch_size, k, go, out))
+             for k in range(clients)]
+    for p in procs:
+        p.start()
+    try:
+        for _ in procs:
+            if out.get(timeout=120) != "ready":
+                raise RuntimeError("a batch client failed to start")
+        go.set()
+        results = [out.get(timeout=600) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(30)
+    placed = sum(r[0] for r in results)
+    return placed / (max(r[2] for r in results) - min(r[1] for r in results))
 
 
 def closed_loop(clients, prefix: str, n: int, rng) -> float:
@@ -89,6 +143,10 @@ def main() -> int:
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=2000)
     ap.add_argument("--batches", type=int, default=5)
+    ap.add_argument("--batch-clients", type=int, default=4,
+                    help="client processes of the concurrent PlaceBatch phase (0: skip it)")
+    ap.add_argument("--batch-client-batches", type=int, default=2,
+                    help="batches of --batch-size each client process sends in the concurrent phase")
     ap.add_argument("--unary", type=int, default=3000, help="requests in the sustained unary run")
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--threads-high", type=int, default=32,
@@ -120,6 +178,7 @@ def main() -> int:
         high_rates: list[float] = []  # the closed unary loop from --threads-high threads
         run = uuid.uuid4().hex[:6]
         batch_rates, unary_rates, p50s, p99s = [], [], [], []
+        batch_conc_rates: list[float] = []  # PlaceBatch from --batch-clients processes at once
         srv_p50s, srv_p99s = [], []  # the same paced requests, measured inside the server
         timeline: list[list[float]] = []  # per repeat: each paced request's latency (ms), in send order
         settle_s: list[float] = []  # per repeat: wait for PLACED allocations to reach RUNNING before pacing
@@ -161,19 +220,34 @@ def main() -> int:
                   f"{unary_rates[-1]:,.0f}/s ({ns.threads} threads"
                   f"{f', {high_rates[-1]:,.0f}/s from {ns.threads_high}' if high_rates else ''}) | at {ns.rate:.0f}/s: p50 {p50s[-1]:.1f} ms, "
                   f"p99 {p99s[-1]:.1f} ms (in the server: p50 {srv_p50s[-1]:.1f}, p99 {srv_p99s[-1]:.1f} ms)", flush=True)
+        # PlaceBatch from several client processes at once, after every other phase (its releases and
+        # their cleanups must not run under them), with the downstream work of each round drained
+        # before the next.
+        for rep in range(ns.repeats if ns.batch_clients else 0):
+            batch_conc_rates.append(concurrent_batches(cp.address, token, f"{run}-{rep}-k", ns.batch_clients,
+                                                       ns.batch_client_batches, ns.batch_size))
+            print(f"PlaceBatch from {ns.batch_clients} client processes at once, run {rep + 1}: "
+                  f"{batch_conc_rates[-1]:,.0f} durable placements/s", flush=True)
+            t_wait = time.perf_counter()
+            while time.perf_counter() - t_wait < 60 and downstream_pending(cp) > 0:
+                time.sleep(0.1)
         stats = ray.get(cp.placement.stats.remote())
         res = {"place_batch_per_s": median(batch_rates), "place_unary_per_s": median(unary_rates),
+               "place_batch_per_s_clients": median(batch_conc_rates) if batch_conc_rates else None,
+               "batch_clients": ns.batch_clients,
                "place_unary_per_s_threads_high": median(high_rates) if high_rates else None,
                "threads_high": ns.threads_high,
                "place_unary_p99_ms_at_500": median(p99s), "place_unary_p50_ms_at_500": median(p50s),
                "place_unary_server_p99_ms_at_500": median(srv_p99s),
-               "runs": {"batch": batch_rates, "unary": unary_rates, "unary_threads_high": high_rates,
+               "runs": {"batch": batch_rates, "batch_clients": batch_conc_rates, "unary": unary_rates, "unary_threads_high": high_rates,
                         "p99_ms": p99s, "p50_ms": p50s, "server_p99_ms": srv_p99s, "server_p50_ms": srv_p50s},
                "placement_actor_stats": stats, "rate": ns.rate, "threads": ns.threads,
                "nodes": ns.nodes, "gpus_per_node": ns.gpus_per_node, "dispatch_linger_s": cfg.dispatch_linger_s,
                "settle_before_paced_s": settle_s, "paced_latency_ms_in_send_order": timeline}
         high = (f", {res['place_unary_per_s_threads_high']:,.0f}/s from {ns.threads_high}" if high_rates else "")
-        print(f"\nmedian of {ns.repeats}: PlaceBatch {res['place_batch_per_s']:,.0f}/s (target ≥ 20,000) | "
+        conc = (f", {res['place_batch_per_s_clients']:,.0f}/s from {ns.batch_clients} clients" if batch_conc_rates
+                else "")
+        print(f"\nmedian of {ns.repeats}: PlaceBatch {res['place_batch_per_s']:,.0f}/s (target ≥ 20,000){conc} | "
               f"Place unary {res['place_unary_per_s']:,.0f}/s from {ns.threads} threads (target ≥ 1,500){high}"
               f" | p99 at {ns.rate:.0f}/s "
               f"{res['place_unary_p99_ms_at_500']:.1f} ms (target ≤ 10; in the server "
