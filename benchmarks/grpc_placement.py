@@ -66,7 +66,7 @@ def paced_with_threads(clients, run, rep, n, interval, threads, rng) -> list[flo
 
 
 def _batch_client(address: str, token: str, prefix: str, batches: int, batch_size: int, seed: int,
-                  go, out) -> None:
+                  go, release, out) -> None:
     """One client process of the concurrent PlaceBatch phase: builds its batches, waits for ``go``,
     sends them one after another, reports (placed, start, end) and releases what it placed."""
     from gpuaas.client import Client
@@ -81,12 +81,12 @@ def _batch_client(address: str, token: str, prefix: str, batches: int, batch_siz
     for reqs in todo:
         resp = client.place_batch(reqs)
         ids.extend(r.allocation.allocation_id for r in resp.results if r.HasField("allocation"))
-    t1 = time.perf_counter()
-    # Untimed: give the capacity back, so that the later phases (and repeats) find the fleet as the
-    # single client's phase left it.
+    out.put((len(ids), t0, time.perf_counter()))
+    # Untimed, once every client has been answered: give the capacity back, so that the later
+    # rounds find the fleet as the single client's phase left it.
+    release.wait()
     for k in range(0, len(ids), batch_size):
         client.release_batch(ids[k:k + batch_size])
-    out.put((len(ids), t0, t1))
 
 
 def concurrent_batches(address: str, token: str, prefix: str, clients: int, batches: int, batch_size: int) -> float:
@@ -97,8 +97,9 @@ def concurrent_batches(address: str, token: str, prefix: str, clients: int, batc
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    go, out = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_batch_client, args=(address, token, f"{prefix}-c{k}", batches, batch_size, k, go, out))
+    go, release, out = ctx.Event(), ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_batch_client,
+                         args=(address, token, f"{prefix}-c{k}", batches, batch_size, k, go, release, out))
              for k in range(clients)]
     for p in procs:
         p.start()
@@ -109,8 +110,9 @@ def concurrent_batches(address: str, token: str, prefix: str, clients: int, batc
         go.set()
         results = [out.get(timeout=600) for _ in procs]
     finally:
+        release.set()
         for p in procs:
-            p.join(30)
+            p.join(120)
     placed = sum(r[0] for r in results)
     return placed / (max(r[2] for r in results) - min(r[1] for r in results))
 
