@@ -8,9 +8,9 @@ loopback; `gpuaas up` prints the address):
   These are the only metrics touched on the request path (a counter and a histogram
   update, a few microseconds).
 * Everything else is read when scraped, from the state the components keep anyway:
-  placement outcomes and commits, the queue, the placement actor's garbage collections,
-  capacity per GPU model (the same figures
-  as ``ledger.capacity_samples``), allocations by state and the shards' prepare/release
+  placement outcomes and commits, the committer's time by stage, the queue, the placement
+  actor's garbage collections, capacity per GPU model (the same figures as
+  ``ledger.capacity_samples``), allocations by state and the shards' prepare/release
   counters, and the ledger consumer's progress. A component that does not answer within
   ``SCRAPE_TIMEOUT_S`` is left out of that scrape and counted in
   ``gpuaas_scrape_errors_total``.
@@ -73,6 +73,16 @@ class ControlPlaneCollector:
                                 "Committed placements not yet handed to their allocation shard (dispatch_linger_s)",
                                 value=core.handoffs_waiting())
 
+        # Where the committer's time goes, summed since start: divided by the placements' rate, the
+        # cost of a placement per stage (deciding, the group commit, answering and handing off).
+        stage = CounterMetricFamily("gpuaas_placement_stage_seconds",
+                                    "Placement committer time by stage, wall clock and the thread's CPU",
+                                    labels=["stage", "clock"])
+        for name in ("decide", "commit", "answer"):
+            stage.add_metric([name, "wall"], stats.get(f"{name}_s", 0.0))
+            if f"{name}_cpu_s" in stats:
+                stage.add_metric([name, "cpu"], stats[f"{name}_cpu_s"])
+        yield stage
         gc_stats = core.gc.stats
         gc_runs = CounterMetricFamily("gpuaas_placement_gc_collections",
                                       "Garbage collections in the placement actor's process, by generation "

@@ -49,6 +49,9 @@ def test_calls_outcomes_capacity_and_allocations_are_scraped(control_plane, tena
     assert _value(m, "gpuaas_ledger_cursor") > 0
     # The allocation is RUNNING, so its hand-off is done: nothing waits (and the gauge is there).
     assert ("gpuaas_handoffs_waiting", ()) in m and _value(m, "gpuaas_handoffs_waiting") == 0
+    # The committer's time by stage: the placement was decided and committed, so both have run.
+    assert _value(m, "gpuaas_placement_stage_seconds_total", stage="decide", clock="cpu") > 0
+    assert _value(m, "gpuaas_placement_stage_seconds_total", stage="commit", clock="wall") > 0
     # The placement actor's process has run young-generation collections by now (it has decoded,
     # decided and committed requests), and its pacer has not let the interpreter start a full one.
     assert _value(m, "gpuaas_placement_gc_collections_total", generation="0") > 0
