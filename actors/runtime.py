@@ -51,8 +51,8 @@ class GcPacer:
     collector's sight (``gc.freeze``), so a collection walks only what is new. Even so, the
     interpreter starts a full collection on its own whenever its long-lived objects have grown by a
     quarter since the last one; the freeze leaves that count small, so under load it came every few
-    hundred milliseconds, each walking up to a second's survivors: ~35 ms at 8,000 placements/s, a
-    tenth of the placement actor's CPU, and a stall for every request in flight. So the pacer also
+    hundred milliseconds, each walking up to a second's survivors: 33-39 ms of wall clock at 8,000
+    placements/s, a stall for every request in flight. So the pacer also
     switches those off (``own_full_collections``, Python 3.11-3.13): the young generations are still
     collected as usual, which is where almost every reference cycle dies, and a cycle that outlives
     them is reclaimed when the frozen objects are given back, once every ``release_s``, in one full
