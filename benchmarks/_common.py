@@ -100,19 +100,11 @@ def start_control_plane(name: str, nodes: int, gpus_per_node: int, config=None, 
         raise
 
 
-def downstream_pending(cp) -> int:
-    """Allocations still being prepared (PLACED) or cleaned up (RELEASING): work the shards and the
-    daemons have yet to do for what the clients were already answered."""
+def placed_pending(cp, states: tuple[str, ...] = ("PLACED",)) -> int:
+    """Allocations the control plane has placed but not yet prepared (its downstream backlog); with
+    ``states`` ("PLACED", "RELEASING"), also those whose cleanup has yet to run."""
     import psycopg
 
     with psycopg.connect(cp.urls.app, autocommit=True) as conn:
-        return conn.execute("SELECT count(*) FROM control.allocations WHERE state IN ('PLACED', 'RELEASING')"
-                            ).fetchone()[0]
-
-
-def placed_pending(cp) -> int:
-    """Allocations the control plane has placed but not yet prepared (its downstream backlog)."""
-    import psycopg
-
-    with psycopg.connect(cp.urls.app, autocommit=True) as conn:
-        return conn.execute("SELECT count(*) FROM control.allocations WHERE state = 'PLACED'").fetchone()[0]
+        return conn.execute("SELECT count(*) FROM control.allocations WHERE state = ANY(%s)",
+                            (list(states),)).fetchone()[0]

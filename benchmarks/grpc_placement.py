@@ -35,7 +35,7 @@ import time
 import uuid
 
 import _common  # noqa: F401
-from _common import downstream_pending, median, percentile, placed_pending, start_control_plane, write_json
+from _common import median, percentile, placed_pending, start_control_plane, write_json
 
 
 def paced_with_threads(clients, run, rep, n, interval, threads, rng) -> list[float]:
@@ -231,7 +231,7 @@ def main() -> int:
             print(f"PlaceBatch from {ns.batch_clients} client processes at once, run {rep + 1}: "
                   f"{batch_conc_rates[-1]:,.0f} durable placements/s", flush=True)
             t_wait = time.perf_counter()
-            while time.perf_counter() - t_wait < 60 and downstream_pending(cp) > 0:
+            while time.perf_counter() - t_wait < 60 and placed_pending(cp, ("PLACED", "RELEASING")) > 0:
                 time.sleep(0.1)
         stats = ray.get(cp.placement.stats.remote())
         res = {"place_batch_per_s": median(batch_rates), "place_unary_per_s": median(unary_rates),
