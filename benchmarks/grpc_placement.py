@@ -5,9 +5,10 @@ simulated node daemons), then, from this separate client process:
 - PlaceBatch: batches of small fractional requests; every placement is
   committed to Postgres (group commit) before the answer. The headline is one client
   sending its batches one after another (each waits for the last answer, so it is
-  latency-bound). After the other phases, the same is measured from several client
-  processes at once (``--batch-clients``, 4; each releases what it placed, untimed), which
-  shows the server's capacity where the machine has the cores for it;
+  latency-bound). Before the other phases, on the empty fleet, the same is measured from
+  several client processes at once (``--batch-clients``, 4; each releases what it placed,
+  untimed, and the downstream work is drained before anything else is timed), which shows
+  the server's capacity where the machine has the cores for it;
 - Place unary, sustained: closed loop from several client threads (the headline, 8 by
   default), and again from more threads after the paced phase (``--threads-high``, 32): the
   closed loop from one client process is latency-bound, so the server's capacity shows only
@@ -184,6 +185,19 @@ def main() -> int:
         srv_p50s, srv_p99s = [], []  # the same paced requests, measured inside the server
         timeline: list[list[float]] = []  # per repeat: each paced request's latency (ms), in send order
         settle_s: list[float] = []  # per repeat: wait for PLACED allocations to reach RUNNING before pacing
+        # PlaceBatch from several client processes at once, first, on the empty fleet (after the other
+        # phases it would find the fleet nearly full). Each round's releases, their cleanups and the
+        # ledger's reading of it all finish before the next round and before the other phases.
+        for rep in range(ns.repeats if ns.batch_clients else 0):
+            batch_conc_rates.append(concurrent_batches(cp.address, token, f"{run}-{rep}-k", ns.batch_clients,
+                                                       ns.batch_client_batches, ns.batch_size))
+            print(f"PlaceBatch from {ns.batch_clients} client processes at once, run {rep + 1}: "
+                  f"{batch_conc_rates[-1]:,.0f} durable placements/s", flush=True)
+            t_wait = time.perf_counter()
+            while time.perf_counter() - t_wait < 60 and (
+                    placed_pending(cp, ("PLACED", "RELEASING")) > 0
+                    or ray.get(cp.ledger.stats.remote()).get("lag_rows", 0) > 0):
+                time.sleep(0.1)
         for rep in range(ns.repeats):
             # --- PlaceBatch
             placed = 0
@@ -222,17 +236,6 @@ def main() -> int:
                   f"{unary_rates[-1]:,.0f}/s ({ns.threads} threads"
                   f"{f', {high_rates[-1]:,.0f}/s from {ns.threads_high}' if high_rates else ''}) | at {ns.rate:.0f}/s: p50 {p50s[-1]:.1f} ms, "
                   f"p99 {p99s[-1]:.1f} ms (in the server: p50 {srv_p50s[-1]:.1f}, p99 {srv_p99s[-1]:.1f} ms)", flush=True)
-        # PlaceBatch from several client processes at once, after every other phase (its releases and
-        # their cleanups must not run under them), with the downstream work of each round drained
-        # before the next.
-        for rep in range(ns.repeats if ns.batch_clients else 0):
-            batch_conc_rates.append(concurrent_batches(cp.address, token, f"{run}-{rep}-k", ns.batch_clients,
-                                                       ns.batch_client_batches, ns.batch_size))
-            print(f"PlaceBatch from {ns.batch_clients} client processes at once, run {rep + 1}: "
-                  f"{batch_conc_rates[-1]:,.0f} durable placements/s", flush=True)
-            t_wait = time.perf_counter()
-            while time.perf_counter() - t_wait < 60 and placed_pending(cp, ("PLACED", "RELEASING")) > 0:
-                time.sleep(0.1)
         stats = ray.get(cp.placement.stats.remote())
         res = {"place_batch_per_s": median(batch_rates), "place_unary_per_s": median(unary_rates),
                "place_batch_per_s_clients": median(batch_conc_rates) if batch_conc_rates else None,
