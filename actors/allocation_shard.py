@@ -116,7 +116,7 @@ class AllocationShardCore:
         self.tasks: dict[str, asyncio.Task] = {}
         self.uncertain: set[str] = set()  # rows whose last write may or may not have committed
         self.stats = {"prepared": 0, "prepare_failures": 0, "released": 0, "cleanup_failures": 0, "failed": 0,
-                      "lease_expired": 0, "commits": 0, "cleanups_not_sent": 0}
+                      "lease_expired": 0, "commits": 0, "cleanups_not_sent": 0, "release_rows_given": 0}
         self._tx_pending: list[tuple] = []
         # One PrepareBatch / CleanupBatch per node for what is queued together (runtime.NodeBatcher).
         self.prepares = runtime.NodeBatcher(self.agents, single="Prepare", batch="PrepareBatch",
@@ -223,20 +223,28 @@ class AllocationShardCore:
             raise exc
         if isinstance(exc, FailedPrecondition):
             fresh = await self.db.tx(store.load_allocation, aid)
-            if fresh is not None:
-                self.rows[aid] = fresh
+            self._keep(aid, fresh)
             log.warning("allocation %s moved concurrently; now %s", aid, fresh.state.name if fresh else "gone")
             return None
         if exc is not None:
             raise exc
         new = fut.result()
-        self.rows[aid] = new
-        if new.state in (AllocState.RELEASED, AllocState.CANCELLED, AllocState.QUEUED):
-            self.rows.pop(aid, None)
-            self.locks.pop(aid, None)
-            # Back in the queue after a failed Prepare, its row counts the attempt (_on_nodes).
-            self._sent.discard(aid)
+        self._keep(aid, new)
         return new
+
+    def _keep(self, aid: str, row: AllocRow | None) -> None:
+        """Hold ``row`` as the allocation's live row, or let it go when it is no longer the shard's:
+        finished, or back in the placement actor's queue (after a version conflict too: a row read
+        beforehand, or handed along with a release, may have finished meanwhile)."""
+        if row is not None and row.state not in (AllocState.RELEASED, AllocState.CANCELLED, AllocState.QUEUED):
+            self.rows[aid] = row
+            return
+        if row is None and aid not in self.rows:
+            return
+        self.rows.pop(aid, None)
+        self.locks.pop(aid, None)
+        # Back in the queue after a failed Prepare, its row counts the attempt (_on_nodes).
+        self._sent.discard(aid)
 
     def _free_soon(self, aid: str) -> None:
         """Tell the placement actor the capacity is back; releases finishing in one loop turn share one
@@ -547,14 +555,22 @@ class AllocationShardCore:
         # Back in the queue meanwhile (its prepare failed): the queue is the placement actor's to cancel.
         return None if after is None or after.state is AllocState.QUEUED else after
 
-    async def release_owned_many(self, items: list[tuple[str, str]]) -> list:
-        """``release_owned`` for several (allocation id, tenant) pairs: the API's Release calls that
-        queued behind one another (``runtime.Combiner``), in one actor call. Per item, in order: what
-        ``release_owned`` answers, or the refusal (an exception instance) for that item alone."""
-        read = await self._read_missing([aid for aid, _ in items])
-        done = await asyncio.gather(*[self.release_owned(aid, tenant, read) for aid, tenant in items],
+    async def release_owned_many(self, items: list[tuple]) -> list:
+        """``release_owned`` for several (allocation id, tenant[, row]) items: the API's Release calls
+        that queued behind one another (``runtime.Combiner``), in one actor call. ``row``: the
+        placement actor's committed PLACED row of an allocation whose hand-off it had not sent yet,
+        used in place of a read of Postgres when this shard does not hold the allocation (checked
+        like any row read beforehand: a row that moved since fails its version check and is read
+        again). Per item, in order: what ``release_owned`` answers, or the refusal (an exception
+        instance) for that item alone."""
+        given = {it[0]: it[2] for it in items if len(it) > 2 and it[2] is not None}
+        read = await self._read_missing([it[0] for it in items if it[0] not in given])
+        if given:
+            self.stats["release_rows_given"] += sum(1 for a in given if a not in self.rows)
+            read.update(given)
+        done = await asyncio.gather(*[self.release_owned(it[0], it[1], read) for it in items],
                                     return_exceptions=True)
-        return [_refusal(aid, r) if isinstance(r, BaseException) else r for (aid, _), r in zip(items, done)]
+        return [_refusal(it[0], r) if isinstance(r, BaseException) else r for it, r in zip(items, done)]
 
     async def _read_missing(self, aids: list[str]) -> dict:
         """The rows among ``aids`` this shard does not hold (placed, their hand-off still waiting), by

@@ -219,7 +219,7 @@ class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
         self.release_calls = [runtime.Combiner(functools.partial(self._release_owned_many, shard),
                                                name=f"release-calls-{i}") for i, shard in enumerate(core.alloc_shards)]
 
-    def _release_owned_many(self, shard, items: list[tuple[str, str]]) -> list:
+    def _release_owned_many(self, shard, items: list[tuple]) -> list:
         return _ray_get(shard.release_owned_many.remote(items),
                         self.core.cfg.rpc_timeout_s * 2 + len(items) * 0.002)
 
@@ -286,7 +286,10 @@ class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
             # The caller's own and in the capacity view: its shard releases it (from its live row, or,
             # when the release overtakes the hand-off, from one read of its own) and answers with the
             # row after the release, with no read of Postgres on this side.
-            fut = self.release_calls[shard_of(aid, len(shards))].submit((aid, p.tenant_id))
+            # An allocation whose hand-off is still waiting: its committed row goes along, so the shard
+            # need not read it back (the shard version-checks it like any row it did not hold).
+            fut = self.release_calls[shard_of(aid, len(shards))].submit(
+                (aid, p.tenant_id, self.core.waiting_handoff(aid)))
             try:
                 row = fut.result(self.core.cfg.rpc_timeout_s * 3)
             except cf.TimeoutError:

@@ -17,13 +17,18 @@ ZONE = {"zone": "sim-a"}   # the session's simulated nodes only
 other = tenant_fixture()
 
 
-def _not_sent(cp) -> int:
+def _shard_stat(cp, name: str) -> int:
     import ray
-    return sum(ray.get(s.snapshot.remote())["stats"]["cleanups_not_sent"] for s in cp.alloc_shards)
+    return sum(ray.get(s.snapshot.remote())["stats"][name] for s in cp.alloc_shards)
+
+
+def _not_sent(cp) -> int:
+    return _shard_stat(cp, "cleanups_not_sent")
 
 
 def test_release_while_preparing_leaves_nothing_on_the_nodes(control_plane, tenant):
     not_sent_before = _not_sent(control_plane)
+    given_before = _shard_stat(control_plane, "release_rows_given")
     for _ in range(3):
         resp = tenant.place_batch([Client.request(rid(), gpu_milli=10, node_selector=ZONE) for _ in range(40)])
         ids = [r.allocation.allocation_id for r in resp.results if r.HasField("allocation")]
@@ -36,6 +41,8 @@ def test_release_while_preparing_leaves_nothing_on_the_nodes(control_plane, tena
     # The first releases of each round came before their hand-off: no Prepare had gone out, so no
     # Cleanup call went to the nodes for them. The probe below shows that nothing was left behind.
     assert _not_sent(control_plane) > not_sent_before
+    # Those releases took the placement actor's committed row along: the shard did not read it back.
+    assert _shard_stat(control_plane, "release_rows_given") > given_before
     held = set()
     for (assignments,) in q(control_plane, "SELECT assignments FROM control.allocations WHERE state IN"
                                            " ('PLACED','RUNNING','RELEASING','FAILED','RELEASE_FAILED')"):
@@ -97,6 +104,37 @@ def test_a_late_hand_off_of_a_stale_row_changes_nothing(control_plane, tenant):
         assert q(control_plane, "SELECT version, state FROM control.allocations WHERE allocation_id = %s",
                  a.allocation_id) == [(version, state)]
     assert tenant.get(running.allocation_id).state == pb.ALLOCATION_STATE_RUNNING
+
+
+def test_a_stale_row_handed_along_with_a_release_changes_nothing(control_plane, tenant):
+    """A release of an allocation whose hand-off is still waiting carries the placement actor's
+    committed PLACED row. Should the allocation have finished meanwhile (a second release of it, its
+    hand-off still waiting), the row is stale: the shard must not release it again, nor keep it."""
+    import ray
+
+    from actors import store
+    from actors.placement import shard_of
+
+    a = tenant.place(rid(), gpu_milli=10, node_selector=ZONE)
+    tenant.wait_state(a.allocation_id, {pb.ALLOCATION_STATE_RUNNING}, 30)
+    tenant.release(a.allocation_id)
+    tenant.wait_state(a.allocation_id, {pb.ALLOCATION_STATE_RELEASED}, 30)
+    [(version,)] = q(control_plane, "SELECT version FROM control.allocations WHERE allocation_id = %s",
+                     a.allocation_id)
+    stale = store.AllocRow(allocation_id=a.allocation_id, tenant_id=a.tenant_id, request_id=a.request_id,
+                           request_hash=b"", request=a.request.SerializeToString(), state=store.AllocState.PLACED,
+                           version=2, assignments=[{"node_id": x.node_id, "gpu_indices": list(x.gpu_indices),
+                                                    "gpu_milli": x.gpu_milli, "gpu_model": x.gpu_model}
+                                                   for x in a.assignments])
+    shards = control_plane.alloc_shards
+    shard = shards[shard_of(a.allocation_id, len(shards))]
+    [answer] = ray.get(shard.release_owned_many.remote([(a.allocation_id, a.tenant_id, stale)]))
+    # No release of its own: the caller reads the row (the general path) and answers with it.
+    assert answer is None
+    assert q(control_plane, "SELECT version, state FROM control.allocations WHERE allocation_id = %s",
+             a.allocation_id) == [(version, "RELEASED")]
+    assert "RELEASED" not in ray.get(shard.snapshot.remote())["by_state"]
+    assert tenant.release(a.allocation_id).state == pb.ALLOCATION_STATE_RELEASED
 
 
 def test_concurrent_releases_each_get_their_own_answer_and_capacity_comes_back(control_plane, tenant, other):
