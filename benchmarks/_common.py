@@ -108,3 +108,62 @@ def placed_pending(cp, states: tuple[str, ...] = ("PLACED",)) -> int:
     with psycopg.connect(cp.urls.app, autocommit=True) as conn:
         return conn.execute("SELECT count(*) FROM control.allocations WHERE state = ANY(%s)",
                             (list(states),)).fetchone()[0]
+
+
+# ---------------------------------------------------------------- CPU by component (from /proc)
+
+
+def processes() -> dict[int, tuple[str, int]]:
+    """pid → (command line, CPU ticks used so far)."""
+    out = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+            st = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            out[int(pid)] = (cmd, int(st[11]) + int(st[12]))
+        except OSError:
+            continue
+    return out
+
+
+def component(cmd: str, pid: int, pg_apps: dict[int, str]) -> str:
+    if pid == os.getpid():
+        return "client"
+    if pid in pg_apps:
+        return "postgres:" + (pg_apps[pid].removeprefix("gpuaas-").split("-shard")[0] or "other")
+    if cmd.startswith("ray::"):
+        name = cmd.split()[0].removeprefix("ray::").split(".")[0]
+        return {"PlacementActor": "placement actor", "AllocationShardActor": "allocation shards",
+                "NodeShardActor": "node shards", "LedgerActor": "ledger"}.get(name, "ray")
+    if "node_daemon" in cmd:
+        return "daemons"
+    if "postgres" in cmd:
+        return "postgres:other"
+    if "raylet" in cmd or "gcs_server" in cmd:
+        return "ray"
+    return ""
+
+
+def pg_apps(cp) -> dict[int, str]:
+    """Postgres backend pid → the connecting component's application_name."""
+    import psycopg
+
+    with psycopg.connect(cp.urls.owner, autocommit=True) as conn:
+        return {pid: app or "" for pid, app in conn.execute("SELECT pid, application_name FROM pg_stat_activity")}
+
+
+def cpu_per_op(before, after, pg_apps, n: int) -> dict[str, float]:
+    """ms of CPU per operation, by component, between two /proc readings."""
+    tick = os.sysconf("SC_CLK_TCK")
+    by: dict[str, float] = {}
+    for pid, (cmd, t) in after.items():
+        if pid in before:
+            used = (t - before[pid][1]) / tick
+            name = component(cmd, pid, pg_apps)
+            if used > 0 and name:
+                by[name] = by.get(name, 0.0) + used
+    out = {k: round(v / n * 1000, 3) for k, v in sorted(by.items(), key=lambda x: -x[1])}
+    out["all"] = round(sum(by.values()) / n * 1000, 3)
+    return out

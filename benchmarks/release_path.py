@@ -18,61 +18,12 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import os
 import threading
 import time
 import uuid
 
 import _common  # noqa: F401  (puts the repo on sys.path)
-from _common import median, placed_pending, start_control_plane, write_json
-
-
-def _processes() -> dict[int, tuple[str, int]]:
-    """pid → (command line, CPU ticks used so far)."""
-    out = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
-            st = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-            out[int(pid)] = (cmd, int(st[11]) + int(st[12]))
-        except OSError:
-            continue
-    return out
-
-
-def _component(cmd: str, pid: int, pg_apps: dict[int, str]) -> str:
-    if pid == os.getpid():
-        return "client"
-    if pid in pg_apps:
-        return "postgres:" + (pg_apps[pid].removeprefix("gpuaas-").split("-shard")[0] or "other")
-    if cmd.startswith("ray::"):
-        name = cmd.split()[0].removeprefix("ray::").split(".")[0]
-        return {"PlacementActor": "placement actor", "AllocationShardActor": "allocation shards",
-                "NodeShardActor": "node shards", "LedgerActor": "ledger"}.get(name, "ray")
-    if "node_daemon" in cmd:
-        return "daemons"
-    if "postgres" in cmd:
-        return "postgres:other"
-    if "raylet" in cmd or "gcs_server" in cmd:
-        return "ray"
-    return ""
-
-
-def cpu_per_op(before, after, pg_apps, n: int) -> dict[str, float]:
-    """ms of CPU per operation, by component, between two /proc readings."""
-    tick = os.sysconf("SC_CLK_TCK")
-    by: dict[str, float] = {}
-    for pid, (cmd, t) in after.items():
-        if pid in before:
-            used = (t - before[pid][1]) / tick
-            name = _component(cmd, pid, pg_apps)
-            if used > 0 and name:
-                by[name] = by.get(name, 0.0) + used
-    out = {k: round(v / n * 1000, 3) for k, v in sorted(by.items(), key=lambda x: -x[1])}
-    out["all"] = round(sum(by.values()) / n * 1000, 3)
-    return out
+from _common import cpu_per_op, median, pg_apps, placed_pending, processes, start_control_plane, write_json
 
 
 def main() -> int:
@@ -86,7 +37,6 @@ def main() -> int:
     ap.add_argument("--json")
     ns = ap.parse_args()
 
-    import psycopg
     import ray
 
     from gpuaas.client import Client
@@ -95,11 +45,6 @@ def main() -> int:
     try:
         clients = [Client(cp.address, token) for _ in range(ns.threads)]
         run = uuid.uuid4().hex[:6]
-
-        def pg_apps() -> dict[int, str]:
-            with psycopg.connect(cp.urls.owner, autocommit=True) as conn:
-                return {pid: app or "" for pid, app in conn.execute(
-                    "SELECT pid, application_name FROM pg_stat_activity")}
 
         def placed_running(n: int, tag: str) -> list[str]:
             resp = clients[0].place_batch([Client.request(f"{run}-{tag}-{i}", gpu_milli=1) for i in range(n)])
@@ -121,12 +66,12 @@ def main() -> int:
                         return
                     c.release(aid)
 
-            apps, before = pg_apps(), _processes()
+            apps, before = pg_apps(cp), processes()
             t0 = time.perf_counter()
             with cf.ThreadPoolExecutor(threads) as ex:
                 list(ex.map(worker, clients[:threads]))
             took = time.perf_counter() - t0
-            return len(ids) / took, cpu_per_op(before, _processes(), apps, len(ids))
+            return len(ids) / took, cpu_per_op(before, processes(), apps, len(ids))
 
         rates, serial_rates, cpus, serial_cpus = [], [], [], []
         calls0 = ray.get(cp.placement.stats.remote()).get("release_calls", [])
