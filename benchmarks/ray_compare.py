@@ -133,8 +133,8 @@ def ours_rates(reqs: list[dict], serial_reqs: list[dict], nodes: int, gpus: int,
             todo = later + todo
             n_waves += 1
         waves_rate = len(reqs) / (time.perf_counter() - t0)
-        # CPU per cycle by component (/proc), while the waves ran: a figure less noisy than the rate on a
-        # shared machine. Work still running after the last answer (cleanups, the ledger) is not in it.
+        # CPU per cycle by component (/proc), while the waves ran: where the CPU goes. Work still running
+        # after the last answer (cleanups, the ledger) is not in it.
         detail = {"waves": n_waves, "items_retried": retried,
                   "cpu_ms_per_cycle_waves": cpu_per_op(before, processes(), apps, len(reqs))}
 
