@@ -275,13 +275,7 @@ class AllocationShardCore:
                                                   [(r, e, kw) for _, r, e, kw, _ in batch])
             except Exception as exc:  # noqa: BLE001 - every caller in the batch gets the commit's failure
                 results = [exc] * len(batch)
-            for (_, _, _, _, fut), res in zip(batch, results):
-                if fut.done():
-                    continue
-                if isinstance(res, BaseException):
-                    fut.set_exception(res)
-                else:
-                    fut.set_result(res)
+            runtime.settle([item[4] for item in batch], results)
             self.stats["commits"] += 1
 
     async def _load_addresses(self, conn_fn=None) -> dict:

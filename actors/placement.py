@@ -204,10 +204,9 @@ class PlacementCore:
         self._preempt_note: dict[str, str] = {}        # queued id → why its last victim search found none
         self._requeue_pending: set[str] = set()        # back to QUEUED, row not read yet
         self._dispatch_cv = threading.Condition()
-        self._dispatch_pending: list[tuple] = []
-        # The committed rows of those hand-offs, by id: a release that overtakes its hand-off takes
-        # the row along, so the shard need not read it back (waiting_handoff).
-        self._handoff_rows: dict[str, AllocRow] = {}
+        # Hand-offs waiting for their window, by allocation id, in commit order: (id, addresses, committed
+        # row). A release that overtakes its hand-off takes the row along (waiting_handoff).
+        self._dispatch_pending: dict[str, tuple] = {}
         # Full collections over the capacity view stalled every request in flight (~0.1 s at 50k allocations).
         self.gc = runtime.GcPacer()
         self._recon_lock = threading.Lock()  # reconcile_released: the tick's pass and an operator's
@@ -578,8 +577,7 @@ class PlacementCore:
         # The committed row travels with its id: the shard need not read back what was just written.
         items = [(r.allocation_id, {n: self.address_of(n) for n in r.node_ids()}, r) for r in rows]
         with self._dispatch_cv:
-            self._dispatch_pending.extend(items)
-            self._handoff_rows.update((r.allocation_id, r) for r in rows)
+            self._dispatch_pending.update((item[0], item) for item in items)
             n = len(self._dispatch_pending)
             # Wake the dispatcher when a window opens, and when it is full; not on every commit.
             if n == len(items) or n >= DISPATCH_FLUSH_ITEMS:
@@ -588,7 +586,8 @@ class PlacementCore:
     def waiting_handoff(self, allocation_id: str) -> AllocRow | None:
         """The committed PLACED row of an allocation whose hand-off has not gone to its shard yet."""
         with self._dispatch_cv:
-            return self._handoff_rows.get(allocation_id)
+            item = self._dispatch_pending.get(allocation_id)
+        return item[2] if item else None
 
     def handoffs_waiting(self) -> int:
         """Committed PLACED allocations waiting for their hand-off window."""
@@ -608,8 +607,7 @@ class PlacementCore:
                     if left <= 0:
                         break
                     self._dispatch_cv.wait(left)
-                items, self._dispatch_pending = self._dispatch_pending, []
-                self._handoff_rows.clear()
+                items, self._dispatch_pending = list(self._dispatch_pending.values()), {}
             by_shard: dict[int, list] = {}
             for item in items:
                 by_shard.setdefault(shard_of(item[0], len(self.alloc_shards)), []).append(item)

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import gc
 import logging
 import random
+import sys
 import threading
 import time
 
@@ -19,6 +21,19 @@ log = logging.getLogger("gpuaas.actors")
 NAMESPACE = "gpuaas"
 PLACEMENT = "placement"
 LEDGER = "ledger"
+
+
+def settle(futures, outcomes) -> None:
+    """Answer each waiter of a batch with its own outcome: an exception instance fails it, anything
+    else is its result. A future already done (given up, cancelled) is left as it is. Works for
+    asyncio and concurrent.futures futures alike."""
+    for fut, out in zip(futures, outcomes):
+        if fut.done():
+            continue
+        if isinstance(out, BaseException):
+            fut.set_exception(out)
+        else:
+            fut.set_result(out)
 
 
 # Per process: every collection the interpreter ran, by generation, and the time it took.
@@ -63,9 +78,6 @@ class GcPacer:
 
     def __init__(self, *, freeze_every_s: float = 1.0, release_s: float = 600.0, clock=None,
                  own_full_collections: bool = True):
-        import gc
-        import sys
-
         self._clock = clock or time.monotonic
         self.freeze_every_s, self.release_s = freeze_every_s, release_s
         now = self._clock()
@@ -83,8 +95,6 @@ class GcPacer:
                     collection_s=[round(x, 4) for x in _COLLECTIONS["s"]])
 
     def tick(self) -> None:
-        import gc
-
         now = self._clock()
         if now - self._last_release >= self.release_s:
             self._last_release = self._last_freeze = now
@@ -158,11 +168,7 @@ class Combiner:
                 continue
             self.stats["calls"] += 1
             self.stats["items"] += len(batch)
-            for (_, fut), res in zip(batch, results):
-                if isinstance(res, BaseException):
-                    fut.set_exception(res)
-                else:
-                    fut.set_result(res)
+            settle([fut for _, fut in batch], results)
 
 
 class DbThread:
@@ -289,13 +295,7 @@ class NodeBatcher:
                 except Exception as exc:  # noqa: BLE001 - a caller waits on each item: none is left hanging
                     log.error("%s to %s failed: %r", self.batch, address, exc)
                     outcomes = [exc] * len(batch)
-                for (_, fut), out in zip(batch, outcomes):
-                    if fut.done():
-                        continue
-                    if isinstance(out, BaseException):
-                        fut.set_exception(out)
-                    else:
-                        fut.set_result(out)
+                settle([fut for _, fut in batch], outcomes)
 
     async def _send(self, address: str, reqs: list) -> list:
         """Per request, in order: its response, or the exception that stands for its failure."""
