@@ -116,7 +116,7 @@ class AllocationShardCore:
         self.tasks: dict[str, asyncio.Task] = {}
         self.uncertain: set[str] = set()  # rows whose last write may or may not have committed
         self.stats = {"prepared": 0, "prepare_failures": 0, "released": 0, "cleanup_failures": 0, "failed": 0,
-                      "lease_expired": 0, "commits": 0, "cleanups_not_sent": 0, "release_rows_given": 0}
+                      "lease_expired": 0, "commits": 0, "cleanups_not_sent": 0}
         self._tx_pending: list[tuple] = []
         # One PrepareBatch / CleanupBatch per node for what is queued together (runtime.NodeBatcher).
         self.prepares = runtime.NodeBatcher(self.agents, single="Prepare", batch="PrepareBatch",
@@ -550,18 +550,11 @@ class AllocationShardCore:
         return None if after is None or after.state is AllocState.QUEUED else after
 
     async def release_owned_many(self, items: list[tuple]) -> list:
-        """``release_owned`` for several (allocation id, tenant[, row]) items: the API's Release calls
-        that queued behind one another (``runtime.Combiner``), in one actor call. ``row``: the
-        placement actor's committed PLACED row of an allocation whose hand-off it had not sent yet,
-        used in place of a read of Postgres when this shard does not hold the allocation (checked
-        like any row read beforehand: a row that moved since fails its version check and is read
-        again). Per item, in order: what ``release_owned`` answers, or the refusal (an exception
-        instance) for that item alone."""
-        given = {it[0]: it[2] for it in items if len(it) > 2 and it[2] is not None}
-        read = await self._read_missing([it[0] for it in items if it[0] not in given])
-        if given:
-            self.stats["release_rows_given"] += sum(1 for a in given if a not in self.rows)
-            read.update(given)
+        """``release_owned`` for several (allocation id, tenant) items: the API's Release calls that
+        queued behind one another (``runtime.Combiner``), in one actor call, with the rows this shard
+        does not hold read in one query. Per item, in order: what ``release_owned`` answers, or the
+        refusal (an exception instance) for that item alone."""
+        read = await self._read_missing([it[0] for it in items])
         done = await asyncio.gather(*[self.release_owned(it[0], it[1], read) for it in items],
                                     return_exceptions=True)
         return [_refusal(it[0], r) if isinstance(r, BaseException) else r for it, r in zip(items, done)]

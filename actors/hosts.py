@@ -99,7 +99,8 @@ class PlacementActor:
     def stats(self) -> dict:
         return dict(self.core.stats, queued_now=len(self.core.queued), nodes=len(self.core.nodes),
                     gc=dict(self.core.gc.stats),
-                    release_calls=[dict(c.stats) for c in self.placement_servicer.release_calls])
+                    release_calls=[dict(c.stats) for c in self.placement_servicer.release_calls],
+                    release_before_handoff_calls=dict(self.placement_servicer.release_before_handoff.stats))
 
     def place_latency(self, clear: bool = True) -> list[float]:
         """Unary Place handler latencies (s) recorded since the last clear, oldest first."""

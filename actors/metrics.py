@@ -66,6 +66,10 @@ class ControlPlaneCollector:
                                   value=stats.get("batches", 0))
         yield CounterMetricFamily("gpuaas_placement_commit_failures", "Placement group commits that failed",
                                   value=stats.get("commit_failures", 0))
+        yield CounterMetricFamily("gpuaas_releases_before_handoff",
+                                  "Releases that overtook their allocation's hand-off to a shard, settled by the "
+                                  "placement actor in one commit (no shard, no cleanup on a node)",
+                                  value=stats.get("released_before_handoff", 0))
         yield GaugeMetricFamily("gpuaas_queue_depth", "Requests waiting in the placement queue",
                                 value=len(core.queued))
         yield GaugeMetricFamily("gpuaas_nodes", "Nodes in the placement actor's capacity view", value=len(core.nodes))

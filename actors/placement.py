@@ -198,7 +198,9 @@ class PlacementCore:
                       "preemptions": 0, "victims": 0, "preemptions_given_up": 0,
                       # Committer time by phase (seconds, summed): where a placement's latency goes.
                       "decide_s": 0.0, "commit_s": 0.0, "answer_s": 0.0, "decide_cpu_s": 0.0,
-                      "commit_cpu_s": 0.0}
+                      "commit_cpu_s": 0.0,
+                      # Releases that overtook their hand-off, settled here (release_before_handoff).
+                      "released_before_handoff": 0}
         self.preempting: dict[str, _Preemption] = {}   # preemptor id → its victims (engine holds the capacity)
         self._preempt_tried: dict[str, float] = {}     # queued id → monotonic time of its last victim search
         self._preempt_note: dict[str, str] = {}        # queued id → why its last victim search found none
@@ -588,6 +590,54 @@ class PlacementCore:
         with self._dispatch_cv:
             item = self._dispatch_pending.get(allocation_id)
         return item[2] if item else None
+
+    def release_before_handoff(self, items: list[tuple[str, str]]) -> list[AllocRow | None]:
+        """Releases that overtook their allocation's hand-off, settled here.
+
+        Until its hand-off goes out, a placed allocation is this actor's alone: no shard holds it and
+        no Prepare for it has gone to a node (only its shard sends those, after the hand-off). So its
+        release needs no shard and no cleanup: the hand-off is withdrawn, the row goes PLACED →
+        RELEASING → RELEASED in one commit (an event per edge, billing never started), and the
+        capacity comes back at once. Before, the shard took the release, committed RELEASING, then
+        RELEASED, and sent the capacity back with a second actor call.
+
+        ``items``: (allocation id, tenant). Per item, in order: the RELEASED row, or None when the
+        allocation's hand-off is not waiting here (gone to its shard, another tenant's, not placed
+        by this actor) or its row moved since it was committed (a shard resumed it): the shard's
+        release path answers those. A failed commit puts the hand-offs back and raises Unavailable:
+        nothing was released, so a retry of the release is safe."""
+        out: list[AllocRow | None] = [None] * len(items)
+        taken: dict[str, tuple] = {}
+        with self._dispatch_cv:
+            for aid, tenant in items:
+                item = self._dispatch_pending.get(aid)
+                if item is not None and item[2].tenant_id == tenant:
+                    taken[aid] = self._dispatch_pending.pop(aid)
+        if not taken:
+            return out
+        chain = (AllocEvent.RELEASE_REQUESTED, AllocEvent.CLEANUP_OK)
+        at = utcnow()
+        try:
+            results = store.transition_allocations(self.reader(), [(it[2], chain, {"at": at})
+                                                                   for it in taken.values()])
+        except Exception as exc:  # noqa: BLE001 - nothing committed (a version-checked statement of its own)
+            self._read_local.conn = None
+            with self._dispatch_cv:
+                for aid, item in taken.items():
+                    self._dispatch_pending.setdefault(aid, item)
+                self._dispatch_cv.notify()
+            log.warning("release of %d allocations before their hand-off failed: %s", len(taken), exc)
+            raise Unavailable("could not commit the release; nothing was released, retry") from None
+        done = {}
+        for aid, res in zip(taken, results):
+            if isinstance(res, AllocRow):
+                done[aid] = res
+            else:  # moved since its commit: whoever moved it holds it now; not handed off again
+                log.info("release of %s before its hand-off: %s", aid, res)
+        if done:
+            self.stats["released_before_handoff"] += len(done)
+            self.capacity_freed(list(done))
+        return [done.get(aid) for aid, _ in items]
 
     def handoffs_waiting(self) -> int:
         """Committed PLACED allocations waiting for their hand-off window."""

@@ -218,6 +218,9 @@ class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
         # arrive meanwhile go together in the next (runtime.Combiner).
         self.release_calls = [runtime.Combiner(functools.partial(self._release_owned_many, shard),
                                                name=f"release-calls-{i}") for i, shard in enumerate(core.alloc_shards)]
+        # Releases that overtook their hand-off are the placement actor's own, settled in one commit each
+        # group (PlacementCore.release_before_handoff).
+        self.release_before_handoff = runtime.Combiner(core.release_before_handoff, name="release-before-handoff")
 
     def _release_owned_many(self, shard, items: list[tuple]) -> list:
         return _ray_get(shard.release_owned_many.remote(items),
@@ -283,17 +286,24 @@ class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
         aid = _uuid_or_404(request.allocation_id)
         shards = self.core.alloc_shards
         if self.core.owner_tenant.get(aid) == p.tenant_id:
-            # The caller's own and in the capacity view: its shard releases it (from its live row, or,
-            # when the release overtakes the hand-off, from one read of its own) and answers with the
-            # row after the release, with no read of Postgres on this side.
-            # An allocation whose hand-off is still waiting: its committed row goes along, so the shard
-            # need not read it back (the shard version-checks it like any row it did not hold).
-            fut = self.release_calls[shard_of(aid, len(shards))].submit(
-                (aid, p.tenant_id, self.core.waiting_handoff(aid)))
-            try:
-                row = fut.result(self.core.cfg.rpc_timeout_s * 3)
-            except cf.TimeoutError:
-                raise Unavailable("allocation shard busy; retry") from None
+            row = None
+            if self.core.waiting_handoff(aid) is not None:
+                # Released before its hand-off went out: this actor settles it, no shard involved
+                # (PlacementCore.release_before_handoff); releases arriving together share a commit.
+                try:
+                    row = self.release_before_handoff.submit((aid, p.tenant_id)).result(
+                        self.core.cfg.rpc_timeout_s * 3)
+                except cf.TimeoutError:
+                    raise Unavailable("placement actor busy; retry") from None
+            if row is None:
+                # The caller's own and in the capacity view: its shard releases it (from its live row,
+                # or, when the release overtakes the hand-off, from one read of its own) and answers
+                # with the row after the release, with no read of Postgres on this side.
+                fut = self.release_calls[shard_of(aid, len(shards))].submit((aid, p.tenant_id))
+                try:
+                    row = fut.result(self.core.cfg.rpc_timeout_s * 3)
+                except cf.TimeoutError:
+                    raise Unavailable("allocation shard busy; retry") from None
             if row is not None:
                 return placement_pb2.ReleaseResponse(allocation=allocation_pb(row, self.core.address_of))
         row = self._owned(p.tenant_id, aid)
@@ -328,7 +338,11 @@ class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
             except GpuaasError as err:
                 ids.append(None)
                 refused[i] = err
-        rows = self._owned_many(p.tenant_id, {a for a in ids if a})
+        # Released before their hand-off went out: settled by this actor in one commit, with no read.
+        mine = [a for a in dict.fromkeys(ids) if a and self.core.owner_tenant.get(a) == p.tenant_id]
+        rows = {a: r for a, r in zip(mine, self.core.release_before_handoff([(a, p.tenant_id) for a in mine]))
+                if r is not None}
+        rows.update(self._owned_many(p.tenant_id, {a for a in ids if a and a not in rows}))
         # QUEUED → CANCELLED here; one that left the queue meanwhile is read again and released below.
         moved = []
         for aid in [a for a, row in rows.items() if row.state is AllocState.QUEUED]:

@@ -288,8 +288,11 @@ _TRANSITION_MANY = (
 def transition_allocations(conn, items: Sequence[tuple[AllocRow, AllocEvent, dict]]) -> list:
     """Apply many table edges in the caller's transaction (group commit of transitions).
 
-    ``items``: (row, event, {"at", "reason", **column changes}). Each item is
-    checked on its own, exactly as ``transition_allocation`` would: the result
+    ``items``: (row, event, {"at", "reason", **column changes}). ``event`` may
+    be a tuple of events, a chain of edges taken in turn at the same instant
+    (``reason`` and the column changes go with the first): one version-checked
+    UPDATE to the last edge's row, one event and outbox row per edge, in order.
+    Each item is checked on its own, exactly as ``transition_allocation`` would: the result
     list holds, per item, the new row, or the exception for that item alone
     (IllegalTransition when the table has no such edge, FailedPrecondition
     when its version moved). One statement writes them all: a version-checked
@@ -299,15 +302,22 @@ def transition_allocations(conn, items: Sequence[tuple[AllocRow, AllocEvent, dic
     statement is its own transaction: one round trip.
     """
     results: list = [None] * len(items)
-    todo: list[tuple[int, AllocRow, AllocRow, AllocEvent, dt.datetime]] = []
+    # (item index, row, row after the last edge, [(row before, row after, event) per edge], at)
+    todo: list[tuple[int, AllocRow, AllocRow, list, dt.datetime]] = []
     for i, (row, event, kw) in enumerate(items):
         kw = dict(kw)
         at = kw.pop("at", None) or utcnow()
         reason = kw.pop("reason", None)
+        steps, cur = [], row
         try:
-            todo.append((i, row, _apply_edge(row, event, at, reason, kw), event, at))
+            for k, ev in enumerate(event if isinstance(event, tuple) else (event,)):
+                nxt = _apply_edge(cur, ev, at, reason if k == 0 else None, kw if k == 0 else {})
+                steps.append((cur, nxt, ev))
+                cur = nxt
         except IllegalTransition as exc:
             results[i] = exc
+            continue
+        todo.append((i, row, cur, steps, at))
     if not todo:
         return results
     stamps = _Stamps()
@@ -316,7 +326,8 @@ def transition_allocations(conn, items: Sequence[tuple[AllocRow, AllocEvent, dic
              n.queue_deadline, n.next_attempt_at) for _, r, n, _, _ in todo]
     # The payload without its event_id: the statement takes the ids and appends the field (migration 0008).
     events = [(r.allocation_id, r.tenant_id, r.state.name, n.state.name, ev.value, n.reason, n.version, at,
-               _transition_payload(n, r.state, ev, 0, at, stamps[at])) for _, r, n, ev, at in todo]
+               _transition_payload(n, r.state, ev, 0, at, stamps[at]))
+              for _, _, _, steps, at in todo for r, n, ev in steps]
     done = {str(r[0]) for r in conn.execute(
         _TRANSITION_MANY, [list(c) for c in zip(*cols)] + [list(c) for c in zip(*events)] + [TOPIC_ALLOC])}
     for i, row, new, _, _ in todo:

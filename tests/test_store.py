@@ -117,3 +117,44 @@ def test_a_group_of_transitions_writes_exactly_the_ones_that_pass(fresh_db, grou
         for r in (stale, illegal):
             assert store.load_allocation(conn, r.allocation_id).state is AllocState.PLACED
             assert _counts(conn, r.allocation_id) == (2, 2)
+
+
+def test_a_chain_of_edges_is_one_update_with_one_event_per_edge(fresh_db):
+    """transition_allocations with a tuple of events: PLACED → RELEASING → RELEASED in one statement
+    (a release that nothing on a node needs cleaning up after). The row moves once, to the last edge's
+    version; each edge writes its own event and outbox row, in order, with the per-transition payload.
+    A chain whose first version moved, or with an illegal edge anywhere, writes nothing."""
+    with psycopg.connect(fresh_db.app) as conn:
+        ok, stale, illegal = _row(), _row(), _row()
+        with conn.transaction():
+            store.insert_new_allocations(conn, [(r, [(AllocEvent.ACCEPTED, None), (AllocEvent.PLACED,
+                                                                                   AllocState.QUEUED)])
+                                                for r in (ok, stale, illegal)])
+        t = store.utcnow()
+        chain = (AllocEvent.RELEASE_REQUESTED, AllocEvent.CLEANUP_OK)
+        out = store.transition_allocations(conn, [
+            (ok, chain, {"at": t}),
+            (dataclasses.replace(stale, version=1), chain, {"at": t}),
+            # RELEASING has no prepare_ok edge: the first edge is legal, the second is not.
+            (illegal, (AllocEvent.RELEASE_REQUESTED, AllocEvent.PREPARE_OK), {"at": t})])
+        conn.commit()
+        assert isinstance(out[1], FailedPrecondition) and isinstance(out[2], IllegalTransition)
+        new = out[0]
+        assert new.state is AllocState.RELEASED and new.version == 4 and new.reason == AllocEvent.CLEANUP_OK.value
+        assert new.running_since is None  # never ran: never billed
+        assert store.load_allocation(conn, ok.allocation_id) == new
+        evs = conn.execute("SELECT event_id, from_state, to_state, event, version FROM control.allocation_events"
+                           " WHERE allocation_id = %s AND version > 2 ORDER BY event_id", (ok.allocation_id,)).fetchall()
+        assert [e[1:] for e in evs] == [("PLACED", "RELEASING", "release_requested", 3),
+                                        ("RELEASING", "RELEASED", "cleanup_ok", 4)]
+        payloads = [p for (p,) in conn.execute("SELECT payload FROM control.outbox WHERE key = %s ORDER BY id",
+                                               (ok.allocation_id,))][2:]
+        parse = events_pb2.AllocationTransitioned.FromString
+        releasing = dataclasses.replace(new, state=AllocState.RELEASING, version=3,
+                                        reason=AllocEvent.RELEASE_REQUESTED.value)
+        assert [parse(p) for p in payloads] == [
+            parse(store._transition_payload(releasing, AllocState.PLACED, AllocEvent.RELEASE_REQUESTED, evs[0][0], t)),
+            parse(store._transition_payload(new, AllocState.RELEASING, AllocEvent.CLEANUP_OK, evs[1][0], t))]
+        for r in (stale, illegal):
+            assert store.load_allocation(conn, r.allocation_id).state is AllocState.PLACED
+            assert _counts(conn, r.allocation_id) == (2, 2)

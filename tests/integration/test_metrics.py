@@ -65,6 +65,9 @@ def test_calls_outcomes_capacity_and_allocations_are_scraped(control_plane, tena
     # It was prepared, so its Cleanup went out (in a CleanupBatch), and it counts as released.
     assert _shard_events(m, "cleanup_calls") >= _shard_events(before, "cleanup_calls") + 1
     assert _shard_events(m, "released") >= _shard_events(before, "released") + 1
+    # Releases the placement actor settled before their hand-off (none of this test's: it ran first).
+    assert ("gpuaas_releases_before_handoff_total", ()) in m
+    assert _value(m, "gpuaas_releases_before_handoff_total") >= _value(before, "gpuaas_releases_before_handoff_total")
 
 
 def _shard_events(m: dict, event: str) -> float:
