@@ -235,7 +235,7 @@ class AllocationShardCore:
     def _keep(self, aid: str, row: AllocRow | None) -> None:
         """Hold ``row`` as the allocation's live row, or let it go when it is no longer the shard's:
         finished, or back in the placement actor's queue (after a version conflict too: a row read
-        beforehand, or handed along with a release, may have finished meanwhile)."""
+        beforehand may have finished meanwhile)."""
         if row is not None and row.state not in (AllocState.RELEASED, AllocState.CANCELLED, AllocState.QUEUED):
             self.rows[aid] = row
             return

@@ -207,7 +207,7 @@ class PlacementCore:
         self._requeue_pending: set[str] = set()        # back to QUEUED, row not read yet
         self._dispatch_cv = threading.Condition()
         # Hand-offs waiting for their window, by allocation id, in commit order: (id, addresses, committed
-        # row). A release that overtakes its hand-off takes the row along (waiting_handoff).
+        # row). A release that overtakes its hand-off withdraws it and is settled here (release_before_handoff).
         self._dispatch_pending: dict[str, tuple] = {}
         # Full collections over the capacity view stalled every request in flight (~0.1 s at 50k allocations).
         self.gc = runtime.GcPacer()
