@@ -98,7 +98,7 @@ class PlacementActor:
 
     def stats(self) -> dict:
         return dict(self.core.stats, queued_now=len(self.core.queued), nodes=len(self.core.nodes),
-                    gc=dict(self.core.gc.stats),
+                    gc=dict(self.core.gc.stats), pauses=self.core.pauses.stats,
                     release_calls=[dict(c.stats) for c in self.placement_servicer.release_calls],
                     release_before_handoff_calls=dict(self.placement_servicer.release_before_handoff.stats))
 

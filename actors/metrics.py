@@ -100,6 +100,13 @@ class ControlPlaneCollector:
             gc_time.add_metric([str(g)], gc_stats["collection_s"][g])
         yield gc_runs
         yield gc_time
+        probe = core.pauses
+        yield CounterMetricFamily("gpuaas_placement_pauses",
+                                  f"Times the placement actor's process ran no Python for {probe.threshold_s * 1000:.0f} ms "
+                                  "or more (a collection, a call holding the interpreter, no core): every request "
+                                  "in flight waited", value=probe.pauses)
+        yield CounterMetricFamily("gpuaas_placement_pause_seconds", "Those pauses' length, summed",
+                                  value=probe.pause_s)
 
         cap = {name: GaugeMetricFamily(f"gpuaas_gpu_{name}", help_, labels=["gpu_model"]) for name, help_ in (
             ("total", "GPUs in the fleet"),

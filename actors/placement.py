@@ -211,6 +211,8 @@ class PlacementCore:
         self._dispatch_pending: dict[str, tuple] = {}
         # Full collections over the capacity view stalled every request in flight (~0.1 s at 50k allocations).
         self.gc = runtime.GcPacer()
+        # Moments the whole process stopped (every request waits, even those not in a handler yet).
+        self.pauses = runtime.PauseProbe(name="placement-pause-probe")
         self._recon_lock = threading.Lock()  # reconcile_released: the tick's pass and an operator's
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="placement-dispatch", daemon=True)
         self._dispatcher.start()
@@ -1133,6 +1135,7 @@ class PlacementCore:
 
     def shutdown(self) -> None:
         self._stop.set()
+        self.pauses.stop()
 
 
 def _is_quota(decision) -> bool:

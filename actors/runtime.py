@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures as cf
 import gc
 import logging
@@ -37,7 +38,7 @@ def settle(futures, outcomes) -> None:
 
 
 # Per process: every collection the interpreter ran, by generation, and the time it took.
-_COLLECTIONS = {"n": [0, 0, 0], "s": [0.0, 0.0, 0.0]}
+_COLLECTIONS = {"n": [0, 0, 0], "s": [0.0, 0.0, 0.0], "max_s": [0.0, 0.0, 0.0]}
 _collection_started: list[float] = []
 
 
@@ -46,8 +47,52 @@ def _time_collection(phase: str, info: dict) -> None:
         _collection_started[:] = [time.perf_counter()]
     elif _collection_started:
         g = min(info.get("generation", 2), 2)
+        took = time.perf_counter() - _collection_started[0]
         _COLLECTIONS["n"][g] += 1
-        _COLLECTIONS["s"][g] += time.perf_counter() - _collection_started[0]
+        _COLLECTIONS["s"][g] += took
+        _COLLECTIONS["max_s"][g] = max(_COLLECTIONS["max_s"][g], took)
+
+
+class PauseProbe:
+    """Finds the moments a process stopped running Python: a thread that sleeps ``interval_s`` at a
+    time and measures how late it wakes. Late by more than ``threshold_s`` means that for that long
+    no thread of the process could take the interpreter (a collection, a long call holding it) or
+    the process got no core: every request in flight waited, including those that had not reached a
+    handler yet, which a handler's own timing cannot see.
+
+    ``stats``: pauses counted and summed, the longest, and the last ``keep`` of them as (wall clock
+    time at the end of the pause, seconds late). The probe costs one wake-up per ``interval_s``."""
+
+    def __init__(self, *, interval_s: float = 0.005, threshold_s: float = 0.010, keep: int = 256,
+                 name: str = "pause-probe"):
+        self.interval_s, self.threshold_s = interval_s, threshold_s
+        self.pauses = 0
+        self.pause_s = 0.0
+        self.longest_s = 0.0
+        self.recent: collections.deque[tuple[float, float]] = collections.deque(maxlen=keep)
+        self._stop = threading.Event()
+        threading.Thread(target=self._loop, name=name, daemon=True).start()
+
+    def _loop(self) -> None:
+        interval, threshold = self.interval_s, self.threshold_s
+        before = time.perf_counter()
+        while not self._stop.wait(interval):
+            now = time.perf_counter()
+            late = now - before - interval
+            before = now
+            if late >= threshold:
+                self.pauses += 1
+                self.pause_s += late
+                self.longest_s = max(self.longest_s, late)
+                self.recent.append((time.time(), late))
+
+    @property
+    def stats(self) -> dict:
+        return {"pauses": self.pauses, "pause_s": round(self.pause_s, 4), "longest_s": round(self.longest_s, 4),
+                "recent": list(self.recent)}
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 # A threshold the interpreter's count of middle-generation collections never reaches: no full
@@ -92,7 +137,8 @@ class GcPacer:
     @property
     def stats(self) -> dict:
         return dict(self._stats, collections=list(_COLLECTIONS["n"]),
-                    collection_s=[round(x, 4) for x in _COLLECTIONS["s"]])
+                    collection_s=[round(x, 4) for x in _COLLECTIONS["s"]],
+                    longest_collection_s=[round(x, 4) for x in _COLLECTIONS["max_s"]])
 
     def tick(self) -> None:
         now = self._clock()

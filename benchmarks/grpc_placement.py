@@ -183,6 +183,9 @@ def main() -> int:
         batch_rates, unary_rates, p50s, p99s = [], [], [], []
         batch_conc_rates: list[float] = []  # PlaceBatch from --batch-clients processes at once
         srv_p50s, srv_p99s = [], []  # the same paced requests, measured inside the server
+        pauses: list[dict] = []  # per repeat: whole-process pauses during the paced phase
+        from actors.runtime import PauseProbe
+        client_probe = PauseProbe(name="client-pause-probe")
         timeline: list[list[float]] = []  # per repeat: each paced request's latency (ms), in send order
         settle_s: list[float] = []  # per repeat: wait for PLACED allocations to reach RUNNING before pacing
         # PlaceBatch from several client processes at once, first, on the empty fleet (after the other
@@ -222,7 +225,21 @@ def main() -> int:
             interval = 1.0 / ns.rate
             n = int(ns.rate * ns.paced_seconds)
             ray.get(cp.placement.place_latency.remote())  # clears the server's record
+            gc_before = ray.get(cp.placement.stats.remote())["gc"]
+            wall0 = time.time()
             lat = paced_with_threads(clients, run, rep, n, interval, ns.threads * 4, rng)
+            wall1 = time.time()
+            # Whole-process pauses during the phase, on both sides (runtime.PauseProbe): where a burst
+            # of slow requests that the server's own timing does not show came from.
+            after = ray.get(cp.placement.stats.remote())
+            pauses.append({
+                "placement_actor": [(round(t - wall0, 3), round(s * 1000, 1)) for t, s in after["pauses"]["recent"]
+                                    if wall0 <= t <= wall1],
+                "client": [(round(t - wall0, 3), round(s * 1000, 1)) for t, s in client_probe.recent
+                           if wall0 <= t <= wall1],
+                "placement_gc_s": [round(b - a, 4) for a, b in zip(gc_before["collection_s"],
+                                                                   after["gc"]["collection_s"])],
+                "placement_gc_longest_s": after["gc"]["longest_collection_s"]})
             # The server's share: each Place from its handler's start to its answer.
             srv = ray.get(cp.placement.place_latency.remote())
             srv_p50s.append(percentile(srv, 50) * 1000)
@@ -236,6 +253,11 @@ def main() -> int:
                   f"{unary_rates[-1]:,.0f}/s ({ns.threads} threads"
                   f"{f', {high_rates[-1]:,.0f}/s from {ns.threads_high}' if high_rates else ''}) | at {ns.rate:.0f}/s: p50 {p50s[-1]:.1f} ms, "
                   f"p99 {p99s[-1]:.1f} ms (in the server: p50 {srv_p50s[-1]:.1f}, p99 {srv_p99s[-1]:.1f} ms)", flush=True)
+            pa, cl = pauses[-1]["placement_actor"], pauses[-1]["client"]
+            print(f"       pauses >= 10 ms while paced: placement actor {len(pa)} (longest "
+                  f"{max((x[1] for x in pa), default=0):.0f} ms), client {len(cl)} (longest "
+                  f"{max((x[1] for x in cl), default=0):.0f} ms); placement actor's collections "
+                  f"{sum(pauses[-1]['placement_gc_s']) * 1000:.0f} ms", flush=True)
         stats = ray.get(cp.placement.stats.remote())
         res = {"place_batch_per_s": median(batch_rates), "place_unary_per_s": median(unary_rates),
                "place_batch_per_s_clients": median(batch_conc_rates) if batch_conc_rates else None,
@@ -248,7 +270,8 @@ def main() -> int:
                         "p99_ms": p99s, "p50_ms": p50s, "server_p99_ms": srv_p99s, "server_p50_ms": srv_p50s},
                "placement_actor_stats": stats, "rate": ns.rate, "threads": ns.threads,
                "nodes": ns.nodes, "gpus_per_node": ns.gpus_per_node, "dispatch_linger_s": cfg.dispatch_linger_s,
-               "settle_before_paced_s": settle_s, "paced_latency_ms_in_send_order": timeline}
+               "settle_before_paced_s": settle_s, "paced_latency_ms_in_send_order": timeline,
+               "paced_pauses": pauses}
         high = (f", {res['place_unary_per_s_threads_high']:,.0f}/s from {ns.threads_high}" if high_rates else "")
         conc = (f", {res['place_batch_per_s_clients']:,.0f}/s from {ns.batch_clients} clients" if batch_conc_rates
                 else "")

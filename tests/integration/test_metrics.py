@@ -56,6 +56,8 @@ def test_calls_outcomes_capacity_and_allocations_are_scraped(control_plane, tena
     # decided and committed requests), and its pacer has not let the interpreter start a full one.
     assert _value(m, "gpuaas_placement_gc_collections_total", generation="0") > 0
     assert ("gpuaas_placement_gc_seconds_total", (("generation", "2"),)) in m
+    # Whole-process pauses of the placement actor (runtime.PauseProbe), counted and summed.
+    assert ("gpuaas_placement_pauses_total", ()) in m and ("gpuaas_placement_pause_seconds_total", ()) in m
     # The shards' calls to the daemons: its Prepare went in a PrepareBatch.
     assert _shard_events(m, "prepare_calls") >= _shard_events(before, "prepare_calls") + 1
     tenant.release(a.allocation_id)
