@@ -134,6 +134,8 @@ class AllocationShardCore:
         # an id leaves when its row leaves the shard. Any other allocation (with no failed attempt
         # counted) was never sent to a node: its cleanup needs no call to the nodes (_on_nodes).
         self._sent: set[str] = set()
+        # Releases committing PLACED → RELEASED with no Prepare sent: none may start for them meanwhile.
+        self._releasing_unsent: set[str] = set()
         self._placement = None
         self.gc = runtime.GcPacer()
 
@@ -168,8 +170,9 @@ class AllocationShardCore:
         self.tasks[aid] = t
         t.add_done_callback(lambda _t, a=aid: self.tasks.pop(a, None) if self.tasks.get(a) is _t else None)
 
-    async def _transition(self, aid: str, event: AllocEvent, **kw) -> AllocRow | None:
-        """Apply one edge to the cached row; on a version conflict reload and give up.
+    async def _transition(self, aid: str, event: AllocEvent | tuple, **kw) -> AllocRow | None:
+        """Apply one edge (or a chain of edges, see store.transition_allocations) to the cached row; on
+        a version conflict reload and give up.
 
         Transitions requested while a commit is in flight are written together
         in the next one (group commit: one statement, its own transaction, updating
@@ -372,6 +375,8 @@ class AllocationShardCore:
             busy = self.tasks.get(r.allocation_id)
             if busy is not None and not busy.done():
                 continue  # already being prepared (a re-sent hand-off after a placement restart)
+            if r.allocation_id in self._releasing_unsent:
+                continue  # its release, with no Prepare sent, is committing RELEASED (_release)
             if r.state is AllocState.PLACED:
                 self.rows[r.allocation_id] = r
                 group[r.allocation_id] = None
@@ -384,7 +389,8 @@ class AllocationShardCore:
         """Prepare PLACED allocations (a hand-off, a resume, the supervisor's retries) as one group: one
         task for all of them, registered under each id as its prepare. A release waits for it and never
         cuts it off (_spawn, _cleanup). An id whose task still runs is left out: never two at once."""
-        aids = [a for a in aids if self.tasks.get(a) is None or self.tasks[a].done()]
+        aids = [a for a in aids if (self.tasks.get(a) is None or self.tasks[a].done())
+                and a not in self._releasing_unsent]
         if not aids:
             return
         t = asyncio.get_running_loop().create_task(self._prepare_group(aids))
@@ -591,6 +597,25 @@ class AllocationShardCore:
                 return None
             if row.state not in (AllocState.PLACED, AllocState.RUNNING):
                 return row
+            prep = self._preparing.get(aid)
+            if (row.state is AllocState.PLACED and event is AllocEvent.RELEASE_REQUESTED and not self._on_nodes(row)
+                    and (prep is None or prep.done())):
+                # No Prepare was sent and none is on its way: nothing is on a node, so the cleanup is
+                # done already. RELEASING → RELEASED goes in the same commit, and the capacity back.
+                # While that commit is in flight no Prepare may start for it (a hand-off arriving
+                # meanwhile, the supervisor's pass): it would reach a node that no Cleanup will visit.
+                self._releasing_unsent.add(aid)
+                try:
+                    new = await self._transition(aid, (AllocEvent.RELEASE_REQUESTED, AllocEvent.CLEANUP_OK), at=at,
+                                                 reason=(reason or event.value)[:500])
+                finally:
+                    self._releasing_unsent.discard(aid)
+                if new is None:
+                    return self.rows.get(aid)
+                self.stats["cleanups_not_sent"] += 1
+                self.stats["released"] += 1
+                self._free_soon(aid)
+                return new
             new = await self._transition(aid, event, at=at, reason=(reason or event.value)[:500])
             if new is None:
                 return self.rows.get(aid)
@@ -633,8 +658,9 @@ class AllocationShardCore:
                 if wait > 0:
                     await asyncio.sleep(wait)
             if not self._on_nodes(row):
-                # Released before any Prepare went out (its hand-off still waiting): nothing is on a
-                # node, so no Cleanup call; the row still goes RELEASING → RELEASED as every release.
+                # No Prepare went out after all (its prepare task ended before sending one): nothing is
+                # on a node, so no Cleanup call. (A release with no Prepare sent or on its way is
+                # RELEASED in the same commit as RELEASING: _release.)
                 error = None
                 self.stats["cleanups_not_sent"] += 1
             else:

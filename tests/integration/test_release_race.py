@@ -140,3 +140,39 @@ def test_concurrent_releases_each_get_their_own_answer_and_capacity_comes_back(c
     held = wait_capacity_back(control_plane, ids)
     assert held == [], f"capacity of {len(held)} released allocation(s) still held"
     assert other.get(theirs).state in (pb.ALLOCATION_STATE_PLACED, pb.ALLOCATION_STATE_RUNNING)
+
+
+def test_a_shard_releases_what_no_node_saw_in_one_commit(control_plane, tenant):
+    """A release that reaches the shard before the allocation's hand-off (the API sends it there when
+    the placement actor cannot settle it itself) finds no Prepare sent and none on its way: PLACED →
+    RELEASING → RELEASED in one commit, no Cleanup, and the capacity goes back."""
+    import ray
+
+    from actors.placement import shard_of
+
+    shards = control_plane.alloc_shards
+    chained, ids = [], []
+    for _ in range(3):
+        resp = tenant.place_batch([Client.request(rid(), gpu_milli=10, node_selector=ZONE) for _ in range(20)])
+        batch = [r.allocation for r in resp.results if r.HasField("allocation")]
+        assert len(batch) == 20, resp
+        ids += [a.allocation_id for a in batch]
+        groups: dict[int, list] = {}
+        for a in batch:
+            groups.setdefault(shard_of(a.allocation_id, len(shards)), []).append((a.allocation_id, a.tenant_id))
+        # Straight to the shards, at once: most hand-offs are still waiting in the placement actor.
+        refs = {k: shards[k].release_owned_many.remote(items) for k, items in groups.items()}
+        for k, ref in refs.items():
+            for (aid, _), row in zip(groups[k], ray.get(ref)):
+                assert row.state.name in ("RELEASING", "RELEASED"), row
+                if row.state.name == "RELEASED":
+                    chained.append((aid, row.version))
+    assert chained, "no release reached a shard before its hand-off"
+    for aid, version in chained:
+        evs = q(control_plane, "SELECT from_state, to_state, version FROM control.allocation_events"
+                               " WHERE allocation_id = %s AND version > 2 ORDER BY event_id", aid)
+        assert evs == [("PLACED", "RELEASING", version - 1), ("RELEASING", "RELEASED", version)]
+    for a in ids:
+        tenant.wait_state(a, {pb.ALLOCATION_STATE_RELEASED}, 60)
+    held = wait_capacity_back(control_plane, ids)
+    assert held == [], f"capacity of {len(held)} released allocation(s) still held"
