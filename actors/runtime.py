@@ -61,22 +61,26 @@ class PauseProbe:
     handler yet, which a handler's own timing cannot see.
 
     ``stats``: pauses counted and summed, the longest, and the last ``keep`` of them as (wall clock
-    time at the end of the pause, seconds late). The probe costs one wake-up per ``interval_s``."""
+    time at the end of the pause, seconds late). A pause longer than ``interval_s + threshold_s``
+    is always seen, a shorter one when it covers the probe's wake-up. The probe costs one wake-up
+    per ``interval_s`` (a plain sleep: ~0.3 % of a core at 20 ms here; an Event wait every 5 ms, the
+    first version, cost 1.7 %)."""
 
-    def __init__(self, *, interval_s: float = 0.005, threshold_s: float = 0.010, keep: int = 256,
+    def __init__(self, *, interval_s: float = 0.020, threshold_s: float = 0.010, keep: int = 256,
                  name: str = "pause-probe"):
         self.interval_s, self.threshold_s = interval_s, threshold_s
         self.pauses = 0
         self.pause_s = 0.0
         self.longest_s = 0.0
         self.recent: collections.deque[tuple[float, float]] = collections.deque(maxlen=keep)
-        self._stop = threading.Event()
+        self._stopped = False
         threading.Thread(target=self._loop, name=name, daemon=True).start()
 
     def _loop(self) -> None:
         interval, threshold = self.interval_s, self.threshold_s
         before = time.perf_counter()
-        while not self._stop.wait(interval):
+        while not self._stopped:
+            time.sleep(interval)
             now = time.perf_counter()
             late = now - before - interval
             before = now
@@ -92,7 +96,7 @@ class PauseProbe:
                 "recent": list(self.recent)}
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopped = True
 
 
 # A threshold the interpreter's count of middle-generation collections never reaches: no full

@@ -37,6 +37,12 @@ def test_release_while_preparing_leaves_nothing_on_the_nodes(control_plane, tena
     # itself (no shard, no Prepare, so no Cleanup). Later ones raced the shard's Prepare. The probe
     # below shows that nothing was left behind either way.
     assert _settled_before_handoff(control_plane) > settled_before
+    _nothing_left_on_the_nodes(control_plane)
+
+
+def _nothing_left_on_the_nodes(control_plane) -> None:
+    """Every GPU of the session's simulated nodes that the control plane does not hold takes a
+    whole-GPU Prepare: an orphan share left behind would make its node refuse it."""
     held = set()
     for (assignments,) in q(control_plane, "SELECT assignments FROM control.allocations WHERE state IN"
                                            " ('PLACED','RUNNING','RELEASING','FAILED','RELEASE_FAILED')"):
@@ -176,3 +182,40 @@ def test_a_shard_releases_what_no_node_saw_in_one_commit(control_plane, tenant):
         tenant.wait_state(a, {pb.ALLOCATION_STATE_RELEASED}, 60)
     held = wait_capacity_back(control_plane, ids)
     assert held == [], f"capacity of {len(held)} released allocation(s) still held"
+
+
+def test_releases_racing_each_other_and_the_hand_off_release_each_allocation_once(control_plane, tenant):
+    """Unary Releases (two per allocation) and a ReleaseBatch of the same allocations, all at once,
+    while their hand-offs wait, go out or land: the placement actor's settling, the shards' one-commit
+    release and their usual path race for each allocation. Each is released exactly once (one event
+    into RELEASING, one into RELEASED), every answer is a released row or a clean conflict answer,
+    the capacity comes back and nothing is left on a node."""
+    import concurrent.futures as cf
+
+    resp = tenant.place_batch([Client.request(rid(), gpu_milli=10, node_selector=ZONE) for _ in range(60)])
+    ids = [r.allocation.allocation_id for r in resp.results if r.HasField("allocation")]
+    assert len(ids) == 60, resp
+
+    def one(a):
+        try:
+            return tenant.release(a).state
+        except grpc.RpcError as err:
+            return err.code()
+
+    def batch():
+        return [r.allocation.state if r.HasField("allocation") else r.error.code
+                for r in tenant.release_batch(ids).results]
+
+    with cf.ThreadPoolExecutor(16) as ex:
+        futs = [ex.submit(batch)] + [ex.submit(one, a) for a in ids + ids[::-1]]
+        answers = futs[0].result() + [f.result() for f in futs[1:]]
+    done = {pb.ALLOCATION_STATE_RELEASING, pb.ALLOCATION_STATE_RELEASED}
+    assert all(x in done for x in answers), sorted({str(x) for x in answers if x not in done})
+    for a in ids:
+        tenant.wait_state(a, {pb.ALLOCATION_STATE_RELEASED}, 60)
+    counts = dict(q(control_plane, "SELECT to_state, count(*) FROM control.allocation_events"
+                                   " WHERE allocation_id = ANY(%s::uuid[]) AND to_state IN ('RELEASING', 'RELEASED')"
+                                   " GROUP BY to_state", ids))
+    assert counts == {"RELEASING": 60, "RELEASED": 60}
+    assert wait_capacity_back(control_plane, ids) == []
+    _nothing_left_on_the_nodes(control_plane)
