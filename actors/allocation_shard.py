@@ -545,7 +545,8 @@ class AllocationShardCore:
     async def release_owned(self, aid: str, tenant: str, read: dict | None = None) -> AllocRow | None:
         """The API's release of ``tenant``'s allocation of this shard: the row as it stands after the
         release. A row this shard holds live is answered without a read of Postgres; one it does not
-        hold yet (placed, and its hand-off still waiting: ``dispatch_linger_s``) is read here, once.
+        hold yet (placed, its hand-off on the way: the placement actor settles those still waiting) is
+        read here, once.
         None when the row is queued, another tenant's or missing: the caller takes the general path."""
         try:
             after = await self._release(aid, AllocEvent.RELEASE_REQUESTED, utcnow(), None, load=True, tenant=tenant,

@@ -245,7 +245,8 @@ class PlacementCore:
         return self._pipe_conn
 
     def reader(self) -> psycopg.Connection:
-        """A per-thread autocommit connection for reads (gRPC handler threads)."""
+        """A per-thread autocommit connection (gRPC handler threads, the release combiner): reads, and
+        writes that are one statement, so their own transaction (release_before_handoff)."""
         c = getattr(self._read_local, "conn", None)
         if c is None or c.closed or c.broken:
             try:
