@@ -28,6 +28,7 @@ decision + commit path, not the fleet size.
 from __future__ import annotations
 
 import argparse
+import gc
 import concurrent.futures as cf
 import dataclasses
 import random
@@ -184,8 +185,9 @@ def main() -> int:
         batch_conc_rates: list[float] = []  # PlaceBatch from --batch-clients processes at once
         srv_p50s, srv_p99s = [], []  # the same paced requests, measured inside the server
         pauses: list[dict] = []  # per repeat: whole-process pauses during the paced phase
-        from actors.runtime import PauseProbe
+        from actors.runtime import GcPacer, PauseProbe
         client_probe = PauseProbe(name="client-pause-probe")
+        client_gc = GcPacer(own_full_collections=False)  # counts and times this process's collections only
         timeline: list[list[float]] = []  # per repeat: each paced request's latency (ms), in send order
         settle_s: list[float] = []  # per repeat: wait for PLACED allocations to reach RUNNING before pacing
         # PlaceBatch from several client processes at once, first, on the empty fleet (after the other
@@ -226,9 +228,23 @@ def main() -> int:
             n = int(ns.rate * ns.paced_seconds)
             ray.get(cp.placement.place_latency.remote())  # clears the server's record
             gc_before = ray.get(cp.placement.stats.remote())["gc"]
+            # The client's own collections stay out of the measured latencies: a full collection of
+            # this process (the Ray driver's objects and every earlier phase's) stopped its sender and
+            # receiver threads for 64-68 ms in a paced phase here, counted as the server's latency.
+            # What this process holds now is set aside (freeze), and nothing is collected while the
+            # phase runs; it is collected afterwards.
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+            client_gc_before = client_gc.stats["collection_s"]
             wall0 = time.time()
-            lat = paced_with_threads(clients, run, rep, n, interval, ns.threads * 4, rng)
-            wall1 = time.time()
+            try:
+                lat = paced_with_threads(clients, run, rep, n, interval, ns.threads * 4, rng)
+            finally:
+                wall1 = time.time()
+                client_gc_after = client_gc.stats["collection_s"]
+                gc.enable()
+                gc.unfreeze()
             # Whole-process pauses during the phase, on both sides (runtime.PauseProbe): where a burst
             # of slow requests that the server's own timing does not show came from.
             after = ray.get(cp.placement.stats.remote())
@@ -239,7 +255,9 @@ def main() -> int:
                            if wall0 <= t <= wall1],
                 "placement_gc_s": [round(b - a, 4) for a, b in zip(gc_before["collection_s"],
                                                                    after["gc"]["collection_s"])],
-                "placement_gc_longest_s": after["gc"]["longest_collection_s"]})
+                "placement_gc_longest_s": after["gc"]["longest_collection_s"],
+                "client_gc_s": [round(b - a, 4) for a, b in zip(client_gc_before, client_gc_after)],
+                "client_gc_longest_s": client_gc.stats["longest_collection_s"]})
             # The server's share: each Place from its handler's start to its answer.
             srv = ray.get(cp.placement.place_latency.remote())
             srv_p50s.append(percentile(srv, 50) * 1000)
@@ -257,7 +275,8 @@ def main() -> int:
             print(f"       pauses >= 10 ms while paced: placement actor {len(pa)} (longest "
                   f"{max((x[1] for x in pa), default=0):.0f} ms), client {len(cl)} (longest "
                   f"{max((x[1] for x in cl), default=0):.0f} ms); placement actor's collections "
-                  f"{sum(pauses[-1]['placement_gc_s']) * 1000:.0f} ms", flush=True)
+                  f"{sum(pauses[-1]['placement_gc_s']) * 1000:.0f} ms, the client's "
+                  f"{sum(pauses[-1]['client_gc_s']) * 1000:.0f} ms (by generation {pauses[-1]['client_gc_s']})", flush=True)
         stats = ray.get(cp.placement.stats.remote())
         res = {"place_batch_per_s": median(batch_rates), "place_unary_per_s": median(unary_rates),
                "place_batch_per_s_clients": median(batch_conc_rates) if batch_conc_rates else None,
