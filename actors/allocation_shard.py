@@ -556,18 +556,18 @@ class AllocationShardCore:
         # Back in the queue meanwhile (its prepare failed): the queue is the placement actor's to cancel.
         return None if after is None or after.state is AllocState.QUEUED else after
 
-    async def release_owned_many(self, items: list[tuple]) -> list:
-        """``release_owned`` for several (allocation id, tenant) items: the API's Release calls that
+    async def release_owned_many(self, items: list[tuple[str, str]]) -> list:
+        """``release_owned`` for several (allocation id, tenant) pairs: the API's Release calls that
         queued behind one another (``runtime.Combiner``), in one actor call, with the rows this shard
         does not hold read in one query. Per item, in order: what ``release_owned`` answers, or the
         refusal (an exception instance) for that item alone."""
-        read = await self._read_missing([it[0] for it in items])
-        done = await asyncio.gather(*[self.release_owned(it[0], it[1], read) for it in items],
+        read = await self._read_missing([aid for aid, _ in items])
+        done = await asyncio.gather(*[self.release_owned(aid, tenant, read) for aid, tenant in items],
                                     return_exceptions=True)
-        return [_refusal(it[0], r) if isinstance(r, BaseException) else r for it, r in zip(items, done)]
+        return [_refusal(aid, r) if isinstance(r, BaseException) else r for (aid, _), r in zip(items, done)]
 
     async def _read_missing(self, aids: list[str]) -> dict:
-        """The rows among ``aids`` this shard does not hold (placed, their hand-off still waiting), by
+        """The rows among ``aids`` this shard does not hold (placed, their hand-off on the way), by
         id, read in one query rather than one round trip each; {} when fewer than two."""
         missing = [a for a in dict.fromkeys(aids) if a not in self.rows and store.is_uuid(a)]
         if len(missing) < 2:

@@ -588,11 +588,10 @@ class PlacementCore:
             if n == len(items) or n >= DISPATCH_FLUSH_ITEMS:
                 self._dispatch_cv.notify()
 
-    def waiting_handoff(self, allocation_id: str) -> AllocRow | None:
-        """The committed PLACED row of an allocation whose hand-off has not gone to its shard yet."""
+    def handoff_waits(self, allocation_id: str) -> bool:
+        """Whether the allocation's hand-off has not gone to its shard yet (release_before_handoff)."""
         with self._dispatch_cv:
-            item = self._dispatch_pending.get(allocation_id)
-        return item[2] if item else None
+            return allocation_id in self._dispatch_pending
 
     def release_before_handoff(self, items: list[tuple[str, str]]) -> list[AllocRow | None]:
         """Releases that overtook their allocation's hand-off, settled here.
@@ -609,7 +608,6 @@ class PlacementCore:
         by this actor) or its row moved since it was committed (a shard resumed it): the shard's
         release path answers those. A failed commit puts the hand-offs back and raises Unavailable:
         nothing was released, so a retry of the release is safe."""
-        out: list[AllocRow | None] = [None] * len(items)
         taken: dict[str, tuple] = {}
         with self._dispatch_cv:
             for aid, tenant in items:
@@ -617,7 +615,7 @@ class PlacementCore:
                 if item is not None and item[2].tenant_id == tenant:
                     taken[aid] = self._dispatch_pending.pop(aid)
         if not taken:
-            return out
+            return [None] * len(items)
         chain = (AllocEvent.RELEASE_REQUESTED, AllocEvent.CLEANUP_OK)
         at = utcnow()
         try:

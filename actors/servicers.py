@@ -222,7 +222,7 @@ class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
         # group (PlacementCore.release_before_handoff).
         self.release_before_handoff = runtime.Combiner(core.release_before_handoff, name="release-before-handoff")
 
-    def _release_owned_many(self, shard, items: list[tuple]) -> list:
+    def _release_owned_many(self, shard, items: list[tuple[str, str]]) -> list:
         return _ray_get(shard.release_owned_many.remote(items),
                         self.core.cfg.rpc_timeout_s * 2 + len(items) * 0.002)
 
@@ -287,7 +287,7 @@ class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
         shards = self.core.alloc_shards
         if self.core.owner_tenant.get(aid) == p.tenant_id:
             row = None
-            if self.core.waiting_handoff(aid) is not None:
+            if self.core.handoff_waits(aid):
                 # Released before its hand-off went out: this actor settles it, no shard involved
                 # (PlacementCore.release_before_handoff); releases arriving together share a commit.
                 try:

@@ -30,7 +30,7 @@ def place(core: PlacementCore, name: str, gpus: int = 2) -> store.AllocRow:
     [fut] = core.submit("acme", [common_pb2.PlacementRequest(request_id=name, gpu_count=gpus)])
     kind, row = fut.result(30)
     assert kind == "new" and row.state is AllocState.PLACED
-    assert core.waiting_handoff(row.allocation_id) is not None
+    assert core.handoff_waits(row.allocation_id)
     return row
 
 
@@ -51,7 +51,7 @@ def test_a_release_before_the_hand_off_is_one_commit_and_frees_the_capacity(fres
     assert free_gpus(core) == 0
     # Another tenant's release of it, and an id this actor never placed: not settled here, nothing moves.
     assert core.release_before_handoff([(a.allocation_id, "other"), ("not-placed-here", "acme")]) == [None, None]
-    assert core.waiting_handoff(a.allocation_id) is not None
+    assert core.handoff_waits(a.allocation_id)
     [row] = core.release_before_handoff([(a.allocation_id, "acme")])
     assert row.state is AllocState.RELEASED and row.version == 4 and row.running_since is None
     assert events(fresh_db.app, a.allocation_id) == [
@@ -60,7 +60,7 @@ def test_a_release_before_the_hand_off_is_one_commit_and_frees_the_capacity(fres
     with psycopg.connect(fresh_db.app) as conn:
         assert store.load_allocation(conn, a.allocation_id) == row
     # The hand-off is gone (no shard will ever prepare it), the capacity and the ownership entry too.
-    assert core.waiting_handoff(a.allocation_id) is None and core.handoffs_waiting() == 0
+    assert not core.handoff_waits(a.allocation_id) and core.handoffs_waiting() == 0
     assert free_gpus(core) == 8 and a.allocation_id not in core.owner_tenant
     assert core.stats["released_before_handoff"] == 1
     # A second release finds nothing waiting: the shard's path answers it (with the row as it is).
@@ -89,7 +89,7 @@ def test_a_failed_commit_releases_nothing_and_puts_the_hand_off_back(fresh_db, c
         admin.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
     with pytest.raises(Unavailable):
         core.release_before_handoff([(a.allocation_id, "acme"), (b.allocation_id, "acme")])
-    assert core.waiting_handoff(a.allocation_id) is not None and core.waiting_handoff(b.allocation_id) is not None
+    assert core.handoff_waits(a.allocation_id) and core.handoff_waits(b.allocation_id)
     assert free_gpus(core) == 4 and core.stats["released_before_handoff"] == 0
     with psycopg.connect(fresh_db.app) as conn:
         assert {store.load_allocation(conn, x.allocation_id).state for x in (a, b)} == {AllocState.PLACED}
