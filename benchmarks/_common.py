@@ -141,8 +141,10 @@ def component(cmd: str, pid: int, pg_apps: dict[int, str]) -> str:
         return "daemons"
     if "postgres" in cmd:
         return "postgres:other"
-    if "raylet" in cmd or "gcs_server" in cmd:
-        return "ray"
+    if "/raylet" in cmd:
+        return "raylets"
+    if "gcs_server" in cmd:
+        return "ray gcs"
     return ""
 
 

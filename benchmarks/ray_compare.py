@@ -53,39 +53,103 @@ def waves_of(items: list, size: int) -> list[list]:
 # ---------------------------------------------------------------- Ray placement groups
 
 
-def ray_pg_rates(reqs: list[dict], serial_reqs: list[dict], total_gpus: int, wave: int,
-                 clients: int) -> tuple[float, float]:
-    """(waves, one at a time) completed create+ready+remove cycles per second."""
+def _make_pg(r: dict):
+    from ray.util.placement_group import placement_group
+
+    gpus = r.get("gpu_count") or r.get("gpu_milli", 0) / 1000
+    replicas = r.get("replicas", 1)
+    return placement_group([{"GPU": gpus}] * replicas, strategy="SPREAD" if replicas > 1 else "PACK")
+
+
+# What Ray's placement group scheduler records for a group it tried and could not fit now: the
+# counterpart of our RESOURCE_EXHAUSTED item (Ray keeps such a group pending instead of failing it).
+_NO_ROOM = ("NO_RESOURCES", "INFEASIBLE")
+
+
+def _ray_wave(wave: list[dict]) -> list[dict]:
+    """Create a wave's placement groups together, wait until each is ready or found no room, remove
+    them all; returns the requests that found no room, for the next wave.
+
+    On one raylet holding every GPU nothing is ever without room (the stream's waves fit in the
+    fleet's GPU count). On raylets of a node's size, a wave's groups can fragment the nodes so that
+    a later whole-node group of the same wave cannot fit, and Ray keeps it pending while the wave
+    holds its GPUs: waiting for it would never end. Our side answers such an item at once with
+    RESOURCE_EXHAUSTED and sends it again in the next wave; here a group whose scheduling attempt
+    found no room, once every other group of the wave is ready or also without room, is removed
+    and sent again in the next wave the same way."""
     import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.placement_group import placement_group_table, remove_placement_group
 
-    def make(r):
-        gpus = r.get("gpu_count") or r.get("gpu_milli", 0) / 1000
-        replicas = r.get("replicas", 1)
-        return placement_group([{"GPU": gpus}] * replicas, strategy="SPREAD" if replicas > 1 else "PACK")
+    pgs = [_make_pg(r) for r in wave]
+    refs = {pg.ready(): i for i, pg in enumerate(pgs)}
+    waiting = list(refs)
+    later: list[int] = []
+    deadline = time.monotonic() + 120
+    while waiting:
+        _, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=0.02)
+        if waiting and all(placement_group_table(pgs[refs[w]])["stats"]["scheduling_state"] in _NO_ROOM
+                           for w in waiting):
+            later = [refs[w] for w in waiting]
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(waiting)} placement groups neither ready nor without room after 120 s")
+    for pg in pgs:
+        remove_placement_group(pg)
+    return [wave[i] for i in later]
 
-    ray.init(num_cpus=2, num_gpus=total_gpus, include_dashboard=False, log_to_driver=False)
+
+def ray_pg_rates(reqs: list[dict], serial_reqs: list[dict], nodes: int, gpus_per_node: int, wave: int,
+                 clients: int, raylets: int) -> tuple[float, float, dict]:
+    """(waves, one at a time) completed create+ready+remove cycles per second, and what the waves took.
+
+    ``raylets`` 1: one raylet holding all ``nodes * gpus_per_node`` GPUs (``ray.init(num_gpus=…)``);
+    otherwise that many raylets of ``gpus_per_node`` GPUs each (``ray.cluster_utils.Cluster``), the
+    fleet shape our side places on, with one process per node as our side's node daemons."""
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    cluster = None
+    if raylets == 1:
+        ray.init(num_cpus=2, num_gpus=nodes * gpus_per_node, include_dashboard=False, log_to_driver=False)
+    else:
+        from ray.cluster_utils import Cluster
+
+        cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=2, num_gpus=gpus_per_node,
+                                                                    include_dashboard=False))
+        for _ in range(raylets - 1):
+            cluster.add_node(num_cpus=0, num_gpus=gpus_per_node)
+        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.wait_for_nodes()
     try:
+        todo, n_waves, retried = list(reqs), 0, 0
+        before = processes()
         t0 = time.perf_counter()
-        for w in waves_of(reqs, wave):
-            pgs = [make(r) for r in w]
-            ray.get([pg.ready() for pg in pgs], timeout=120)
-            for pg in pgs:
-                remove_placement_group(pg)
+        while todo:
+            batch, todo = todo[:wave], todo[wave:]
+            later = _ray_wave(batch)
+            retried += len(later)
+            todo = later + todo
+            n_waves += 1
         waves = len(reqs) / (time.perf_counter() - t0)
+        detail = {"waves": n_waves, "items_retried": retried,
+                  "cpu_ms_per_cycle_waves": cpu_per_op(before, processes(), {}, len(reqs))}
 
         def one(r):
-            pg = make(r)
+            pg = _make_pg(r)
             ray.get(pg.ready(), timeout=60)
             remove_placement_group(pg)
 
+        before = processes()
         t0 = time.perf_counter()
         with cf.ThreadPoolExecutor(clients) as ex:
             list(ex.map(one, serial_reqs))
         serial = len(serial_reqs) / (time.perf_counter() - t0)
-        return waves, serial
+        detail["cpu_ms_per_cycle_one_at_a_time"] = cpu_per_op(before, processes(), {}, len(serial_reqs))
+        return waves, serial, detail
     finally:
         ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
 
 
 # ---------------------------------------------------------------- ours
@@ -186,34 +250,61 @@ def main() -> int:
     ap.add_argument("--nodes", type=int, default=64)
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument("--clients", type=int, default=4, help="threads in the one-at-a-time mode, both sides")
+    ap.add_argument("--ray-raylets", type=int, default=None,
+                    help="also measure Ray on this many raylets of --gpus-per-node GPUs each (default: --nodes, "
+                         "the fleet shape ours places on; 0 skips it)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--json")
     ns = ap.parse_args()
     reqs = request_stream(ns.requests, ns.seed)
     serial_reqs = reqs[:ns.serial_requests]
-    runs = {"ray_waves": [], "ray_one_at_a_time": [], "ours_waves": [], "ours_one_at_a_time": []}
-    details = []
+    raylets = ns.nodes if ns.ray_raylets is None else ns.ray_raylets
+    runs = {"ray_waves": [], "ray_one_at_a_time": [], "ours_waves": [], "ours_one_at_a_time": [],
+            "ray_fleet_waves": [], "ray_fleet_one_at_a_time": []}
+    details, ray_details, fleet_details = [], [], []
     for i in range(ns.repeats):
         # Each side starts once the other's processes of the previous phase have exited.
         wait_quiet()
-        rw, rs = ray_pg_rates(reqs[:ns.ray_requests], serial_reqs, ns.nodes * ns.gpus_per_node, ns.wave, ns.clients)
+        rw, rs, rd = ray_pg_rates(reqs[:ns.ray_requests], serial_reqs, ns.nodes, ns.gpus_per_node, ns.wave,
+                                  ns.clients, 1)
         wait_quiet()
         ow, os_, d = ours_rates(reqs, serial_reqs, ns.nodes, ns.gpus_per_node, ns.wave, ns.clients)
         for k, v in zip(runs, (rw, rs, ow, os_)):
             runs[k].append(v)
         details.append(d)
-        print(f"run {i + 1}: waves of {ns.wave}: Ray PG {rw:.1f}/s, ours {ow:.0f}/s ({d['waves']} waves, "
-              f"{d['items_retried']} items retried) | one at a time ×{ns.clients}: Ray PG {rs:.1f}/s, ours {os_:.0f}/s "
-              f"({d['one_at_a_time_retries']} places retried) | our CPU per cycle: waves "
-              f"{d['cpu_ms_per_cycle_waves']['all']:.2f} ms, one at a time {d['cpu_ms_per_cycle_one_at_a_time']['all']:.2f} ms")
-    m = {k: median(v) for k, v in runs.items()}
+        ray_details.append(rd)
+        line = (f"run {i + 1}: waves of {ns.wave}: Ray PG {rw:.1f}/s, ours {ow:.0f}/s ({d['waves']} waves, "
+                f"{d['items_retried']} items retried) | one at a time ×{ns.clients}: Ray PG {rs:.1f}/s, ours {os_:.0f}/s "
+                f"({d['one_at_a_time_retries']} places retried) | our CPU per cycle: waves "
+                f"{d['cpu_ms_per_cycle_waves']['all']:.2f} ms, one at a time {d['cpu_ms_per_cycle_one_at_a_time']['all']:.2f} ms")
+        if raylets > 1:
+            wait_quiet(120)
+            fw, fs, fd = ray_pg_rates(reqs[:ns.ray_requests], serial_reqs, raylets, ns.gpus_per_node, ns.wave,
+                                      ns.clients, raylets)
+            runs["ray_fleet_waves"].append(fw)
+            runs["ray_fleet_one_at_a_time"].append(fs)
+            fleet_details.append(fd)
+            line += (f"\n       Ray PG on {raylets} raylets × {ns.gpus_per_node} GPUs: waves {fw:.1f}/s "
+                     f"({fd['items_retried']} items retried), one at a time {fs:.1f}/s")
+        print(line, flush=True)
+    m = {k: median(v) if v else None for k, v in runs.items()}
     ratio, serial_ratio = m["ours_waves"] / m["ray_waves"], m["ours_one_at_a_time"] / m["ray_one_at_a_time"]
     print(f"\nmedian of {ns.repeats}, place+release cycles/s on {ns.nodes} nodes × {ns.gpus_per_node} GPUs:")
     print(f"  waves of {ns.wave}:      Ray placement groups {m['ray_waves']:.1f}/s | ours (PlaceBatch + "
           f"ReleaseBatch, durable) {m['ours_waves']:.0f}/s → {ratio:.2f}× (target ≥ 100×)")
     print(f"  one at a time ×{ns.clients}: Ray placement groups {m['ray_one_at_a_time']:.1f}/s | ours (Place + Release, "
           f"durable) {m['ours_one_at_a_time']:.0f}/s → {serial_ratio:.2f}×")
+    fleet = {}
+    if raylets > 1:
+        fleet = {"ray_pg_per_s_same_fleet": m["ray_fleet_waves"],
+                 "ratio_same_fleet": m["ours_waves"] / m["ray_fleet_waves"],
+                 "ray_pg_one_at_a_time_per_s_same_fleet": m["ray_fleet_one_at_a_time"],
+                 "one_at_a_time_ratio_same_fleet": m["ours_one_at_a_time"] / m["ray_fleet_one_at_a_time"],
+                 "ray_raylets": raylets}
+        print(f"  Ray on the same fleet shape ({raylets} raylets × {ns.gpus_per_node} GPUs, one process per node as "
+              f"ours): waves {m['ray_fleet_waves']:.1f}/s → ours {fleet['ratio_same_fleet']:.2f}×; one at a time "
+              f"{m['ray_fleet_one_at_a_time']:.1f}/s → ours {fleet['one_at_a_time_ratio_same_fleet']:.2f}×")
     # The target was set assuming Ray manages ~10 placement groups/s here; the Ray measured above is far faster.
     assumed = ASSUMED_RAY_PER_S * 100
     print(f"  against the target's assumption (Ray ~{ASSUMED_RAY_PER_S}/s, so ≥ {assumed:,}/s): ours in waves "
@@ -228,7 +319,9 @@ def main() -> int:
                          "ours_one_at_a_time_per_s": m["ours_one_at_a_time"],
                          "ray_pg_one_at_a_time_per_s": m["ray_one_at_a_time"], "one_at_a_time_ratio": serial_ratio,
                          "ratio_to_assumed_ray_per_s": m["ours_waves"] / ASSUMED_RAY_PER_S,
-                         "runs": runs, "wave_details": details, "requests": ns.requests,
+                         **fleet,
+                         "runs": runs, "wave_details": details, "ray_details": ray_details,
+                         "ray_fleet_details": fleet_details, "requests": ns.requests,
                          "ray_requests": ns.ray_requests, "serial_requests": ns.serial_requests, "wave": ns.wave,
                          "clients": ns.clients, "nodes": ns.nodes, "gpus_per_node": ns.gpus_per_node})
     return 0
