@@ -107,7 +107,10 @@ def _refusal(aid: str, exc: BaseException) -> GpuaasError:
 class AllocationShardCore:
     def __init__(self, *, index: int, count: int, app_url: str, config: ControlPlaneConfig):
         self.index, self.count, self.cfg = index, count, config
-        self.db = runtime.DbThread(app_url, f"alloc{index}")
+        # Every statement of this connection is by key, by arrays of keys, or has no parameters, so one
+        # plan per statement serves every call (store.GROUP_WRITER_OPTIONS): its group transitions
+        # (PLACED → RUNNING, releases) no longer pay for planning at each commit.
+        self.db = runtime.DbThread(app_url, f"alloc{index}", options=store.GROUP_WRITER_OPTIONS)
         self.agents = runtime.AgentStubs()
         self.rows = _Rows()
         self.locks: dict[str, asyncio.Lock] = {}

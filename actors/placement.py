@@ -239,9 +239,11 @@ class PlacementCore:
         """The writer stage's connection (new allocations); other writers hold self.lock and use _writer.
 
         Autocommit: a group of new allocations is one statement, its own transaction (one round trip),
-        or, past store.SMALL_INSERT_MAX, BEGIN … COPY … COMMIT (store.insert_new_allocations)."""
+        or, past store.SMALL_INSERT_MAX, BEGIN … COPY … COMMIT (store.insert_new_allocations). It runs
+        nothing else, so its statements keep one plan (store.GROUP_WRITER_OPTIONS)."""
         if self._pipe_conn is None or self._pipe_conn.closed or self._pipe_conn.broken:
-            self._pipe_conn = psycopg.connect(self.app_url, autocommit=True, connect_timeout=5)
+            self._pipe_conn = psycopg.connect(self.app_url, autocommit=True, connect_timeout=5,
+                                              options=store.GROUP_WRITER_OPTIONS)
         return self._pipe_conn
 
     def reader(self) -> psycopg.Connection:
@@ -254,6 +256,20 @@ class PlacementCore:
             except psycopg.OperationalError as exc:
                 raise Unavailable(f"database unavailable: {exc.__class__.__name__}") from exc
             self._read_local.conn = c
+        return c
+
+    def _group_writer(self) -> psycopg.Connection:
+        """A per-thread autocommit connection for group transitions only (release_before_handoff), whose
+        statement keeps one plan (store.GROUP_WRITER_OPTIONS); reads stay on ``reader``, where a plan
+        made without the values could be a poor one."""
+        c = getattr(self._read_local, "group_conn", None)
+        if c is None or c.closed or c.broken:
+            try:
+                c = psycopg.connect(self.app_url, autocommit=True, connect_timeout=5,
+                                    options=store.GROUP_WRITER_OPTIONS)
+            except psycopg.OperationalError as exc:
+                raise Unavailable(f"database unavailable: {exc.__class__.__name__}") from exc
+            self._read_local.group_conn = c
         return c
 
     # ------------------------------------------------------------ rebuild
@@ -619,10 +635,10 @@ class PlacementCore:
         chain = (AllocEvent.RELEASE_REQUESTED, AllocEvent.CLEANUP_OK)
         at = utcnow()
         try:
-            results = store.transition_allocations(self.reader(), [(it[2], chain, {"at": at})
-                                                                   for it in taken.values()])
+            results = store.transition_allocations(self._group_writer(), [(it[2], chain, {"at": at})
+                                                                          for it in taken.values()])
         except Exception as exc:  # noqa: BLE001 - nothing committed (a version-checked statement of its own)
-            self._read_local.conn = None
+            self._read_local.group_conn = None
             with self._dispatch_cv:
                 for aid, item in taken.items():
                     self._dispatch_pending.setdefault(aid, item)

@@ -224,15 +224,18 @@ class Combiner:
 class DbThread:
     """One connection on one thread: run store functions in a transaction from asyncio."""
 
-    def __init__(self, url: str, name: str):
-        self.url = url
+    def __init__(self, url: str, name: str, options: str | None = None):
+        """``options``: the connection's server options (store.GROUP_WRITER_OPTIONS for a connection
+        whose statements are all by key, by arrays of keys or without parameters)."""
+        self.url, self.options = url, options
         self._exec = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"db-{name}")
         self._conn: psycopg.Connection | None = None
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed or self._conn.broken:
             # Autocommit: ``tx`` opens its transaction explicitly, ``statement`` needs none.
-            self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+            kw = {"options": self.options} if self.options else {}
+            self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=5, **kw)
         return self._conn
 
     def _run(self, fn, args, kwargs, in_tx: bool = True):

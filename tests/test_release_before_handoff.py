@@ -84,7 +84,7 @@ def test_a_row_that_moved_since_its_commit_is_left_to_whoever_moved_it(fresh_db,
 
 def test_a_failed_commit_releases_nothing_and_puts_the_hand_off_back(fresh_db, core):
     a, b = place(core, "r-a"), place(core, "r-b")
-    conn = core.reader()  # this thread's connection, which the release will use
+    conn = core._group_writer()  # this thread's connection for group transitions, which the release will use
     with psycopg.connect(fresh_db.app, autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
     with pytest.raises(Unavailable):
@@ -97,3 +97,13 @@ def test_a_failed_commit_releases_nothing_and_puts_the_hand_off_back(fresh_db, c
     rows = core.release_before_handoff([(a.allocation_id, "acme"), (b.allocation_id, "acme")])
     assert [r.state for r in rows] == [AllocState.RELEASED] * 2
     assert free_gpus(core) == 8 and core.stats["released_before_handoff"] == 2
+
+
+def test_group_writes_keep_one_plan_and_reads_plan_with_their_values(core):
+    """The connections that only run group writes (new allocations; releases before the hand-off) reuse
+    one plan per statement instead of planning each commit again; the readers, whose queries may
+    depend on their values, keep the server's default."""
+    show = lambda c: c.execute("SHOW plan_cache_mode").fetchone()[0]  # noqa: E731
+    assert show(core._pipe_writer()) == "force_generic_plan"
+    assert show(core._group_writer()) == "force_generic_plan"
+    assert show(core.reader()) == "auto"

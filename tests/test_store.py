@@ -158,3 +158,39 @@ def test_a_chain_of_edges_is_one_update_with_one_event_per_edge(fresh_db):
         for r in (stale, illegal):
             assert store.load_allocation(conn, r.allocation_id).state is AllocState.PLACED
             assert _counts(conn, r.allocation_id) == (2, 2)
+
+
+def test_group_transitions_on_one_reused_plan_apply_exactly_the_rows_given(fresh_db):
+    """On a connection with store.GROUP_WRITER_OPTIONS (an allocation shard's), the group transition is
+    prepared after a few calls and then runs on one generic plan; groups of different sizes, before and
+    after that point, each move exactly their own rows, and a stale version is still refused."""
+    import asyncio
+
+    from actors import runtime
+
+    async def go():
+        db = runtime.DbThread(fresh_db.app, "plan-test", options=store.GROUP_WRITER_OPTIONS)
+        try:
+            assert await db.tx(lambda c: c.execute("SHOW plan_cache_mode").fetchone()[0]) == "force_generic_plan"
+            sizes = [1, 3, 1, 7, 2, 1, 5, 1, 4]  # past psycopg's prepare threshold (5 runs)
+            groups = [[_row() for _ in range(k)] for k in sizes]
+            stale = _row()  # committed, then moved on: this copy's version is behind
+            with psycopg.connect(fresh_db.app) as conn, conn.transaction():
+                store.insert_new_allocations(conn, [(r, [(AllocEvent.ACCEPTED, None),
+                                                         (AllocEvent.PLACED, AllocState.QUEUED)])
+                                                    for g in groups + [[stale]] for r in g])
+                store.transition_allocation(conn, stale, AllocEvent.PREPARE_OK)
+            for g in groups:
+                out = await db.statement(store.transition_allocations,
+                                         [(r, AllocEvent.PREPARE_OK, {}) for r in g] + [(stale, AllocEvent.PREPARE_OK, {})])
+                assert [getattr(o, "state", None) for o in out[:-1]] == [AllocState.RUNNING] * len(g)
+                assert isinstance(out[-1], FailedPrecondition)
+            with psycopg.connect(fresh_db.app) as conn:
+                states = dict(conn.execute("SELECT state, count(*) FROM control.allocations GROUP BY state").fetchall())
+                assert states == {"RUNNING": sum(sizes) + 1}
+                assert conn.execute("SELECT count(*) FROM control.allocation_events WHERE to_state = 'RUNNING'"
+                                    ).fetchone()[0] == sum(sizes) + 1
+        finally:
+            db.close()
+
+    asyncio.run(go())
