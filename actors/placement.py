@@ -209,6 +209,10 @@ class PlacementCore:
         # Hand-offs waiting for their window, by allocation id, in commit order: (id, addresses, committed
         # row). A release that overtakes its hand-off withdraws it and is settled here (release_before_handoff).
         self._dispatch_pending: dict[str, tuple] = {}
+        # When the window of the hand-offs now waiting opened: when a hand-off found none waiting. A
+        # window whose hand-offs were all withdrawn (released first) closes with them, so the next
+        # hand-off opens its own full window rather than joining one about to close.
+        self._dispatch_opened = 0.0
         # Full collections over the capacity view stalled every request in flight (~0.1 s at 50k allocations).
         self.gc = runtime.GcPacer()
         # Moments the whole process stopped (every request waits, even those not in a handler yet).
@@ -598,6 +602,8 @@ class PlacementCore:
         # The committed row travels with its id: the shard need not read back what was just written.
         items = [(r.allocation_id, {n: self.address_of(n) for n in r.node_ids()}, r) for r in rows]
         with self._dispatch_cv:
+            if not self._dispatch_pending:
+                self._dispatch_opened = time.monotonic()
             self._dispatch_pending.update((item[0], item) for item in items)
             n = len(self._dispatch_pending)
             # Wake the dispatcher when a window opens, and when it is full; not on every commit.
@@ -640,6 +646,8 @@ class PlacementCore:
         except Exception as exc:  # noqa: BLE001 - nothing committed (a version-checked statement of its own)
             self._read_local.group_conn = None
             with self._dispatch_cv:
+                if not self._dispatch_pending:
+                    self._dispatch_opened = time.monotonic()
                 for aid, item in taken.items():
                     self._dispatch_pending.setdefault(aid, item)
                 self._dispatch_cv.notify()
@@ -668,12 +676,20 @@ class PlacementCore:
                 if not self._dispatch_pending:
                     self._dispatch_cv.wait(0.2)
                     continue
-                deadline = time.monotonic() + linger
                 while len(self._dispatch_pending) < DISPATCH_FLUSH_ITEMS and not self._stop.is_set():
-                    left = deadline - time.monotonic()
-                    if left <= 0:
+                    # The window opened when a hand-off found none waiting. Read again after every
+                    # wait: releases may have withdrawn every hand-off of the window, and a later one
+                    # opened a new window. (Before, a window kept its first deadline, and a hand-off
+                    # that came just before it went out after a few ms: a client releasing right after
+                    # its answer, as in waves, found it gone to its shard.)
+                    left = self._dispatch_opened + linger - time.monotonic()
+                    if left <= 0 or not self._dispatch_pending:
                         break
                     self._dispatch_cv.wait(left)
+                if self._stop.is_set():
+                    return  # stopping: the shards resume whatever is PLACED from Postgres
+                if not self._dispatch_pending:
+                    continue
                 items, self._dispatch_pending = list(self._dispatch_pending.values()), {}
             by_shard: dict[int, list] = {}
             for item in items:
@@ -1150,6 +1166,8 @@ class PlacementCore:
 
     def shutdown(self) -> None:
         self._stop.set()
+        with self._dispatch_cv:
+            self._dispatch_cv.notify_all()
         self.pauses.stop()
 
 

@@ -107,3 +107,34 @@ def test_group_writes_keep_one_plan_and_reads_plan_with_their_values(core):
     assert show(core._pipe_writer()) == "force_generic_plan"
     assert show(core._group_writer()) == "force_generic_plan"
     assert show(core.reader()) == "auto"
+
+
+def test_a_window_whose_hand_offs_were_all_released_closes_with_them(fresh_db):
+    """A hand-off that comes after every hand-off of the open window was withdrawn opens a window of
+    its own, the whole dispatch_linger_s long. Before, it joined the emptied window and went to its
+    shard when that window closed, a few ms later, so a release sent right after its answer (a client
+    placing and releasing in waves) found it gone and took the shard's longer path."""
+    import time
+
+    linger = 2.0
+    c = PlacementCore(app_url=fresh_db.app, config=ControlPlaneConfig(reconcile_s=0, dispatch_linger_s=linger),
+                      alloc_shards=[], node_shards=[])
+    c.node_registered("n1", "127.0.0.1:1", "READY", 64_000, 512_000, {}, GPUS)
+    try:
+        t0 = time.monotonic()
+        a = place(c, "r-a")  # opens a window, closing at t0 + linger
+        time.sleep(0.2)  # the dispatcher has seen it (a client's release comes a round trip later)
+        [row] = c.release_before_handoff([(a.allocation_id, "acme")])
+        assert row.state is AllocState.RELEASED and c.handoffs_waiting() == 0
+        time.sleep(max(0.0, t0 + 0.75 * linger - time.monotonic()))
+        b = place(c, "r-b")
+        t_b = time.monotonic()
+        # Past the first window's end, well before b's own window ends.
+        time.sleep(max(0.0, t0 + 1.1 * linger - time.monotonic()))
+        assert time.monotonic() < t_b + 0.9 * linger, "the test thread was held too long to tell"
+        assert c.handoff_waits(b.allocation_id)
+        # Its release is still this actor's to settle.
+        [row] = c.release_before_handoff([(b.allocation_id, "acme")])
+        assert row.state is AllocState.RELEASED
+    finally:
+        c.shutdown()
