@@ -110,6 +110,15 @@ class PlacementActor:
             lat.clear()
         return out
 
+    def commit_log(self, clear: bool = True) -> list[tuple[float, float, int]]:
+        """The group commits of new allocations since the last clear, oldest first: (wall-clock time
+        at its end, seconds, rows)."""
+        log_ = self.core.commit_log
+        out = list(log_)
+        if clear:
+            log_.clear()
+        return out
+
     def reconcile(self) -> int:
         return self.core.reconcile_released()
 

@@ -5,8 +5,9 @@ loopback; `gpuaas up` prints the address):
 
 * ``gpuaas_rpc_total{method, code}`` and ``gpuaas_rpc_seconds{method}``: every gRPC call the
   control plane answered, by method and status code, and the unary calls' handler time.
-  These are the only metrics touched on the request path (a counter and a histogram
-  update, a few microseconds).
+  These are the only metrics touched per request (a counter and a histogram update, a few
+  microseconds). ``gpuaas_placement_commit_seconds``, the placement actor's group commits'
+  wall time, is updated once per commit.
 * Everything else is read when scraped, from the state the components keep anyway:
   placement outcomes and commits, the committer's time by stage, the queue, the placement
   actor's garbage collections, capacity per GPU model (the same figures as
@@ -33,6 +34,11 @@ RPCS = Counter("gpuaas_rpc", "gRPC calls answered by the control plane, by metho
 RPC_SECONDS = Histogram("gpuaas_rpc_seconds", "Handler time of unary gRPC calls (from the handler's start to its "
                         "answer)", ["method"], registry=REGISTRY,
                         buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0))
+# Updated once per group commit (not per request): how long the database took to make a group of new
+# allocations durable, which every placement answered in that group waited for.
+COMMIT_SECONDS = Histogram("gpuaas_placement_commit_seconds", "Wall time of the placement actor's group commits "
+                           "of new allocations (the statement, or BEGIN, the COPYs and COMMIT)", registry=REGISTRY,
+                           buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0))
 SCRAPE_ERRORS = Counter("gpuaas_scrape_errors", "Components that did not answer a metrics scrape in time",
                         ["component"], registry=REGISTRY)
 

@@ -50,7 +50,7 @@ import zlib
 
 import psycopg
 
-from actors import convert, runtime, store
+from actors import convert, metrics, runtime, store
 from actors.store import AllocRow, utcnow
 from gpuaas.config import ControlPlaneConfig
 from gpuaas.errors import AlreadyExists, GpuaasError, ResourceExhausted, Unavailable
@@ -175,6 +175,9 @@ class PlacementCore:
         # Seconds from a unary Place's arrival in its handler to its answer (the last 100,000):
         # the server's share of a client's latency.
         self.place_latency: collections.deque[float] = collections.deque(maxlen=100_000)
+        # (time.time() at its end, seconds, rows) of each group commit of new allocations (the last
+        # 100,000): whether slow answers waited for the database.
+        self.commit_log: collections.deque[tuple[float, float, int]] = collections.deque(maxlen=100_000)
         # (tenant, request_id) → (request hash, allocation id): the idempotency index.
         self.idem: dict[tuple[str, str], tuple[bytes, str]] = {}
         self.queued: dict[str, AllocRow] = {}
@@ -544,6 +547,9 @@ class PlacementCore:
                 ok = False
                 self._pipe_conn = None
         t_committed, c_committed = time.perf_counter(), time.thread_time()
+        if new and ok:
+            self.commit_log.append((time.time(), t_committed - t_start, len(new)))
+            metrics.COMMIT_SECONDS.observe(t_committed - t_start)
         placed = [row for row, _, _ in new if row.state is AllocState.PLACED]
         with self.lock:
             for key in d.keys:

@@ -227,6 +227,7 @@ def main() -> int:
             interval = 1.0 / ns.rate
             n = int(ns.rate * ns.paced_seconds)
             ray.get(cp.placement.place_latency.remote())  # clears the server's record
+            ray.get(cp.placement.commit_log.remote())  # and its record of group commits
             gc_before = ray.get(cp.placement.stats.remote())["gc"]
             # The client's own collections stay out of the measured latencies: a full collection of
             # this process (the Ray driver's objects and every earlier phase's) stopped its sender and
@@ -248,7 +249,17 @@ def main() -> int:
             # Whole-process pauses during the phase, on both sides (runtime.PauseProbe): where a burst
             # of slow requests that the server's own timing does not show came from.
             after = ray.get(cp.placement.stats.remote())
+            commits = [c for c in ray.get(cp.placement.commit_log.remote()) if wall0 <= c[0] <= wall1 + 1]
+            secs = [c[1] for c in commits]
             pauses.append({
+                # The placement actor's group commits during the phase: whether slow answers waited for
+                # the database (a commit's wall time includes any wait for a core).
+                "placement_commits": {
+                    "count": len(commits), "rows": sum(c[2] for c in commits),
+                    "p50_ms": round(percentile(secs, 50) * 1000, 2) if secs else None,
+                    "p99_ms": round(percentile(secs, 99) * 1000, 2) if secs else None,
+                    "max_ms": round(max(secs) * 1000, 2) if secs else None,
+                    "slow": [(round(t - wall0, 3), round(x * 1000, 1), n) for t, x, n in commits if x >= 0.01]},
                 "placement_actor": [(round(t - wall0, 3), round(s * 1000, 1)) for t, s in after["pauses"]["recent"]
                                     if wall0 <= t <= wall1],
                 "client": [(round(t - wall0, 3), round(s * 1000, 1)) for t, s in client_probe.recent
@@ -277,6 +288,9 @@ def main() -> int:
                   f"{max((x[1] for x in cl), default=0):.0f} ms); placement actor's collections "
                   f"{sum(pauses[-1]['placement_gc_s']) * 1000:.0f} ms, the client's "
                   f"{sum(pauses[-1]['client_gc_s']) * 1000:.0f} ms (by generation {pauses[-1]['client_gc_s']})", flush=True)
+            pc = pauses[-1]["placement_commits"]
+            print(f"       group commits while paced: {pc['count']} ({pc['rows']} rows), p50 {pc['p50_ms']} ms, "
+                  f"p99 {pc['p99_ms']} ms, longest {pc['max_ms']} ms, {len(pc['slow'])} of 10 ms or more", flush=True)
         stats = ray.get(cp.placement.stats.remote())
         res = {"place_batch_per_s": median(batch_rates), "place_unary_per_s": median(unary_rates),
                "place_batch_per_s_clients": median(batch_conc_rates) if batch_conc_rates else None,

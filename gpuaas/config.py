@@ -16,9 +16,10 @@ class ControlPlaneConfig:
     batch_size_max: int = 4096
     place_batch_items_max: int = 10_000
     # PLACED allocations wait up to this long to be handed to their allocation shard together (one
-    # actor call per shard, one PrepareBatch per node, one commit to RUNNING). The answer to the
-    # client never waits for it. Larger windows make each placement cheaper for the whole machine
-    # under load; 0.1 s is measured in docs/scheduler.md ("Hand-off window").
+    # actor call per shard, one PrepareBatch per node, one commit to RUNNING), counted from the first
+    # that found none waiting. The answer to the client never waits for it. Larger windows make each
+    # placement cheaper for the whole machine under load; 0.1 s is measured in docs/scheduler.md
+    # ("Hand-off window").
     dispatch_linger_s: float = 0.1
     grpc_workers: int = 32
     # Prometheus endpoint (/metrics) of the placement actor, "host:port"; port 0 picks a free one,

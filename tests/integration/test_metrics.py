@@ -52,6 +52,9 @@ def test_calls_outcomes_capacity_and_allocations_are_scraped(control_plane, tena
     # The committer's time by stage: the placement was decided and committed, so both have run.
     assert _value(m, "gpuaas_placement_stage_seconds_total", stage="decide", clock="cpu") > 0
     assert _value(m, "gpuaas_placement_stage_seconds_total", stage="commit", clock="wall") > 0
+    # Each group commit of new allocations is timed: this one's commit is in the histogram.
+    assert _value(m, "gpuaas_placement_commit_seconds_count") >= _value(before, "gpuaas_placement_commit_seconds_count") + 1
+    assert _value(m, "gpuaas_placement_commit_seconds_sum") > _value(before, "gpuaas_placement_commit_seconds_sum")
     # The placement actor's process has run young-generation collections by now (it has decoded,
     # decided and committed requests), and its pacer has not let the interpreter start a full one.
     assert _value(m, "gpuaas_placement_gc_collections_total", generation="0") > 0
