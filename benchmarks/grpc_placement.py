@@ -12,7 +12,9 @@ simulated node daemons), then, from this separate client process:
 - Place unary, sustained: closed loop from several client threads (the headline, 8 by
   default), and again from more threads after the paced phase (``--threads-high``, 32): the
   closed loop from one client process is latency-bound, so the server's capacity shows only
-  with more requests in flight;
+  with more requests in flight. Right after each, the same loop against a bare gRPC server (the
+  health service alone, in a process of its own) gives this machine's gRPC Python unary ceiling
+  at that moment (``bare_unary_per_s``) and our share of it;
 - Place unary paced at a fixed rate (default 500/s): latency percentiles at the
   client and inside the server (handler start to answer), measured
   after the previous phases' backlog has drained (every allocation placed so far
@@ -119,6 +121,72 @@ def concurrent_batches(address: str, token: str, prefix: str, clients: int, batc
     return placed / (max(r[2] for r in results) - min(r[1] for r in results))
 
 
+def _bare_server(port_q, stop) -> None:
+    """A bare gRPC server in a process of its own: the health service alone, on a thread pool of the
+    control plane's size. Its closed-loop rate is the machine's gRPC Python unary ceiling, now."""
+    import concurrent.futures as cf_
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from gpuaas.config import ControlPlaneConfig
+
+    server = grpc.server(cf_.ThreadPoolExecutor(max_workers=ControlPlaneConfig().grpc_workers))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    port_q.put(port)
+    stop.wait()
+    server.stop(0)
+
+
+class BareCeiling:
+    """The same closed loop as ``closed_loop`` (one thread and one channel per client), against a bare
+    server doing nothing: what gRPC in Python manages on this machine at the moment it is measured, so
+    that ``place_unary_per_s`` can be read as a share of it on a machine whose speed drifts."""
+
+    def __init__(self, threads: int):
+        import multiprocessing as mp
+
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        ctx = mp.get_context("spawn")
+        q, self._stop = ctx.Queue(), ctx.Event()
+        self._proc = ctx.Process(target=_bare_server, args=(q, self._stop), daemon=True)
+        self._proc.start()
+        port = q.get(timeout=120)
+        self._channels = [grpc.insecure_channel(f"127.0.0.1:{port}") for _ in range(threads)]
+        self._stubs = [health_pb2_grpc.HealthStub(ch) for ch in self._channels]
+        self._req = health_pb2.HealthCheckRequest()
+        for stub in self._stubs:
+            stub.Check(self._req, timeout=30)
+
+    def rate(self, n: int) -> float:
+        counter = iter(range(n))
+        lock = threading.Lock()
+
+        def worker(stub):
+            while True:
+                with lock:
+                    if next(counter, None) is None:
+                        return
+                stub.Check(self._req, timeout=30)
+
+        t0 = time.perf_counter()
+        with cf.ThreadPoolExecutor(len(self._stubs)) as ex:
+            list(ex.map(worker, self._stubs))
+        return n / (time.perf_counter() - t0)
+
+    def close(self) -> None:
+        for ch in self._channels:
+            ch.close()
+        self._stop.set()
+        self._proc.join(30)
+
+
 def closed_loop(clients, prefix: str, n: int, rng) -> float:
     """Place unary from one thread per client, each sending its next request when the last is
     answered, until ``n`` are answered: the rate."""
@@ -175,10 +243,13 @@ def main() -> int:
         cfg = dataclasses.replace(cfg, dispatch_linger_s=ns.dispatch_linger_s)
     # A fresh database per run, deleted when the control plane stops.
     cp, token = start_control_plane("grpc", ns.nodes, ns.gpus_per_node, cfg)
+    bare = None
     rng = random.Random(1)
     try:
         clients = [Client(cp.address, token) for _ in range(ns.threads)]
         clients_high = [Client(cp.address, token) for _ in range(ns.threads_high)]
+        bare = BareCeiling(ns.threads)
+        bare_rates: list[float] = []  # the bare server's closed loop, right after ours, each repeat
         high_rates: list[float] = []  # the closed unary loop from --threads-high threads
         run = uuid.uuid4().hex[:6]
         batch_rates, unary_rates, p50s, p99s = [], [], [], []
@@ -216,6 +287,7 @@ def main() -> int:
             batch_rates.append(placed / took)
             # --- unary, closed loop
             unary_rates.append(closed_loop(clients, f"{run}-{rep}-u", ns.unary, rng))
+            bare_rates.append(bare.rate(ns.unary))
             # --- unary, paced: latency at a steady offered rate. First let the previous phases'
             # downstream work finish (every allocation placed so far prepared and RUNNING), so the
             # paced phase does not measure the tail of the unary burst, and start the client's
@@ -279,7 +351,8 @@ def main() -> int:
             if ns.threads_high:
                 high_rates.append(closed_loop(clients_high, f"{run}-{rep}-h", ns.unary, rng))
             print(f"run {rep + 1}: PlaceBatch {batch_rates[-1]:,.0f} durable placements/s | Place unary "
-                  f"{unary_rates[-1]:,.0f}/s ({ns.threads} threads"
+                  f"{unary_rates[-1]:,.0f}/s ({ns.threads} threads, {unary_rates[-1] / bare_rates[-1]:.0%} of a bare "
+                  f"server's {bare_rates[-1]:,.0f}/s"
                   f"{f', {high_rates[-1]:,.0f}/s from {ns.threads_high}' if high_rates else ''}) | at {ns.rate:.0f}/s: p50 {p50s[-1]:.1f} ms, "
                   f"p99 {p99s[-1]:.1f} ms (in the server: p50 {srv_p50s[-1]:.1f}, p99 {srv_p99s[-1]:.1f} ms)", flush=True)
             pa, cl = pauses[-1]["placement_actor"], pauses[-1]["client"]
@@ -296,10 +369,12 @@ def main() -> int:
                "place_batch_per_s_clients": median(batch_conc_rates) if batch_conc_rates else None,
                "batch_clients": ns.batch_clients,
                "place_unary_per_s_threads_high": median(high_rates) if high_rates else None,
+               "bare_unary_per_s": median(bare_rates),
+               "place_unary_to_bare_ratio": median([u / b for u, b in zip(unary_rates, bare_rates)]),
                "threads_high": ns.threads_high,
                "place_unary_p99_ms_at_500": median(p99s), "place_unary_p50_ms_at_500": median(p50s),
                "place_unary_server_p99_ms_at_500": median(srv_p99s),
-               "runs": {"batch": batch_rates, "batch_clients": batch_conc_rates, "unary": unary_rates, "unary_threads_high": high_rates,
+               "runs": {"batch": batch_rates, "batch_clients": batch_conc_rates, "unary": unary_rates, "bare_unary": bare_rates, "unary_threads_high": high_rates,
                         "p99_ms": p99s, "p50_ms": p50s, "server_p99_ms": srv_p99s, "server_p50_ms": srv_p50s},
                "placement_actor_stats": stats, "rate": ns.rate, "threads": ns.threads,
                "nodes": ns.nodes, "gpus_per_node": ns.gpus_per_node, "dispatch_linger_s": cfg.dispatch_linger_s,
@@ -309,13 +384,16 @@ def main() -> int:
         conc = (f", {res['place_batch_per_s_clients']:,.0f}/s from {ns.batch_clients} clients" if batch_conc_rates
                 else "")
         print(f"\nmedian of {ns.repeats}: PlaceBatch {res['place_batch_per_s']:,.0f}/s (target ≥ 20,000){conc} | "
-              f"Place unary {res['place_unary_per_s']:,.0f}/s from {ns.threads} threads (target ≥ 1,500){high}"
+              f"Place unary {res['place_unary_per_s']:,.0f}/s from {ns.threads} threads (target ≥ 1,500; "
+              f"{res['place_unary_to_bare_ratio']:.0%} of a bare gRPC server's {res['bare_unary_per_s']:,.0f}/s){high}"
               f" | p99 at {ns.rate:.0f}/s "
               f"{res['place_unary_p99_ms_at_500']:.1f} ms (target ≤ 10; in the server "
               f"{res['place_unary_server_p99_ms_at_500']:.1f} ms)")
         write_json(ns.json, res)
         return 0
     finally:
+        if bare is not None:
+            bare.close()
         cp.stop()
 
 
