@@ -212,6 +212,8 @@ class PlacementCore:
         # Hand-offs waiting for their window, by allocation id, in commit order: (id, addresses, committed
         # row). A release that overtakes its hand-off withdraws it and is settled here (release_before_handoff).
         self._dispatch_pending: dict[str, tuple] = {}
+        self._group_lock = threading.Lock()  # the release-before-hand-off connection (_group_writer)
+        self._group_conn: psycopg.Connection | None = None
         # When the window of the hand-offs now waiting opened: when a hand-off found none waiting. A
         # window whose hand-offs were all withdrawn (released first) closes with them, so the next
         # hand-off opens its own full window rather than joining one about to close.
@@ -266,17 +268,19 @@ class PlacementCore:
         return c
 
     def _group_writer(self) -> psycopg.Connection:
-        """A per-thread autocommit connection for group transitions only (release_before_handoff), whose
-        statement keeps one plan (store.GROUP_WRITER_OPTIONS); reads stay on ``reader``, where a plan
-        made without the values could be a poor one."""
-        c = getattr(self._read_local, "group_conn", None)
+        """The autocommit connection of releases settled here (release_before_handoff), used under
+        ``_group_lock``; its statement keeps one plan (store.GROUP_WRITER_OPTIONS). One connection for
+        every thread, not one per thread: ReleaseBatch handlers call it too, and a connection per
+        handler thread could take up to grpc_workers more of the server's connections. Reads stay on
+        ``reader``, where a plan made without the values could be a poor one."""
+        c = self._group_conn
         if c is None or c.closed or c.broken:
             try:
                 c = psycopg.connect(self.app_url, autocommit=True, connect_timeout=5,
                                     options=store.GROUP_WRITER_OPTIONS)
             except psycopg.OperationalError as exc:
                 raise Unavailable(f"database unavailable: {exc.__class__.__name__}") from exc
-            self._read_local.group_conn = c
+            self._group_conn = c
         return c
 
     # ------------------------------------------------------------ rebuild
@@ -647,10 +651,14 @@ class PlacementCore:
         chain = (AllocEvent.RELEASE_REQUESTED, AllocEvent.CLEANUP_OK)
         at = utcnow()
         try:
-            results = store.transition_allocations(self._group_writer(), [(it[2], chain, {"at": at})
-                                                                          for it in taken.values()])
+            with self._group_lock:
+                try:
+                    results = store.transition_allocations(self._group_writer(), [(it[2], chain, {"at": at})
+                                                                                  for it in taken.values()])
+                except Exception:
+                    self._group_conn = None
+                    raise
         except Exception as exc:  # noqa: BLE001 - nothing committed (a version-checked statement of its own)
-            self._read_local.group_conn = None
             with self._dispatch_cv:
                 if not self._dispatch_pending:
                     self._dispatch_opened = time.monotonic()

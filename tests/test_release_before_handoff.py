@@ -84,7 +84,8 @@ def test_a_row_that_moved_since_its_commit_is_left_to_whoever_moved_it(fresh_db,
 
 def test_a_failed_commit_releases_nothing_and_puts_the_hand_off_back(fresh_db, core):
     a, b = place(core, "r-a"), place(core, "r-b")
-    conn = core._group_writer()  # this thread's connection for group transitions, which the release will use
+    with core._group_lock:
+        conn = core._group_writer()  # the connection the release will use
     with psycopg.connect(fresh_db.app, autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
     with pytest.raises(Unavailable):
@@ -105,7 +106,8 @@ def test_group_writes_keep_one_plan_and_reads_plan_with_their_values(core):
     depend on their values, keep the server's default."""
     show = lambda c: c.execute("SHOW plan_cache_mode").fetchone()[0]  # noqa: E731
     assert show(core._pipe_writer()) == "force_generic_plan"
-    assert show(core._group_writer()) == "force_generic_plan"
+    with core._group_lock:
+        assert show(core._group_writer()) == "force_generic_plan"
     assert show(core.reader()) == "auto"
 
 
