@@ -119,7 +119,7 @@ class AllocationShardCore:
         self.tasks: dict[str, asyncio.Task] = {}
         self.uncertain: set[str] = set()  # rows whose last write may or may not have committed
         self.stats = {"prepared": 0, "prepare_failures": 0, "released": 0, "cleanup_failures": 0, "failed": 0,
-                      "lease_expired": 0, "commits": 0, "cleanups_not_sent": 0}
+                      "lease_expired": 0, "commits": 0, "cleanups_not_sent": 0, "cleanups_after_release_race": 0}
         self._tx_pending: list[tuple] = []
         # One PrepareBatch / CleanupBatch per node for what is queued together (runtime.NodeBatcher).
         self.prepares = runtime.NodeBatcher(self.agents, single="Prepare", batch="PrepareBatch",
@@ -461,8 +461,9 @@ class AllocationShardCore:
         """PLACED → RUNNING for allocations whose Prepares all succeeded, in one group commit: each under
         its lock and only if still PLACED (a release may have come meanwhile)."""
         held: list[asyncio.Lock] = []
+        gone: list[AllocRow] = []
         try:
-            items = []
+            items, before = [], []
             at = utcnow()
             for aid in aids:
                 lk = self._lock(aid)
@@ -474,11 +475,36 @@ class AllocationShardCore:
                 req = common_pb2.PlacementRequest.FromString(row.request)
                 lease = at + dt.timedelta(seconds=req.lease_s) if req.lease_s else None
                 items.append((aid, AllocEvent.PREPARE_OK, {"at": at, "lease_expires_at": lease}))
+                before.append(row)
             done = await self._transition_many(items)
             self.stats["prepared"] += sum(1 for r in done if r is not None)
+            # Moved in Postgres while its Prepare ran, and let go (finished elsewhere): its shares are on
+            # the nodes now, and nobody else will clean them up.
+            gone = [row for row, r in zip(before, done)
+                    if r is None and row.allocation_id not in self.rows and row.allocation_id not in self.uncertain]
         finally:
             for lk in held:
                 lk.release()
+        if gone:
+            await self._cleanup_finished_elsewhere(gone)
+
+    async def _cleanup_finished_elsewhere(self, rows: list[AllocRow]) -> None:
+        """Clean up the shares of allocations prepared here whose rows another writer finished while the
+        Prepare ran. The one such writer: the placement actor settling a release before the hand-off
+        (release_before_handoff) of a row this shard was already preparing, because the placement actor
+        sent the hand-off again after its restart, or this shard resumed the row from Postgres while the
+        hand-off still waited. Only rows RELEASED or CANCELLED for good are cleaned up: a row back in the
+        queue may be placed again, and a cleanup by allocation id would remove its next share."""
+        ids = [r.allocation_id for r in rows]
+        states = dict(await self.db.statement(lambda c: c.execute(
+            "SELECT allocation_id::text, state FROM control.allocations WHERE allocation_id = ANY(%b::uuid[])",
+            (ids,)).fetchall()))
+        for row in rows:
+            if states.get(row.allocation_id) in ("RELEASED", "CANCELLED"):
+                self.stats["cleanups_after_release_race"] += 1
+                log.warning("allocation %s was %s elsewhere while its Prepare ran; cleaning up its shares",
+                            row.allocation_id, states[row.allocation_id])
+                await self._best_effort_cleanup(row, prepared=True)
 
     async def _prepare_failed(self, aid: str, error: BaseException) -> None:
         """A refused or failed Prepare: back to QUEUED (attempt counted, capacity freed) or, past
@@ -515,8 +541,10 @@ class AllocationShardCore:
         cleanup may have failed, so it counts as sent when it is placed again."""
         return row.allocation_id in self._sent or row.prepare_attempts > 0
 
-    async def _best_effort_cleanup(self, row: AllocRow) -> None:
-        if not self._on_nodes(row):
+    async def _best_effort_cleanup(self, row: AllocRow, *, prepared: bool = False) -> None:
+        """Cleanup of ``row``'s shares on its nodes, failures logged by the caller's path only.
+        ``prepared``: its Prepare is known to have gone out (the row may have left ``_sent``)."""
+        if not prepared and not self._on_nodes(row):
             return
         await self._know_addresses(row.node_ids())
         addrs = [self.addresses.get(n) for n in row.node_ids() if n not in self.nodes_down]
