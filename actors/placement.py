@@ -212,6 +212,9 @@ class PlacementCore:
         # Hand-offs waiting for their window, by allocation id, in commit order: (id, addresses, committed
         # row). A release that overtakes its hand-off withdraws it and is settled here (release_before_handoff).
         self._dispatch_pending: dict[str, tuple] = {}
+        # Hand-offs sent again after a rebuild: the previous incarnation may have sent them already, so
+        # a shard may be preparing them, and their releases are the shard's (release_before_handoff).
+        self._handoff_resent: set[str] = set()
         self._group_lock = threading.Lock()  # the release-before-hand-off connection (_group_writer)
         self._group_conn: psycopg.Connection | None = None
         # When the window of the hand-offs now waiting opened: when a hand-off found none waiting. A
@@ -228,7 +231,7 @@ class PlacementCore:
         self.rebuild_info = self.rebuild()
         # PLACED allocations whose hand-off to a shard may have died with the
         # previous incarnation: adopt is idempotent, so hand them over again.
-        self._dispatch(self._placed_after_rebuild)
+        self._dispatch(self._placed_after_rebuild, resent=True)
         self._placed_after_rebuild = []
         self._committer = threading.Thread(target=self._commit_loop, name="placement-committer", daemon=True)
         self._committer.start()
@@ -597,7 +600,7 @@ class PlacementCore:
         st["commit_cpu_s"] += c_committed - c_start
         st["answer_s"] += time.perf_counter() - t_committed
 
-    def _dispatch(self, rows: list[AllocRow]) -> None:
+    def _dispatch(self, rows: list[AllocRow], resent: bool = False) -> None:
         """Hand PLACED allocations to their shard, which prepares them on the nodes.
 
         Hand-offs wait up to ``dispatch_linger_s`` for company (or until DISPATCH_FLUSH_ITEMS wait),
@@ -614,6 +617,8 @@ class PlacementCore:
         with self._dispatch_cv:
             if not self._dispatch_pending:
                 self._dispatch_opened = time.monotonic()
+            if resent:
+                self._handoff_resent.update(item[0] for item in items)
             self._dispatch_pending.update((item[0], item) for item in items)
             n = len(self._dispatch_pending)
             # Wake the dispatcher when a window opens, and when it is full; not on every commit.
@@ -623,7 +628,7 @@ class PlacementCore:
     def handoff_waits(self, allocation_id: str) -> bool:
         """Whether the allocation's hand-off has not gone to its shard yet (release_before_handoff)."""
         with self._dispatch_cv:
-            return allocation_id in self._dispatch_pending
+            return allocation_id in self._dispatch_pending and allocation_id not in self._handoff_resent
 
     def release_before_handoff(self, items: list[tuple[str, str]]) -> list[AllocRow | None]:
         """Releases that overtook their allocation's hand-off, settled here.
@@ -637,14 +642,15 @@ class PlacementCore:
 
         ``items``: (allocation id, tenant). Per item, in order: the RELEASED row, or None when the
         allocation's hand-off is not waiting here (gone to its shard, another tenant's, not placed
-        by this actor) or its row moved since it was committed (a shard resumed it): the shard's
-        release path answers those. A failed commit puts the hand-offs back and raises Unavailable:
+        by this actor, or sent again after a rebuild: the previous incarnation may have sent it, and
+        a shard may be preparing it) or its row moved since it was committed (a shard resumed it):
+        the shard's release path answers those. A failed commit puts the hand-offs back and raises Unavailable:
         nothing was released, so a retry of the release is safe."""
         taken: dict[str, tuple] = {}
         with self._dispatch_cv:
             for aid, tenant in items:
                 item = self._dispatch_pending.get(aid)
-                if item is not None and item[2].tenant_id == tenant:
+                if item is not None and item[2].tenant_id == tenant and aid not in self._handoff_resent:
                     taken[aid] = self._dispatch_pending.pop(aid)
         if not taken:
             return [None] * len(items)
@@ -705,6 +711,8 @@ class PlacementCore:
                 if not self._dispatch_pending:
                     continue
                 items, self._dispatch_pending = list(self._dispatch_pending.values()), {}
+                if self._handoff_resent:
+                    self._handoff_resent.difference_update(item[0] for item in items)
             by_shard: dict[int, list] = {}
             for item in items:
                 by_shard.setdefault(shard_of(item[0], len(self.alloc_shards)), []).append(item)

@@ -13,6 +13,7 @@ from gpuaas.config import ControlPlaneConfig
 from gpuaas.errors import Unavailable
 from gpuaas.lifecycle import AllocEvent, AllocState
 from gpuaas.v1 import common_pb2
+from tests.test_shard_addresses import add_node
 
 GPUS = [(i, "H100", 81920, 0, "READY") for i in range(8)]
 
@@ -140,3 +141,32 @@ def test_a_window_whose_hand_offs_were_all_released_closes_with_them(fresh_db):
         assert row.state is AllocState.RELEASED
     finally:
         c.shutdown()
+
+
+def test_a_hand_off_sent_again_after_a_restart_is_released_by_its_shard(fresh_db, core):
+    """After a restart the placement actor sends the hand-offs of PLACED rows again; its previous
+    incarnation may have sent them already and a shard may be preparing them, so their releases are
+    not settled here (the shard's path, which cleans up what it prepared, takes them)."""
+    a = place(core, "r-a")
+    core.shutdown()
+    # The node as the registry keeps it, which the new incarnation's rebuild reads.
+    add_node(fresh_db.owner, "n1", "127.0.0.1:1")
+    with psycopg.connect(fresh_db.owner, autocommit=True) as conn:
+        for i, model, mem, island, state in GPUS:
+            conn.execute("INSERT INTO control.gpus (node_id, gpu_index, uuid, model, memory_mib, nvlink_island, state)"
+                         " VALUES ('n1', %s, %s, %s, %s, %s, %s)", (i, f"GPU-{i}", model, mem, island, state))
+    again = PlacementCore(app_url=fresh_db.app, config=ControlPlaneConfig(reconcile_s=0, dispatch_linger_s=600),
+                          alloc_shards=[], node_shards=[])
+    try:
+        assert again.handoffs_waiting() == 1  # sent again (the window is long: it is still waiting)
+        assert not again.handoff_waits(a.allocation_id)
+        assert again.release_before_handoff([(a.allocation_id, "acme")]) == [None]
+        assert again.stats["released_before_handoff"] == 0
+        with psycopg.connect(fresh_db.app) as conn:
+            assert store.load_allocation(conn, a.allocation_id).state is AllocState.PLACED
+        # A placement of this incarnation is still its own to settle.
+        b = place(again, "r-b")
+        [row] = again.release_before_handoff([(b.allocation_id, "acme")])
+        assert row.state is AllocState.RELEASED
+    finally:
+        again.shutdown()
