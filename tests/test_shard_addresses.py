@@ -10,12 +10,17 @@ Real Postgres; the shard core runs without Ray."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import psycopg
 import pytest
 
+from actors import store
 from actors.allocation_shard import AllocationShardCore
+from actors.store import AllocRow, utcnow
 from gpuaas.config import ControlPlaneConfig
+from gpuaas.lifecycle import AllocEvent, AllocState
+from gpuaas.v1 import common_pb2
 
 
 def add_node(url: str, node_id: str, address: str) -> None:
@@ -24,6 +29,20 @@ def add_node(url: str, node_id: str, address: str) -> None:
                      " labels, inventory, registered_at, last_seen_at, updated_at)"
                      " VALUES (%s, %s, 'READY', 'SIMULATED', true, 64000, 512000, '{}', ''::bytea, now(), now(), now())",
                      (node_id, address))
+
+
+def insert_placed(url: str, node_id: str, gpu_index: int) -> AllocRow:
+    """A committed PLACED allocation of one whole GPU on ``node_id`` (as the placement actor commits it)."""
+    aid, now = str(uuid.uuid4()), utcnow()
+    req = common_pb2.PlacementRequest(request_id="r-" + aid[:8], gpu_count=1)
+    row = AllocRow(allocation_id=aid, tenant_id="t", request_id=req.request_id, request_hash=b"\0" * 32,
+                   request=req.SerializeToString(), state=AllocState.PLACED, version=2, reason="placed",
+                   created_at=now, updated_at=now,
+                   assignments=[{"node_id": node_id, "gpu_indices": [gpu_index], "gpu_milli": 1000,
+                                 "gpu_model": "H100"}])
+    with psycopg.connect(url, autocommit=True) as conn:
+        store.insert_new_allocations(conn, [(row, [(AllocEvent.ACCEPTED, None), (AllocEvent.PLACED, AllocState.QUEUED)])])
+    return row
 
 
 @pytest.fixture

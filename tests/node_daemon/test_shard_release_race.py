@@ -11,32 +11,22 @@ race. Real Postgres, a real daemon on loopback; the shard core runs without Ray.
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import psycopg
 
 from actors import store
 from actors.allocation_shard import AllocationShardCore
-from actors.store import AllocRow, utcnow
 from gpuaas.config import ControlPlaneConfig
 from gpuaas.lifecycle import AllocEvent, AllocState
-from gpuaas.v1 import common_pb2
-from tests.test_shard_addresses import add_node
+from tests.test_shard_addresses import add_node, insert_placed
 
 
 def test_a_share_prepared_for_an_allocation_released_meanwhile_is_cleaned_up(fresh_db, sim_daemon):
     core = AllocationShardCore(index=0, count=1, app_url=fresh_db.app, config=ControlPlaneConfig())
     try:
         add_node(fresh_db.owner, "n1", sim_daemon.address)
-        aid, now = str(uuid.uuid4()), utcnow()
-        req = common_pb2.PlacementRequest(request_id="r1", gpu_count=1)
-        row = AllocRow(allocation_id=aid, tenant_id="t", request_id="r1", request_hash=b"\0" * 32,
-                       request=req.SerializeToString(), state=AllocState.PLACED, version=2, reason="placed",
-                       created_at=now, updated_at=now,
-                       assignments=[{"node_id": "n1", "gpu_indices": [2], "gpu_milli": 1000, "gpu_model": "H100"}])
-        with psycopg.connect(fresh_db.owner, autocommit=True) as conn:
-            store.insert_new_allocations(conn, [(row, [(AllocEvent.ACCEPTED, None),
-                                                       (AllocEvent.PLACED, AllocState.QUEUED)])])
+        row = insert_placed(fresh_db.owner, "n1", 2)
+        aid = row.allocation_id
         core.rows[aid] = row  # the shard holds the PLACED row (a hand-off adopted, or resumed)
         # The placement actor settles the release: PLACED → RELEASING → RELEASED, one statement.
         with psycopg.connect(fresh_db.app, autocommit=True) as conn:
