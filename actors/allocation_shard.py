@@ -504,7 +504,10 @@ class AllocationShardCore:
                 self.stats["cleanups_after_release_race"] += 1
                 log.warning("allocation %s was %s elsewhere while its Prepare ran; cleaning up its shares",
                             row.allocation_id, states[row.allocation_id])
-                await self._best_effort_cleanup(row, prepared=True)
+                err = await self._best_effort_cleanup(row, prepared=True)
+                if err is not None:  # the node shard's orphan check on re-registration is the net
+                    self.stats["cleanup_failures"] += 1
+                    log.warning("cleanup of %s after the race failed: %s", row.allocation_id, err)
 
     async def _prepare_failed(self, aid: str, error: BaseException) -> None:
         """A refused or failed Prepare: back to QUEUED (attempt counted, capacity freed) or, past
@@ -541,14 +544,14 @@ class AllocationShardCore:
         cleanup may have failed, so it counts as sent when it is placed again."""
         return row.allocation_id in self._sent or row.prepare_attempts > 0
 
-    async def _best_effort_cleanup(self, row: AllocRow, *, prepared: bool = False) -> None:
-        """Cleanup of ``row``'s shares on its nodes, failures logged by the caller's path only.
+    async def _best_effort_cleanup(self, row: AllocRow, *, prepared: bool = False) -> BaseException | None:
+        """Cleanup of ``row``'s shares on its nodes, not retried: the first failure, or None.
         ``prepared``: its Prepare is known to have gone out (the row may have left ``_sent``)."""
         if not prepared and not self._on_nodes(row):
-            return
+            return None
         await self._know_addresses(row.node_ids())
         addrs = [self.addresses.get(n) for n in row.node_ids() if n not in self.nodes_down]
-        await self._cleanup_on_nodes(row.allocation_id, [a for a in addrs if a])
+        return await self._cleanup_on_nodes(row.allocation_id, [a for a in addrs if a])
 
     async def _cleanup_on_nodes(self, aid: str, addresses: list[str]) -> BaseException | None:
         """Cleanup of ``aid`` on these nodes, each queued for its node's next CleanupBatch, all at once:

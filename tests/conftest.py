@@ -60,3 +60,14 @@ def ray_session():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="gpuaas")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def shard(fresh_db):
+    """An allocation shard core (index 0 of 1) on a fresh database, without Ray: (core, owner url)."""
+    from actors.allocation_shard import AllocationShardCore
+    from gpuaas.config import ControlPlaneConfig
+
+    core = AllocationShardCore(index=0, count=1, app_url=fresh_db.app, config=ControlPlaneConfig())
+    yield core, fresh_db.owner
+    core.db.close()

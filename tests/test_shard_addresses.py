@@ -13,12 +13,9 @@ import asyncio
 import uuid
 
 import psycopg
-import pytest
 
 from actors import store
-from actors.allocation_shard import AllocationShardCore
 from actors.store import AllocRow, utcnow
-from gpuaas.config import ControlPlaneConfig
 from gpuaas.lifecycle import AllocEvent, AllocState
 from gpuaas.v1 import common_pb2
 
@@ -43,13 +40,6 @@ def insert_placed(url: str, node_id: str, gpu_index: int) -> AllocRow:
     with psycopg.connect(url, autocommit=True) as conn:
         store.insert_new_allocations(conn, [(row, [(AllocEvent.ACCEPTED, None), (AllocEvent.PLACED, AllocState.QUEUED)])])
     return row
-
-
-@pytest.fixture
-def shard(fresh_db):
-    core = AllocationShardCore(index=0, count=1, app_url=fresh_db.app, config=ControlPlaneConfig())
-    yield core, fresh_db.owner
-    core.db.close()
 
 
 def test_a_node_registered_later_is_read_on_a_miss(shard):

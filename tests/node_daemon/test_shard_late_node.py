@@ -8,31 +8,26 @@ import asyncio
 
 import psycopg
 
-from actors.allocation_shard import AllocationShardCore
-from gpuaas.config import ControlPlaneConfig
 from gpuaas.lifecycle import AllocState
 from tests.test_shard_addresses import add_node, insert_placed
 
 
-def test_a_prepare_on_a_node_the_shard_has_not_heard_of(fresh_db, sim_daemon):
-    core = AllocationShardCore(index=0, count=1, app_url=fresh_db.app, config=ControlPlaneConfig())
-    try:
-        add_node(fresh_db.owner, "late", sim_daemon.address)
-        row = insert_placed(fresh_db.owner, "late", 2)
-        aid = row.allocation_id
-        assert "late" not in core.addresses
-        core.rows[aid] = row
+def test_a_prepare_on_a_node_the_shard_has_not_heard_of(fresh_db, sim_daemon, shard):
+    core, _ = shard
+    add_node(fresh_db.owner, "late", sim_daemon.address)
+    row = insert_placed(fresh_db.owner, "late", 2)
+    aid = row.allocation_id
+    assert "late" not in core.addresses
+    core.rows[aid] = row
 
-        async def prepare():
-            await core._prepare_group([aid])
-            await core.agents.drop(sim_daemon.address)
+    async def prepare():
+        await core._prepare_group([aid])
+        await core.agents.drop(sim_daemon.address)
 
-        asyncio.run(prepare())
-        assert core.addresses["late"] == sim_daemon.address
-        assert core.rows[aid].state is AllocState.RUNNING and core.rows[aid].prepare_attempts == 0
-        assert [a.allocation_id for a in sim_daemon.allocations.live()] == [aid]
-        with psycopg.connect(fresh_db.owner) as conn:
-            assert conn.execute("SELECT state FROM control.allocations WHERE allocation_id = %s",
-                                (aid,)).fetchone() == ("RUNNING",)
-    finally:
-        core.db.close()
+    asyncio.run(prepare())
+    assert core.addresses["late"] == sim_daemon.address
+    assert core.rows[aid].state is AllocState.RUNNING and core.rows[aid].prepare_attempts == 0
+    assert [a.allocation_id for a in sim_daemon.allocations.live()] == [aid]
+    with psycopg.connect(fresh_db.owner) as conn:
+        assert conn.execute("SELECT state FROM control.allocations WHERE allocation_id = %s",
+                            (aid,)).fetchone() == ("RUNNING",)

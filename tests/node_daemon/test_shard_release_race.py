@@ -15,40 +15,35 @@ import asyncio
 import psycopg
 
 from actors import store
-from actors.allocation_shard import AllocationShardCore
-from gpuaas.config import ControlPlaneConfig
 from gpuaas.lifecycle import AllocEvent, AllocState
 from tests.test_shard_addresses import add_node, insert_placed
 
 
-def test_a_share_prepared_for_an_allocation_released_meanwhile_is_cleaned_up(fresh_db, sim_daemon):
-    core = AllocationShardCore(index=0, count=1, app_url=fresh_db.app, config=ControlPlaneConfig())
-    try:
-        add_node(fresh_db.owner, "n1", sim_daemon.address)
-        row = insert_placed(fresh_db.owner, "n1", 2)
-        aid = row.allocation_id
-        core.rows[aid] = row  # the shard holds the PLACED row (a hand-off adopted, or resumed)
-        # The placement actor settles the release: PLACED → RELEASING → RELEASED, one statement.
-        with psycopg.connect(fresh_db.app, autocommit=True) as conn:
-            [released] = store.transition_allocations(
-                conn, [(row, (AllocEvent.RELEASE_REQUESTED, AllocEvent.CLEANUP_OK), {})])
-        assert released.state is AllocState.RELEASED
+def test_a_share_prepared_for_an_allocation_released_meanwhile_is_cleaned_up(fresh_db, sim_daemon, shard):
+    core, _ = shard
+    add_node(fresh_db.owner, "n1", sim_daemon.address)
+    row = insert_placed(fresh_db.owner, "n1", 2)
+    aid = row.allocation_id
+    core.rows[aid] = row  # the shard holds the PLACED row (a hand-off adopted, or resumed)
+    # The placement actor settles the release: PLACED → RELEASING → RELEASED, one statement.
+    with psycopg.connect(fresh_db.app, autocommit=True) as conn:
+        [released] = store.transition_allocations(
+            conn, [(row, (AllocEvent.RELEASE_REQUESTED, AllocEvent.CLEANUP_OK), {})])
+    assert released.state is AllocState.RELEASED
 
-        async def prepare():
-            await core._prepare_group([aid])
-            await core.agents.drop(sim_daemon.address)
+    async def prepare():
+        await core._prepare_group([aid])
+        await core.agents.drop(sim_daemon.address)
 
-        asyncio.run(prepare())
-        # The shard's commit to RUNNING was refused (the row moved), it let the row go, and the share its
-        # Prepare made is gone from the node.
-        assert aid not in core.rows and core.stats["prepared"] == 0
-        assert sim_daemon.allocations.live() == []
-        assert core.stats["cleanups_after_release_race"] == 1
-        with psycopg.connect(fresh_db.owner) as conn:
-            assert conn.execute("SELECT state, version FROM control.allocations WHERE allocation_id = %s",
-                                (aid,)).fetchone() == ("RELEASED", 4)
-            # No event beyond the release's two: nothing was billed, nothing moved it again.
-            assert conn.execute("SELECT count(*) FROM control.allocation_events WHERE allocation_id = %s",
-                                (aid,)).fetchone()[0] == 4
-    finally:
-        core.db.close()
+    asyncio.run(prepare())
+    # The shard's commit to RUNNING was refused (the row moved), it let the row go, and the share its
+    # Prepare made is gone from the node.
+    assert aid not in core.rows and core.stats["prepared"] == 0
+    assert sim_daemon.allocations.live() == []
+    assert core.stats["cleanups_after_release_race"] == 1
+    with psycopg.connect(fresh_db.owner) as conn:
+        assert conn.execute("SELECT state, version FROM control.allocations WHERE allocation_id = %s",
+                            (aid,)).fetchone() == ("RELEASED", 4)
+        # No event beyond the release's two: nothing was billed, nothing moved it again.
+        assert conn.execute("SELECT count(*) FROM control.allocation_events WHERE allocation_id = %s",
+                            (aid,)).fetchone()[0] == 4
