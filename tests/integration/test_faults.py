@@ -232,6 +232,8 @@ def test_a_prepare_refused_every_time_fails_the_allocation_and_frees_its_gpu(con
     # Its GPUs are free again: the whole node can be placed at once.
     assert wait_capacity_back(control_plane, [a.allocation_id], 15) == []
     b = tenant.place(rid(), gpu_count=4, node_selector={"pool": name})
+    # A new request id is a new allocation (one clean-checkout run saw b answered with a's id).
+    assert b.allocation_id != a.allocation_id, (b.request_id, a.request_id)
     assert tenant.wait_state(b.allocation_id, {RUNNING}, 30).state == RUNNING
     assert _db(control_plane, "SELECT count(*) FROM ledger.usage_entries WHERE allocation_id = %s",
                a.allocation_id) == [(0,)]
