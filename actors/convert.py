@@ -57,11 +57,13 @@ def validate_request(req: common_pb2.PlacementRequest, *, known_models: set[str]
         v.append((f("gpu_milli"), "a share is 1..999 thousandths; use gpu_count for whole GPUs"))
     if gpus_per_node_max and req.gpu_count > gpus_per_node_max:
         v.append((f("gpu_count"), f"{req.gpu_count} GPUs per replica; the largest node has {gpus_per_node_max}"))
-    if len(req.gpu_models) > MODELS_MAX:
-        v.append((f("gpu_models"), f"at most {MODELS_MAX} models"))
-    unknown = [m for m in req.gpu_models if m not in known_models]
-    if unknown:
-        v.append((f("gpu_models"), f"unknown GPU model(s) {unknown}; the fleet has {sorted(known_models)}"))
+    models = req.gpu_models
+    if models:  # most requests name no model: skip building the list (it showed in the committer's profile)
+        if len(models) > MODELS_MAX:
+            v.append((f("gpu_models"), f"at most {MODELS_MAX} models"))
+        unknown = [m for m in models if m not in known_models]
+        if unknown:
+            v.append((f("gpu_models"), f"unknown GPU model(s) {unknown}; the fleet has {sorted(known_models)}"))
     if not 0 <= req.cpu_milli <= CPU_MILLI_MAX:
         v.append((f("cpu_milli"), f"0..{CPU_MILLI_MAX}"))
     if not 0 <= req.memory_mib <= MEMORY_MIB_MAX:
@@ -79,6 +81,8 @@ def validate_request(req: common_pb2.PlacementRequest, *, known_models: set[str]
     if req.queue_timeout_s < 0:
         v.append((f("queue_timeout_s"), "must not be negative"))
     for name, m in (("node_selector", req.node_selector), ("labels", req.labels)):
+        if not m:
+            continue
         if len(m) > MAP_ENTRIES_MAX:
             v.append((f(name), f"at most {MAP_ENTRIES_MAX} entries"))
         elif any(len(k) > MAP_TEXT_LEN_MAX or len(val) > MAP_TEXT_LEN_MAX for k, val in m.items()):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import os
+import pickle
 
 import grpc
 import ray
@@ -166,8 +167,9 @@ class AllocationShardActor:
             await self.start()
 
     async def adopt(self, items):
+        """``items``: a list of hand-offs, or the placement actor's pickled list of them (bytes)."""
         await self._ensure()
-        return await self.core.adopt(items)
+        return await self.core.adopt(pickle.loads(items) if isinstance(items, bytes) else items)
 
     async def release(self, aid: str, event_name: str = "release_requested", at_iso: str | None = None,
                       reason: str | None = None):

@@ -12,10 +12,13 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
+import os
 import uuid
 from typing import Iterable, Sequence
 
 from google.protobuf import timestamp_pb2
+from psycopg import postgres, pq
+from psycopg.adapt import Dumper
 
 from gpuaas.errors import FailedPrecondition
 from gpuaas.lifecycle import (ALLOCATION_TABLE, GPU_TABLE, NODE_TABLE, AllocEvent, AllocState, Billing, GpuEvent,
@@ -33,6 +36,18 @@ ALLOC_COLUMNS = ("allocation_id", "tenant_id", "request_id", "request_hash", "re
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
+
+
+_UUID_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
+
+
+def new_allocation_ids(n: int) -> list[str]:
+    """``n`` random (version 4, RFC 4122) UUIDs as text, the same as ``str(uuid.uuid4())`` but from one
+    read of the OS's random source and without a UUID object each: 0.8 against 3.9 µs an id here,
+    which showed in the placement actor's profile under ``PlaceBatch``."""
+    h = os.urandom(16 * n).hex()
+    return [f"{h[k:k + 8]}-{h[k + 8:k + 12]}-4{h[k + 13:k + 16]}-{_UUID_VARIANT[h[k + 16]]}{h[k + 17:k + 20]}-"
+            f"{h[k + 20:k + 32]}" for k in range(0, 32 * n, 32)]
 
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
@@ -172,6 +187,52 @@ _INSERT_SMALL = (
     " SELECT array_agg(event_id ORDER BY n) FROM ev")
 
 
+# COPY of new allocations, in binary: psycopg writes each value's wire form (no text rendering of
+# timestamps, no hex escaping of bytea) and Postgres parses none of it. Measured against the embedded
+# Postgres, 10,000 allocations a transaction with their two events and outbox rows, per allocation:
+# client CPU 15.4 → 6.6 µs, server CPU 46 → 35 µs (text COPY → binary).
+_COPY_ALLOCATIONS = f"COPY control.allocations ({', '.join(ALLOC_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
+_ALLOC_TYPES = ("uuid", "text", "text", "bytea", "bytea", "text", "text", "int8", "int4", "text", "int8", "jsonb",
+                "int4", "int4") + ("timestamptz",) * 7
+assert len(_ALLOC_TYPES) == len(ALLOC_COLUMNS)
+_COPY_EVENTS = ("COPY control.allocation_events (event_id, allocation_id, tenant_id, from_state, to_state, event,"
+                " reason, version, at) FROM STDIN (FORMAT BINARY)")
+_EVENT_TYPES = ("int8", "uuid", "text", "text", "text", "text", "text", "int8", "timestamptz")
+_COPY_OUTBOX = "COPY control.outbox (topic, key, payload) FROM STDIN (FORMAT BINARY)"
+_OUTBOX_TYPES = ("text", "text", "bytea")
+
+
+class _UuidTextBinaryDumper(Dumper):
+    """An allocation id held as text (``str(uuid4())``), as a binary uuid: 16 bytes."""
+    format = pq.Format.BINARY
+    oid = postgres.types["uuid"].oid
+
+    def dump(self, obj: str) -> bytes:
+        raw = bytes.fromhex(obj.replace("-", ""))
+        if len(raw) != 16:
+            raise ValueError(f"not a uuid: {obj!r}")
+        return raw
+
+
+class _JsonbTextBinaryDumper(Dumper):
+    """A JSON document already serialized (``AllocRow.db_values``), as binary jsonb: version 1, then the text."""
+    format = pq.Format.BINARY
+    oid = postgres.types["jsonb"].oid
+
+    def dump(self, obj: str) -> bytes:
+        return b"\x01" + obj.encode()
+
+
+def _binary_copy_cursor(conn):
+    """A cursor whose binary COPY takes ids and JSON as the text the rows hold. Registered by type oid
+    only (psycopg's way for COPY with ``set_types``), and on this cursor only: queries elsewhere on the
+    connection keep the default adapters."""
+    cur = conn.cursor()
+    cur.adapters.register_dumper(None, _UuidTextBinaryDumper)
+    cur.adapters.register_dumper(None, _JsonbTextBinaryDumper)
+    return cur
+
+
 def insert_new_allocations(conn, items: Iterable[tuple[AllocRow, list[tuple[AllocEvent, AllocState | None]]]]):
     """Insert brand-new allocations in their first committed state.
 
@@ -226,17 +287,14 @@ def insert_new_allocations(conn, items: Iterable[tuple[AllocRow, list[tuple[Allo
             cols = [n_events] + [list(c) for c in zip(*alloc_buf)] + [list(c) for c in zip(*event_rows)] + [TOPIC_ALLOC]
             ids = conn.execute(_INSERT_SMALL, cols).fetchone()[0]
         else:
-            cur = conn.cursor()
-            with cur.copy(f"COPY control.allocations ({', '.join(ALLOC_COLUMNS)}) FROM STDIN") as cp:
-                for values in alloc_buf:
-                    cp.write_row(values)
-            with cur.copy("COPY control.allocation_events (event_id, allocation_id, tenant_id, from_state, to_state,"
-                          " event, reason, version, at) FROM STDIN") as cp:
-                for values in event_rows:
-                    cp.write_row(values)
-            with cur.copy("COPY control.outbox (topic, key, payload) FROM STDIN") as cp:
-                for values in outbox_rows:
-                    cp.write_row(values)
+            cur = _binary_copy_cursor(conn)
+            for sql, types, rows in ((_COPY_ALLOCATIONS, _ALLOC_TYPES, alloc_buf),
+                                     (_COPY_EVENTS, _EVENT_TYPES, event_rows),
+                                     (_COPY_OUTBOX, _OUTBOX_TYPES, outbox_rows)):
+                with cur.copy(sql) as cp:
+                    cp.set_types(types)
+                    for values in rows:
+                        cp.write_row(values)
     per_item, k = [], 0
     for n in chains:
         per_item.append(list(ids[k:k + n]))

@@ -105,3 +105,37 @@ def test_a_write_on_an_autocommit_connection_is_all_or_nothing(fresh_db, n):
     with psycopg.connect(fresh_db.app) as other:
         assert other.execute("SELECT count(*) FROM control.allocations").fetchone()[0] == 3
         assert other.execute("SELECT count(*) FROM control.outbox").fetchone()[0] == 6
+
+
+def test_new_allocation_ids_are_distinct_version_4_uuids_in_canonical_text():
+    ids = store.new_allocation_ids(5000)
+    assert len(set(ids)) == len(ids) == 5000
+    for s in ids:
+        u = uuid.UUID(s)
+        assert u.version == 4 and u.variant == uuid.RFC_4122 and str(u) == s
+    # Every hex digit of the random positions turns up: the text is not a fixed pattern.
+    assert {s[0] for s in ids} == set("0123456789abcdef") and {s[19] for s in ids} == set("89ab")
+    assert store.new_allocation_ids(0) == []
+
+
+def test_the_binary_copy_path_keeps_every_value_exactly(fresh_db):
+    """COPY (binary) of a large group: bytes, text with tabs, newlines, backslashes and non-ASCII, JSON
+    with the same, NULL and set timestamps all come back as written (and as the statement path
+    writes them)."""
+    import dataclasses
+    import datetime as dt
+
+    items = _items(store.SMALL_INSERT_MAX + 2, "acme")
+    odd = "tab\there, new\nline, back\\slash, \u00e9t\u00e9 \u2014 \U0001f680"
+    for i, (row, _) in enumerate(items[:4]):
+        row.reason = odd
+        row.request = bytes(range(256))
+        row.assignments = [{"node_id": f"n-\u00e9{i}", "gpu_indices": [0, 1], "gpu_milli": 1000, "gpu_model": odd,
+                            "cpu_milli": 0, "memory_mib": 0}]
+        row.queue_deadline = row.created_at + dt.timedelta(microseconds=123_457)
+        items[i] = (dataclasses.replace(row), items[i][1])
+    with psycopg.connect(fresh_db.app) as conn:
+        with conn.transaction():
+            store.insert_new_allocations(conn, items)
+        for row, _ in items[:6]:
+            assert store.load_allocation(conn, row.allocation_id) == row
