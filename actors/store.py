@@ -113,6 +113,21 @@ class AllocRow:
     def node_ids(self) -> set[str]:
         return {a["node_id"] for a in self.assignments}
 
+    def replace(self, **changes) -> "AllocRow":
+        """A copy with ``changes``: what ``dataclasses.replace`` gives (the same field values, shared, and
+        TypeError for a name that is no field), without calling ``__init__`` with every field: 1.0
+        against 5.1 µs here, and every transition of a group makes one per edge."""
+        if not _ALLOC_FIELDS.issuperset(changes):
+            raise TypeError(f"AllocRow has no field(s) {sorted(set(changes) - _ALLOC_FIELDS)}")
+        new = object.__new__(AllocRow)
+        d = new.__dict__
+        d.update(self.__dict__)
+        d.update(changes)
+        return new
+
+
+_ALLOC_FIELDS = frozenset(f.name for f in dataclasses.fields(AllocRow))
+
 
 def assignment_pb(a: dict, node_address: str = "") -> common_pb2.GpuAssignment:
     return common_pb2.GpuAssignment(node_id=a["node_id"], gpu_indices=a["gpu_indices"], gpu_milli=a["gpu_milli"],
@@ -317,8 +332,8 @@ def transition_allocation(conn, row: AllocRow, event: AllocEvent, *, at: dt.date
 
 def _apply_edge(row: AllocRow, event: AllocEvent, at: dt.datetime, reason: str | None, changes: dict) -> AllocRow:
     t = ALLOCATION_TABLE.transition(row.state, event)
-    new = dataclasses.replace(row, state=t.dst, version=row.version + 1, updated_at=at,
-                              reason=reason if reason is not None else event.value, **changes)
+    new = row.replace(state=t.dst, version=row.version + 1, updated_at=at,
+                      reason=reason if reason is not None else event.value, **changes)
     if t.billing is Billing.START:
         new.running_since = at
     elif t.billing is Billing.STOP:
@@ -334,7 +349,7 @@ _TRANSITION_MANY = (
     " next_attempt_at)),"
     " u AS (UPDATE control.allocations a SET state=v.state, reason=v.reason, version=v.version,"
     " updated_at=v.updated_at, running_since=v.running_since, stopped_at=v.stopped_at,"
-    " assignments=v.assignments::jsonb, prepare_attempts=v.prepare_attempts, release_attempts=v.release_attempts,"
+    " assignments=COALESCE(v.assignments::jsonb, a.assignments), prepare_attempts=v.prepare_attempts, release_attempts=v.release_attempts,"
     " lease_expires_at=v.lease_expires_at, queue_deadline=v.queue_deadline, next_attempt_at=v.next_attempt_at"
     " FROM v WHERE a.allocation_id = v.allocation_id AND a.version = v.old_version RETURNING a.allocation_id),"
     # Event ids for exactly the rows updated, ascending in item order (as insert_new_allocations).
@@ -389,9 +404,11 @@ def transition_allocations(conn, items: Sequence[tuple[AllocRow, AllocEvent, dic
     if not todo:
         return results
     stamps = _Stamps()
+    # Assignments that no edge changed (the same list: AllocRow.replace shares it) go as NULL, and the
+    # statement keeps the stored ones (never NULL in the table): no JSON to write here or to parse there.
     cols = [(n.allocation_id, r.version, n.state.name, n.reason, n.version, n.updated_at, n.running_since,
-             n.stopped_at, json.dumps(n.assignments), n.prepare_attempts, n.release_attempts, n.lease_expires_at,
-             n.queue_deadline, n.next_attempt_at) for _, r, n, _, _ in todo]
+             n.stopped_at, None if n.assignments is r.assignments else json.dumps(n.assignments), n.prepare_attempts,
+             n.release_attempts, n.lease_expires_at, n.queue_deadline, n.next_attempt_at) for _, r, n, _, _ in todo]
     # The payload without its event_id: the statement takes the ids and appends the field (migration 0008).
     events = [(r.allocation_id, r.tenant_id, r.state.name, n.state.name, ev.value, n.reason, n.version, at,
                _transition_payload(n, r.state, ev, 0, at, stamps[at]))

@@ -194,3 +194,38 @@ def test_group_transitions_on_one_reused_plan_apply_exactly_the_rows_given(fresh
             db.close()
 
     asyncio.run(go())
+
+
+def test_a_rows_replace_is_dataclasses_replace():
+    row = AllocRow(allocation_id="a", tenant_id="t", request_id="r", request_hash=b"h", request=b"q",
+                   state=AllocState.PLACED, assignments=[{"node_id": "n1"}])
+    changes = dict(state=AllocState.RUNNING, version=3, reason="running")
+    new = row.replace(**changes)
+    assert new == dataclasses.replace(row, **changes) and type(new) is AllocRow
+    assert row.state is AllocState.PLACED and row.version == 1  # the original is untouched
+    assert new.assignments is row.assignments  # shared, as dataclasses.replace shares it
+    new.version = 4
+    assert row.version == 1
+    with pytest.raises(TypeError):
+        row.replace(stat=AllocState.RUNNING)
+
+
+def test_a_group_keeps_the_stored_assignments_unless_an_edge_changes_them(fresh_db):
+    """Unchanged assignments travel as NULL and the statement keeps the stored ones; an edge that changes
+    them (a retry back to QUEUED with none, an empty list) writes the new ones, in the same group."""
+    with psycopg.connect(fresh_db.app) as conn:
+        kept, cleared, moved = _row(), _row(), _row()
+        with conn.transaction():
+            store.insert_new_allocations(conn, [(r, [(AllocEvent.ACCEPTED, None), (AllocEvent.PLACED,
+                                                                                   AllocState.QUEUED)])
+                                                for r in (kept, cleared, moved)])
+        t = store.utcnow()
+        other = [{"node_id": "n2", "gpu_indices": [5], "gpu_milli": 250, "gpu_model": "A100"}]
+        with conn.transaction():
+            out = store.transition_allocations(conn, [
+                (kept, AllocEvent.PREPARE_OK, {"at": t}),
+                (cleared, AllocEvent.PREPARE_FAILED_RETRY, {"at": t, "assignments": []}),
+                (moved, AllocEvent.PREPARE_OK, {"at": t, "assignments": other})])
+        assert [store.load_allocation(conn, r.allocation_id).assignments for r in (kept, cleared, moved)] == [
+            kept.assignments, [], other]
+        assert [o.assignments for o in out] == [kept.assignments, [], other]
