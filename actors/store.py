@@ -349,7 +349,8 @@ _TRANSITION_MANY = (
     " next_attempt_at)),"
     " u AS (UPDATE control.allocations a SET state=v.state, reason=v.reason, version=v.version,"
     " updated_at=v.updated_at, running_since=v.running_since, stopped_at=v.stopped_at,"
-    " assignments=COALESCE(v.assignments::jsonb, a.assignments), prepare_attempts=v.prepare_attempts, release_attempts=v.release_attempts,"
+    " assignments=COALESCE(v.assignments::jsonb, a.assignments), prepare_attempts=v.prepare_attempts,"
+    " release_attempts=v.release_attempts,"
     " lease_expires_at=v.lease_expires_at, queue_deadline=v.queue_deadline, next_attempt_at=v.next_attempt_at"
     " FROM v WHERE a.allocation_id = v.allocation_id AND a.version = v.old_version RETURNING a.allocation_id),"
     # Event ids for exactly the rows updated, ascending in item order (as insert_new_allocations).

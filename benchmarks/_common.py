@@ -157,15 +157,17 @@ def pg_apps(cp) -> dict[int, str]:
 
 
 def cpu_per_op(before, after, pg_apps, n: int) -> dict[str, float]:
-    """ms of CPU per operation, by component, between two /proc readings."""
+    """ms of CPU per operation, by component, between two /proc readings. A process that started in
+    between counts in full (a connection opened on first use: the placement actor's writer, whose
+    Postgres backend was left out of the first run's figures before). ``pg_apps`` should be read
+    after the run, so that such a backend is named."""
     tick = os.sysconf("SC_CLK_TCK")
     by: dict[str, float] = {}
     for pid, (cmd, t) in after.items():
-        if pid in before:
-            used = (t - before[pid][1]) / tick
-            name = component(cmd, pid, pg_apps)
-            if used > 0 and name:
-                by[name] = by.get(name, 0.0) + used
+        used = (t - before[pid][1] if pid in before else t) / tick
+        name = component(cmd, pid, pg_apps)
+        if used > 0 and name:
+            by[name] = by.get(name, 0.0) + used
     out = {k: round(v / n * 1000, 3) for k, v in sorted(by.items(), key=lambda x: -x[1])}
     out["all"] = round(sum(by.values()) / n * 1000, 3)
     return out

@@ -200,7 +200,7 @@ def ours_rates(reqs: list[dict], serial_reqs: list[dict], nodes: int, gpus: int,
         # CPU per cycle by component (/proc), while the waves ran: where the CPU goes. Work still running
         # after the last answer (cleanups, the ledger) is not in it.
         detail = {"waves": n_waves, "items_retried": retried,
-                  "cpu_ms_per_cycle_waves": cpu_per_op(before, processes(), apps, len(reqs))}
+                  "cpu_ms_per_cycle_waves": cpu_per_op(before, processes(), {**apps, **pg_apps(cp)}, len(reqs))}
 
         # Let the waves' cleanups finish (not timed), then one at a time from `clients` threads.
         from gpuaas.v1 import common_pb2 as pb
@@ -231,7 +231,8 @@ def ours_rates(reqs: list[dict], serial_reqs: list[dict], nodes: int, gpus: int,
             list(ex.map(one, enumerate(serial_reqs)))
         serial = len(serial_reqs) / (time.perf_counter() - t0)
         detail["one_at_a_time_retries"] = busy[0]
-        detail["cpu_ms_per_cycle_one_at_a_time"] = cpu_per_op(before, processes(), apps, len(serial_reqs))
+        detail["cpu_ms_per_cycle_one_at_a_time"] = cpu_per_op(before, processes(), {**apps, **pg_apps(cp)},
+                                                              len(serial_reqs))
         for c in clis:
             c.close()
         return waves_rate, serial, detail

@@ -71,7 +71,7 @@ def main() -> int:
             with cf.ThreadPoolExecutor(threads) as ex:
                 list(ex.map(worker, clients[:threads]))
             took = time.perf_counter() - t0
-            return len(ids) / took, cpu_per_op(before, processes(), apps, len(ids))
+            return len(ids) / took, cpu_per_op(before, processes(), {**apps, **pg_apps(cp)}, len(ids))
 
         rates, serial_rates, cpus, serial_cpus = [], [], [], []
         calls0 = ray.get(cp.placement.stats.remote()).get("release_calls", [])
