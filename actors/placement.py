@@ -714,6 +714,8 @@ class PlacementCore:
                 items, self._dispatch_pending = list(self._dispatch_pending.values()), {}
                 if self._handoff_resent:
                     self._handoff_resent.difference_update(item[0] for item in items)
+            if not self.alloc_shards:  # none configured (a core run on its own): the rows stay PLACED
+                continue
             by_shard: dict[int, list] = {}
             for item in items:
                 by_shard.setdefault(shard_of(item[0], len(self.alloc_shards)), []).append(item)

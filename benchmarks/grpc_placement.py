@@ -39,7 +39,8 @@ import time
 import uuid
 
 import _common  # noqa: F401
-from _common import median, percentile, placed_pending, start_control_plane, write_json
+from _common import (cpu_per_op, median, percentile, pg_apps, placed_pending, processes, start_control_plane,
+                     write_json)
 
 
 def paced_with_threads(clients, run, rep, n, interval, threads, rng) -> list[float]:
@@ -253,6 +254,8 @@ def main() -> int:
         high_rates: list[float] = []  # the closed unary loop from --threads-high threads
         run = uuid.uuid4().hex[:6]
         batch_rates, unary_rates, p50s, p99s = [], [], [], []
+        batch_cpu: list[dict] = []  # per repeat: ms of CPU per placement by process, PlaceBatch phase
+        unary_cpu: list[dict] = []  # the same for the closed unary loop
         batch_conc_rates: list[float] = []  # PlaceBatch from --batch-clients processes at once
         srv_p50s, srv_p99s = [], []  # the same paced requests, measured inside the server
         pauses: list[dict] = []  # per repeat: whole-process pauses during the paced phase
@@ -277,6 +280,7 @@ def main() -> int:
         for rep in range(ns.repeats):
             # --- PlaceBatch
             placed = 0
+            apps, before = pg_apps(cp), processes()
             t0 = time.perf_counter()
             for b in range(ns.batches):
                 reqs = [Client.request(f"{run}-{rep}-b{b}-{i}", gpu_milli=rng.randint(1, 2))
@@ -285,8 +289,13 @@ def main() -> int:
                 placed += sum(1 for r in resp.results if r.HasField("allocation"))
             took = time.perf_counter() - t0
             batch_rates.append(placed / took)
+            # CPU per placement by process (/proc) over the phase: where the machine's cores went. Work the
+            # phase set off downstream and still running at its end (hand-offs, prepares) is partly left out.
+            batch_cpu.append(cpu_per_op(before, processes(), {**apps, **pg_apps(cp)}, max(placed, 1)))
             # --- unary, closed loop
+            apps, before = pg_apps(cp), processes()
             unary_rates.append(closed_loop(clients, f"{run}-{rep}-u", ns.unary, rng))
+            unary_cpu.append(cpu_per_op(before, processes(), {**apps, **pg_apps(cp)}, ns.unary))
             bare_rates.append(bare.rate(ns.unary))
             # --- unary, paced: latency at a steady offered rate. First let the previous phases'
             # downstream work finish (every allocation placed so far prepared and RUNNING), so the
@@ -361,6 +370,9 @@ def main() -> int:
                   f"{max((x[1] for x in cl), default=0):.0f} ms); placement actor's collections "
                   f"{sum(pauses[-1]['placement_gc_s']) * 1000:.0f} ms, the client's "
                   f"{sum(pauses[-1]['client_gc_s']) * 1000:.0f} ms (by generation {pauses[-1]['client_gc_s']})", flush=True)
+            print(f"       CPU per placement, all processes (placement actor): PlaceBatch {batch_cpu[-1]['all']:.3f} ms "
+                  f"({batch_cpu[-1].get('placement actor', 0):.3f}), unary {unary_cpu[-1]['all']:.3f} ms "
+                  f"({unary_cpu[-1].get('placement actor', 0):.3f})", flush=True)
             pc = pauses[-1]["placement_commits"]
             print(f"       group commits while paced: {pc['count']} ({pc['rows']} rows), p50 {pc['p50_ms']} ms, "
                   f"p99 {pc['p99_ms']} ms, longest {pc['max_ms']} ms, {len(pc['slow'])} of 10 ms or more", flush=True)
@@ -374,6 +386,9 @@ def main() -> int:
                "threads_high": ns.threads_high,
                "place_unary_p99_ms_at_500": median(p99s), "place_unary_p50_ms_at_500": median(p50s),
                "place_unary_server_p99_ms_at_500": median(srv_p99s),
+               "place_batch_cpu_ms_per_placement": median([c["all"] for c in batch_cpu]),
+               "place_unary_cpu_ms_per_placement": median([c["all"] for c in unary_cpu]),
+               "cpu_ms_per_placement_by_process": {"batch": batch_cpu, "unary": unary_cpu},
                "runs": {"batch": batch_rates, "batch_clients": batch_conc_rates, "unary": unary_rates, "bare_unary": bare_rates, "unary_threads_high": high_rates,
                         "p99_ms": p99s, "p50_ms": p50s, "server_p99_ms": srv_p99s, "server_p50_ms": srv_p50s},
                "placement_actor_stats": stats, "rate": ns.rate, "threads": ns.threads,

@@ -1,0 +1,117 @@
+"""The placement actor's own path, in process: durable placements/s and CPU per placement.
+
+A ``PlacementCore`` (what the placement actor hosts) on a scratch database of the embedded Postgres
+(or ``GPUAAS_DATABASE_URL``), with simulated nodes registered in memory and no gRPC, no Ray and no
+shards: each repeat submits ``--batches`` batches of ``--batch-size`` fractional-GPU requests, as
+``PlaceBatch`` does, and waits for every answer, each committed to Postgres before it. Reported per
+repeat: placements/s, the process's CPU per placement, and that of the committer (decides) and the
+writer (group commit) threads, from /proc.
+
+This is the bound on a machine with cores to spare: the placement actor is one process with one
+interpreter lock, and everything else (gRPC, the shards, Postgres) runs beside it. On the 2-core
+development machine the end-to-end figure (``grpc_placement.py``) is lower, since everything shares
+the two cores.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import threading
+import time
+import urllib.parse
+import uuid
+
+import _common  # noqa: F401  (puts the repository on sys.path)
+from _common import median, write_json
+
+
+def thread_cpu_s() -> dict[str, float]:
+    """CPU seconds so far of this process's threads, by thread name."""
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for t in threading.enumerate():
+        try:
+            st = open(f"/proc/self/task/{t.native_id}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[t.name] = out.get(t.name, 0.0) + (int(st[11]) + int(st[12])) / tick
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nodes", type=int, default=12)
+    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=2000)
+    ap.add_argument("--batches", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json")
+    ns = ap.parse_args()
+
+    import psycopg
+
+    from actors.placement import PlacementCore
+    from gpuaas.config import ControlPlaneConfig
+    from gpuaas.v1 import common_pb2
+    from ledger import db as dbmod
+    from ledger.migrate import apply_migrations
+
+    # A scratch database on the shared server, dropped at the end.
+    urls = dbmod.resolve(dbmod.gpuaas_home() / "bench-placement-core", scratch=True)
+    name = "bench_core_" + uuid.uuid4().hex[:8]
+
+    def on(url: str) -> str:
+        p = urllib.parse.urlsplit(url)
+        return urllib.parse.urlunsplit((p.scheme, p.netloc, "/" + name, p.query, p.fragment))
+
+    with psycopg.connect(urls.owner, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    core = None
+    try:
+        apply_migrations(on(urls.owner))
+        # No shards: hand-offs wait in the dispatcher's window (600 s) and are never sent.
+        core = PlacementCore(app_url=on(urls.app), alloc_shards=[], node_shards=[],
+                             config=ControlPlaneConfig(reconcile_s=0, dispatch_linger_s=600))
+        gpus = [(i, "H100", 81920, 0, "READY") for i in range(ns.gpus_per_node)]
+        for n in range(ns.nodes):
+            core.node_registered(f"node-{n}", f"127.0.0.1:{20000 + n}", "READY", 64_000, 512_000, {}, gpus)
+        rng = random.Random(1)
+        runs = []
+        for rep in range(ns.repeats):
+            batches = [[common_pb2.PlacementRequest(request_id=f"r{rep}-{b}-{i}", gpu_milli=rng.randint(1, 2))
+                        for i in range(ns.batch_size)] for b in range(ns.batches)]
+            threads0, cpu0, t0 = thread_cpu_s(), time.process_time(), time.perf_counter()
+            placed = 0
+            for reqs in batches:
+                for fut in core.submit("bench", reqs):
+                    kind, _ = fut.result(60)
+                    placed += kind == "new"
+            took, cpu, threads1 = time.perf_counter() - t0, time.process_time() - cpu0, thread_cpu_s()
+            us = lambda name: (threads1.get(name, 0.0) - threads0.get(name, 0.0)) / max(placed, 1) * 1e6  # noqa: E731
+            runs.append({"placements_per_s": placed / took, "cpu_us_per_placement": cpu / max(placed, 1) * 1e6,
+                         "committer_us_per_placement": us("placement-committer"),
+                         "writer_us_per_placement": us("placement-writer"), "placed": placed})
+            r = runs[-1]
+            print(f"run {rep + 1}: {r['placements_per_s']:,.0f} durable placements/s | CPU per placement "
+                  f"{r['cpu_us_per_placement']:.0f} µs (committer {r['committer_us_per_placement']:.0f}, "
+                  f"writer {r['writer_us_per_placement']:.0f})", flush=True)
+        res = {k: median([r[k] for r in runs]) for k in ("placements_per_s", "cpu_us_per_placement",
+                                                         "committer_us_per_placement", "writer_us_per_placement")}
+        print(f"\nmedian of {ns.repeats}: {res['placements_per_s']:,.0f} durable placements/s in process, "
+              f"{res['cpu_us_per_placement']:.0f} µs of CPU per placement (committer "
+              f"{res['committer_us_per_placement']:.0f}, writer {res['writer_us_per_placement']:.0f}); "
+              f"one core at this cost: {1e6 / res['cpu_us_per_placement']:,.0f}/s")
+        write_json(ns.json, dict(res, runs=runs, nodes=ns.nodes, gpus_per_node=ns.gpus_per_node,
+                                 batch_size=ns.batch_size, batches=ns.batches))
+        return 0
+    finally:
+        if core is not None:
+            core.shutdown()
+        with psycopg.connect(urls.owner, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
