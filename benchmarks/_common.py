@@ -43,6 +43,14 @@ def percentile(xs, p: float) -> float:
     return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
 
 
+def add_batch_args(ap) -> None:
+    """The fleet and the PlaceBatch batches, as grpc_placement.py and placement_core.py both take them."""
+    ap.add_argument("--nodes", type=int, default=12)
+    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=2000)
+    ap.add_argument("--batches", type=int, default=5)
+
+
 def write_json(path: str | None, payload: dict) -> None:
     payload = dict(payload, machine=machine(), generated_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     text = json.dumps(payload, indent=2, sort_keys=True)

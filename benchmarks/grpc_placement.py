@@ -39,8 +39,8 @@ import time
 import uuid
 
 import _common  # noqa: F401
-from _common import (cpu_per_op, median, percentile, pg_apps, placed_pending, processes, start_control_plane,
-                     write_json)
+from _common import (add_batch_args, cpu_per_op, median, percentile, pg_apps, placed_pending, processes,
+                     start_control_plane, write_json)
 
 
 def paced_with_threads(clients, run, rep, n, interval, threads, rng) -> list[float]:
@@ -212,10 +212,7 @@ def closed_loop(clients, prefix: str, n: int, rng) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--nodes", type=int, default=12)
-    ap.add_argument("--gpus-per-node", type=int, default=8)
-    ap.add_argument("--batch-size", type=int, default=2000)
-    ap.add_argument("--batches", type=int, default=5)
+    add_batch_args(ap)
     ap.add_argument("--batch-clients", type=int, default=4,
                     help="client processes of the concurrent PlaceBatch phase (0: skip it)")
     ap.add_argument("--batch-client-batches", type=int, default=2,
@@ -370,8 +367,8 @@ def main() -> int:
                   f"{max((x[1] for x in cl), default=0):.0f} ms); placement actor's collections "
                   f"{sum(pauses[-1]['placement_gc_s']) * 1000:.0f} ms, the client's "
                   f"{sum(pauses[-1]['client_gc_s']) * 1000:.0f} ms (by generation {pauses[-1]['client_gc_s']})", flush=True)
-            print(f"       CPU per placement, all processes (placement actor): PlaceBatch {batch_cpu[-1]['all']:.3f} ms "
-                  f"({batch_cpu[-1].get('placement actor', 0):.3f}), unary {unary_cpu[-1]['all']:.3f} ms "
+            print(f"       CPU per placement, all processes (placement actor): PlaceBatch "
+                  f"{batch_cpu[-1]['all']:.3f} ms ({batch_cpu[-1].get('placement actor', 0):.3f}), unary {unary_cpu[-1]['all']:.3f} ms "
                   f"({unary_cpu[-1].get('placement actor', 0):.3f})", flush=True)
             pc = pauses[-1]["placement_commits"]
             print(f"       group commits while paced: {pc['count']} ({pc['rows']} rows), p50 {pc['p50_ms']} ms, "

@@ -22,7 +22,7 @@ import urllib.parse
 import uuid
 
 import _common  # noqa: F401  (puts the repository on sys.path)
-from _common import median, write_json
+from _common import add_batch_args, median, write_json
 
 
 def thread_cpu_s() -> dict[str, float]:
@@ -42,10 +42,7 @@ def thread_cpu_s() -> dict[str, float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--nodes", type=int, default=12)
-    ap.add_argument("--gpus-per-node", type=int, default=8)
-    ap.add_argument("--batch-size", type=int, default=2000)
-    ap.add_argument("--batches", type=int, default=5)
+    add_batch_args(ap)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json")
     ns = ap.parse_args()

@@ -22,6 +22,13 @@ def _row(state=AllocState.PLACED, version=2):
                     created_at=now, updated_at=now)
 
 
+def _insert_placed(conn, *rows: AllocRow) -> None:
+    """Commit new allocations as the placement actor does for a request placed at once."""
+    with conn.transaction():
+        store.insert_new_allocations(conn, [(r, [(AllocEvent.ACCEPTED, None), (AllocEvent.PLACED, AllocState.QUEUED)])
+                                            for r in rows])
+
+
 def _counts(conn, aid):
     ev = conn.execute("SELECT count(*) FROM control.allocation_events WHERE allocation_id=%s", (aid,)).fetchone()[0]
     ob = conn.execute("SELECT count(*) FROM control.outbox WHERE key=%s", (aid,)).fetchone()[0]
@@ -91,10 +98,7 @@ def test_a_group_of_transitions_writes_exactly_the_ones_that_pass(fresh_db, grou
     payload is the per-transition path's."""
     with psycopg.connect(fresh_db.app) as conn:
         rows = [_row() for _ in range(group + 2)]
-        with conn.transaction():
-            store.insert_new_allocations(conn, [(r, [(AllocEvent.ACCEPTED, None), (AllocEvent.PLACED,
-                                                                                   AllocState.QUEUED)])
-                                                for r in rows])
+        _insert_placed(conn, *rows)
         ok, stale, illegal = rows[:group], rows[group], rows[group + 1]
         t = store.utcnow()
         items = [(r, AllocEvent.PREPARE_OK, {"at": t}) for r in ok]
@@ -126,10 +130,7 @@ def test_a_chain_of_edges_is_one_update_with_one_event_per_edge(fresh_db):
     A chain whose first version moved, or with an illegal edge anywhere, writes nothing."""
     with psycopg.connect(fresh_db.app) as conn:
         ok, stale, illegal = _row(), _row(), _row()
-        with conn.transaction():
-            store.insert_new_allocations(conn, [(r, [(AllocEvent.ACCEPTED, None), (AllocEvent.PLACED,
-                                                                                   AllocState.QUEUED)])
-                                                for r in (ok, stale, illegal)])
+        _insert_placed(conn, ok, stale, illegal)
         t = store.utcnow()
         chain = (AllocEvent.RELEASE_REQUESTED, AllocEvent.CLEANUP_OK)
         out = store.transition_allocations(conn, [
@@ -215,10 +216,7 @@ def test_a_group_keeps_the_stored_assignments_unless_an_edge_changes_them(fresh_
     them (a retry back to QUEUED with none, an empty list) writes the new ones, in the same group."""
     with psycopg.connect(fresh_db.app) as conn:
         kept, cleared, moved = _row(), _row(), _row()
-        with conn.transaction():
-            store.insert_new_allocations(conn, [(r, [(AllocEvent.ACCEPTED, None), (AllocEvent.PLACED,
-                                                                                   AllocState.QUEUED)])
-                                                for r in (kept, cleared, moved)])
+        _insert_placed(conn, kept, cleared, moved)
         t = store.utcnow()
         other = [{"node_id": "n2", "gpu_indices": [5], "gpu_milli": 250, "gpu_model": "A100"}]
         with conn.transaction():
