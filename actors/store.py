@@ -13,6 +13,7 @@ import dataclasses
 import datetime as dt
 import json
 import os
+import threading
 import uuid
 from typing import Iterable, Sequence
 
@@ -248,6 +249,26 @@ def _binary_copy_cursor(conn):
     return cur
 
 
+def _execute_kept(conn, query: str, params):
+    """``conn.execute(query, params)`` on a cursor kept per connection and thread, for the group writes
+    that run at every commit. psycopg keeps a cursor's adapters (the dumper found for each parameter)
+    while it runs the same query object again; ``conn.execute`` makes a new cursor each time, which
+    looks them all up again: for the thirty-odd array parameters of a small group commit that was
+    about a fifth of its client CPU (1 row 351-363 → 288-311 µs, 8 rows 724-763 → 540-554 µs here).
+    Per thread, since a cursor is not to be shared between threads. The cursors hang on the
+    connection itself (a cycle the collector frees with it), not in a table of connections that
+    their own references would keep alive."""
+    try:
+        by_thread = conn._gpuaas_kept_cursors
+    except AttributeError:
+        by_thread = conn._gpuaas_kept_cursors = {}
+    me = threading.get_ident()
+    cur = by_thread.get(me)
+    if cur is None or cur.closed:
+        cur = by_thread[me] = conn.cursor()
+    return cur.execute(query, params)
+
+
 def insert_new_allocations(conn, items: Iterable[tuple[AllocRow, list[tuple[AllocEvent, AllocState | None]]]]):
     """Insert brand-new allocations in their first committed state.
 
@@ -300,7 +321,7 @@ def insert_new_allocations(conn, items: Iterable[tuple[AllocRow, list[tuple[Allo
             assert state == final_state and version == final_version, "event chain must end in the row's state"
         if small:
             cols = [n_events] + [list(c) for c in zip(*alloc_buf)] + [list(c) for c in zip(*event_rows)] + [TOPIC_ALLOC]
-            ids = conn.execute(_INSERT_SMALL, cols).fetchone()[0]
+            ids = _execute_kept(conn, _INSERT_SMALL, cols).fetchone()[0]
         else:
             cur = _binary_copy_cursor(conn)
             for sql, types, rows in ((_COPY_ALLOCATIONS, _ALLOC_TYPES, alloc_buf),
@@ -414,8 +435,8 @@ def transition_allocations(conn, items: Sequence[tuple[AllocRow, AllocEvent, dic
     events = [(r.allocation_id, r.tenant_id, r.state.name, n.state.name, ev.value, n.reason, n.version, at,
                _transition_payload(n, r.state, ev, 0, at, stamps[at]))
               for _, _, _, steps, at in todo for r, n, ev in steps]
-    done = {str(r[0]) for r in conn.execute(
-        _TRANSITION_MANY, [list(c) for c in zip(*cols)] + [list(c) for c in zip(*events)] + [TOPIC_ALLOC])}
+    done = {str(r[0]) for r in _execute_kept(
+        conn, _TRANSITION_MANY, [list(c) for c in zip(*cols)] + [list(c) for c in zip(*events)] + [TOPIC_ALLOC])}
     for i, row, new, _, _ in todo:
         if row.allocation_id in done:
             results[i] = new
