@@ -139,3 +139,25 @@ def test_the_binary_copy_path_keeps_every_value_exactly(fresh_db):
             store.insert_new_allocations(conn, items)
         for row, _ in items[:6]:
             assert store.load_allocation(conn, row.allocation_id) == row
+
+
+@pytest.mark.parametrize("events", [1, 2])
+def test_one_new_allocation_alone_is_written_whole_by_its_statement(fresh_db, events):
+    """A commit of one allocation: two events (placed at once) take the scalar statement, one (queued)
+    the array statement. Either way the row, its events in chain order and one outbox row per event,
+    whose payload carries that event's id, are all written."""
+    [(row, chain)] = _items(1, "acme")
+    if events == 1:
+        row.state, row.version, row.assignments, row.gpu_milli_total = AllocState.QUEUED, 1, [], 0
+        chain = chain[:1]
+    with psycopg.connect(fresh_db.app, autocommit=True) as conn:
+        [eids] = store.insert_new_allocations(conn, [(row, chain)])
+        assert store.load_allocation(conn, row.allocation_id) == row
+        assert len(eids) == events and eids == sorted(eids)
+        ev = conn.execute("SELECT event_id, version, at FROM control.allocation_events WHERE allocation_id = %s"
+                          " ORDER BY event_id", (row.allocation_id,)).fetchall()
+        assert ev == [(e, v, row.updated_at) for e, v in zip(eids, range(1, events + 1))]
+        out = [events_pb2.AllocationTransitioned.FromString(p) for (p,) in conn.execute(
+            "SELECT payload FROM control.outbox WHERE key = %s ORDER BY id", (row.allocation_id,))]
+        assert [(m.event_id, m.version, m.allocation_id) for m in out] == [
+            (e, v, row.allocation_id) for e, v in zip(eids, range(1, events + 1))]
