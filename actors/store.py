@@ -285,7 +285,10 @@ def _execute_kept(conn, query: str, params):
     try:
         kept = conn._gpuaas_kept_cursors
     except AttributeError:
-        kept = conn._gpuaas_kept_cursors = {}
+        try:
+            kept = conn._gpuaas_kept_cursors = {}
+        except AttributeError:  # a connection class that takes no attributes: a new cursor each time
+            return conn.execute(query, params)
     key = (threading.get_ident(), query)
     cur = kept.get(key)
     if cur is None or cur.closed:
