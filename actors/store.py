@@ -209,7 +209,8 @@ _INSERT_SMALL = (
 # were most of the client CPU of such a commit.
 _INSERT_ONE_TWO_EVENTS = (
     "WITH ids AS (SELECT least(x, y) AS e1, greatest(x, y) AS e2 FROM (SELECT"
-    " nextval('control.allocation_events_event_id_seq') AS x, nextval('control.allocation_events_event_id_seq') AS y) s),"
+    " nextval('control.allocation_events_event_id_seq') AS x,"
+    " nextval('control.allocation_events_event_id_seq') AS y) s),"
     " a AS (INSERT INTO control.allocations (" + ", ".join(ALLOC_COLUMNS) + ") VALUES (%s::uuid, %s::text,"
     " %s::text, %s::bytea, %s::bytea, %s::text, %s::text, %s::bigint, %s::int, %s::text, %s::bigint, %s::jsonb,"
     " %s::int, %s::int, %s::timestamptz, %s::timestamptz, %s::timestamptz, %s::timestamptz, %s::timestamptz,"
@@ -436,7 +437,8 @@ def transition_allocations(conn, items: Sequence[tuple[AllocRow, AllocEvent, dic
     UPDATE, and the events and outbox rows of exactly the rows it updated, so
     state, event and outbox still commit or fail together; it takes the event
     ids itself, for the rows updated only. On an autocommit connection the
-    statement is its own transaction: one round trip.
+    statement is its own transaction: one round trip. Assignments change only through the column
+    changes (``{"assignments": [...]}``): the row's own list is taken as unchanged and not written.
     """
     results: list = [None] * len(items)
     # (item index, row, row after the last edge, [(row before, row after, event) per edge], at)

@@ -367,9 +367,10 @@ def main() -> int:
                   f"{max((x[1] for x in cl), default=0):.0f} ms); placement actor's collections "
                   f"{sum(pauses[-1]['placement_gc_s']) * 1000:.0f} ms, the client's "
                   f"{sum(pauses[-1]['client_gc_s']) * 1000:.0f} ms (by generation {pauses[-1]['client_gc_s']})", flush=True)
-            print(f"       CPU per placement, all processes (placement actor): PlaceBatch "
-                  f"{batch_cpu[-1]['all']:.3f} ms ({batch_cpu[-1].get('placement actor', 0):.3f}), unary {unary_cpu[-1]['all']:.3f} ms "
-                  f"({unary_cpu[-1].get('placement actor', 0):.3f})", flush=True)
+            b_cpu, u_cpu = batch_cpu[-1], unary_cpu[-1]
+            print(f"       CPU per placement, all processes (placement actor): PlaceBatch {b_cpu['all']:.3f} ms "
+                  f"({b_cpu.get('placement actor', 0):.3f}), unary {u_cpu['all']:.3f} ms "
+                  f"({u_cpu.get('placement actor', 0):.3f})", flush=True)
             pc = pauses[-1]["placement_commits"]
             print(f"       group commits while paced: {pc['count']} ({pc['rows']} rows), p50 {pc['p50_ms']} ms, "
                   f"p99 {pc['p99_ms']} ms, longest {pc['max_ms']} ms, {len(pc['slow'])} of 10 ms or more", flush=True)

@@ -15,6 +15,7 @@ the two cores.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import threading
 import time
@@ -27,8 +28,6 @@ from _common import add_batch_args, median, write_json
 
 def thread_cpu_s() -> dict[str, float]:
     """CPU seconds so far of this process's threads, by thread name."""
-    import os
-
     tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
     for t in threading.enumerate():
