@@ -24,6 +24,7 @@ from psycopg.adapt import Dumper
 from gpuaas.errors import FailedPrecondition
 from gpuaas.lifecycle import (ALLOCATION_TABLE, GPU_TABLE, NODE_TABLE, AllocEvent, AllocState, Billing, GpuEvent,
                               GpuState, IllegalTransition, NodeEvent, NodeState)
+from actors import pgarrays
 from gpuaas.v1 import common_pb2, events_pb2
 
 TOPIC_ALLOC = "allocation.transitioned"
@@ -238,6 +239,11 @@ assert len(_ALLOC_TYPES) == len(ALLOC_COLUMNS)
 _COPY_EVENTS = ("COPY control.allocation_events (event_id, allocation_id, tenant_id, from_state, to_state, event,"
                 " reason, version, at) FROM STDIN (FORMAT BINARY)")
 _EVENT_TYPES = ("int8", "uuid", "text", "text", "text", "text", "text", "int8", "timestamptz")
+# The array parameters of the statements, in order (actors.pgarrays builds them): the events'
+# columns of _INSERT_SMALL and _TRANSITION_MANY, and the rows' columns of _TRANSITION_MANY.
+_SMALL_EVENT_TYPES = ("uuid", "text", "text", "text", "text", "text", "int8", "timestamptz", "bytea")
+_TRANSITION_TYPES = ("uuid", "int8", "text", "text", "int8", "timestamptz", "timestamptz", "timestamptz", "text",
+                     "int4", "int4", "timestamptz", "timestamptz", "timestamptz")
 _COPY_OUTBOX = "COPY control.outbox (topic, key, payload) FROM STDIN (FORMAT BINARY)"
 _OUTBOX_TYPES = ("text", "text", "bytea")
 
@@ -353,7 +359,8 @@ def insert_new_allocations(conn, items: Iterable[tuple[AllocRow, list[tuple[Allo
             ids = _execute_kept(conn, _INSERT_ONE_TWO_EVENTS, (*alloc_buf[0], f1, t1, ev1, v1, p1, f2, t2, ev2, v2, p2,
                                                                 aid, tenant, reason, at, TOPIC_ALLOC)).fetchone()[0]
         elif small:
-            cols = [n_events] + [list(c) for c in zip(*alloc_buf)] + [list(c) for c in zip(*event_rows)] + [TOPIC_ALLOC]
+            cols = [n_events, *pgarrays.arrays(_ALLOC_TYPES, list(zip(*alloc_buf))),
+                    *pgarrays.arrays(_SMALL_EVENT_TYPES, list(zip(*event_rows))), TOPIC_ALLOC]
             ids = _execute_kept(conn, _INSERT_SMALL, cols).fetchone()[0]
         else:
             cur = _binary_copy_cursor(conn)
@@ -470,7 +477,8 @@ def transition_allocations(conn, items: Sequence[tuple[AllocRow, AllocEvent, dic
                _transition_payload(n, r.state, ev, 0, at, stamps[at]))
               for _, _, _, steps, at in todo for r, n, ev in steps]
     done = {str(r[0]) for r in _execute_kept(
-        conn, _TRANSITION_MANY, [list(c) for c in zip(*cols)] + [list(c) for c in zip(*events)] + [TOPIC_ALLOC])}
+        conn, _TRANSITION_MANY, [*pgarrays.arrays(_TRANSITION_TYPES, list(zip(*cols))),
+                                 *pgarrays.arrays(_SMALL_EVENT_TYPES, list(zip(*events))), TOPIC_ALLOC])}
     for i, row, new, _, _ in todo:
         if row.allocation_id in done:
             results[i] = new
