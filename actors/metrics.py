@@ -72,6 +72,13 @@ class ControlPlaneCollector:
                                   value=stats.get("batches", 0))
         yield CounterMetricFamily("gpuaas_placement_commit_failures", "Placement group commits that failed",
                                   value=stats.get("commit_failures", 0))
+        yield CounterMetricFamily("gpuaas_placement_commits_in_doubt",
+                                  "Placement group commits whose answer was lost with the connection and whose "
+                                  "outcome Postgres could not tell at once (capacity held until it could)",
+                                  value=stats.get("commits_in_doubt", 0))
+        yield GaugeMetricFamily("gpuaas_placement_commits_held_in_doubt",
+                                "Placement group commits held now, their outcome not known yet",
+                                value=core.commits_held_in_doubt)
         yield CounterMetricFamily("gpuaas_releases_before_handoff",
                                   "Releases that overtook their allocation's hand-off to a shard, settled by the "
                                   "placement actor in one commit (no shard, no cleanup on a node)",

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
@@ -194,6 +195,10 @@ class PlacementCore:
         self._open_cv = threading.Condition()
         self._inflight: dict[tuple[str, str], tuple[bytes, str]] = {}  # decided, commit not yet finished
         self._pipe_conn: psycopg.Connection | None = None  # the writer stage's own connection
+        self._pipe_ident: tuple | None = None  # its backend on the server: (pid, backend_start)
+        # Group commits whose answer was lost and whose outcome Postgres could not tell yet: (batch,
+        # backend ident). Their capacity stays reserved until the tick settles them (_resolve_in_doubt).
+        self._in_doubt: list[tuple["_Decided", tuple | None]] = []
         self._stop = threading.Event()
         self._conn: psycopg.Connection | None = None
         self._read_local = threading.local()
@@ -203,7 +208,10 @@ class PlacementCore:
                       "decide_s": 0.0, "commit_s": 0.0, "answer_s": 0.0, "decide_cpu_s": 0.0,
                       "commit_cpu_s": 0.0,
                       # Releases that overtook their hand-off, settled here (release_before_handoff).
-                      "released_before_handoff": 0}
+                      "released_before_handoff": 0,
+                      # Group commits whose answer was lost with the connection and whose outcome
+                      # Postgres could not tell at once (held until it can: _hold_in_doubt).
+                      "commits_in_doubt": 0}
         self.preempting: dict[str, _Preemption] = {}   # preemptor id → its victims (engine holds the capacity)
         self._preempt_tried: dict[str, float] = {}     # queued id → monotonic time of its last victim search
         self._preempt_note: dict[str, str] = {}        # queued id → why its last victim search found none
@@ -254,9 +262,62 @@ class PlacementCore:
         or, past store.SMALL_INSERT_MAX, BEGIN … COPY … COMMIT (store.insert_new_allocations). It runs
         nothing else, so its statements keep one plan (store.GROUP_WRITER_OPTIONS)."""
         if self._pipe_conn is None or self._pipe_conn.closed or self._pipe_conn.broken:
-            self._pipe_conn = psycopg.connect(self.app_url, autocommit=True, connect_timeout=5,
-                                              options=store.GROUP_WRITER_OPTIONS)
+            conn = psycopg.connect(self.app_url, autocommit=True, connect_timeout=5,
+                                   options=store.GROUP_WRITER_OPTIONS)
+            try:
+                # Who this connection is on the server, to end its backend if a commit's answer is lost
+                # (_commit_outcome): a process id alone may be reused after a restart.
+                self._pipe_ident = conn.execute("SELECT pid, backend_start FROM pg_stat_activity"
+                                                " WHERE pid = pg_backend_pid()").fetchone()
+            except BaseException:
+                conn.close()
+                raise
+            self._pipe_conn = conn
         return self._pipe_conn
+
+    @property
+    def commits_held_in_doubt(self) -> int:
+        """Group commits held now whose outcome Postgres could not tell yet (_hold_in_doubt)."""
+        return len(self._in_doubt)
+
+    def _drop_pipe_writer(self) -> None:
+        """Close the writer's connection after a failed commit. Dropping it without closing leaked it:
+        its kept cursors (store._execute_kept) make a cycle that only a full collection frees, and the
+        GC pacer holds those off, so under a stream of retries the server ran out of connections."""
+        conn, self._pipe_conn = self._pipe_conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def _commit_outcome(self, ids: list[str], ident: tuple | None) -> bool | None:
+        """Whether a group commit whose answer was lost took effect: True (its rows are there), False
+        (none is), or None (not known yet: the database is unreachable, or the backend that ran the
+        commit still lives and could yet finish it).
+
+        A group is one transaction (one statement, or BEGIN … COPY … COMMIT), so its rows are all there
+        or none. Before reading them the backend that ran it (``ident``: process id and start time) is
+        ended, and found gone: a backend that lost its client mid-commit may still be running it, and
+        reading "not there" before it commits would free capacity that a committed row then holds."""
+        try:
+            with psycopg.connect(self.app_url, autocommit=True, connect_timeout=2) as conn:
+                if ident is not None:
+                    conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s"
+                                 " AND backend_start = %s", ident)
+                    deadline = time.monotonic() + 2.0
+                    while conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s AND backend_start = %s",
+                                       ident).fetchone():
+                        if time.monotonic() > deadline:
+                            return None
+                        time.sleep(0.02)
+                n = conn.execute("SELECT count(*) FROM control.allocations WHERE allocation_id = ANY(%s::uuid[])",
+                                 (ids,)).fetchone()[0]
+        except psycopg.Error as exc:
+            log.warning("outcome of a group commit of %d placements not known yet: %s", len(ids), exc)
+            return None
+        if n not in (0, len(ids)):  # one transaction: cannot be; leave it to a rebuild rather than guess
+            log.error("group commit of %d placements found %d of its rows; left in doubt", len(ids), n)
+            return None
+        return n == len(ids)
 
     def reader(self) -> psycopg.Connection:
         """A per-thread autocommit connection (gRPC handler threads, the release combiner): reads, and
@@ -546,18 +607,70 @@ class PlacementCore:
         """Commit a decided batch (group commit), then answer and hand PLACED rows to the shards."""
         t_start, c_start = time.perf_counter(), time.thread_time()
         new = d.new
-        ok = True
+        ok: bool | None = True
         if new:
+            conn = None
             try:
-                store.insert_new_allocations(self._pipe_writer(), [(r, e) for r, e, _ in new])
-            except Exception as exc:  # noqa: BLE001 - undo the in-memory reservations, answer UNAVAILABLE
-                log.error("group commit of %d placements failed: %s", len(new), exc)
-                ok = False
-                self._pipe_conn = None
+                conn = self._pipe_writer()
+                store.insert_new_allocations(conn, [(r, e) for r, e, _ in new])
+            except Exception as exc:  # noqa: BLE001 - find out whether it took effect before answering
+                ident, self._pipe_ident = self._pipe_ident, None
+                lost = conn is not None and not (isinstance(exc, psycopg.Error) and exc.sqlstate and not conn.broken)
+                self._drop_pipe_writer()
+                # No connection: nothing was sent. An error the server reported on a live connection:
+                # it rolled the transaction back. Otherwise the answer was lost, and the commit may
+                # have taken effect.
+                ok = self._commit_outcome([r.allocation_id for r, _, _ in new], ident) if lost else False
+                log.error("group commit of %d placements failed: %s (%s)", len(new), exc,
+                          {True: "it took effect after all", False: "nothing was written",
+                           None: "outcome not known yet; held until it is"}[ok])
+                if ok is None:
+                    self._hold_in_doubt(d, ident)
+                    return
         t_committed, c_committed = time.perf_counter(), time.thread_time()
         if new and ok:
             self.commit_log.append((time.time(), t_committed - t_start, len(new)))
             metrics.COMMIT_SECONDS.observe(t_committed - t_start)
+        self._settle(d, ok)
+        st = self.stats
+        st["decide_s"] += d.decide_s
+        st["decide_cpu_s"] += d.decide_cpu_s
+        st["commit_s"] += t_committed - t_start
+        st["commit_cpu_s"] += c_committed - c_start
+        st["answer_s"] += time.perf_counter() - t_committed
+
+    def _hold_in_doubt(self, d: "_Decided", ident: tuple | None) -> None:
+        """A group commit whose outcome is not known (its answer was lost and the database cannot say
+        yet): its capacity stays reserved and its request ids in flight, so nothing can take its GPUs
+        or make a second allocation for one of its requests, and its clients are told to retry with
+        the same request_id. A retry meanwhile is answered from Postgres (the "existing" path). The
+        tick settles it once Postgres answers (_resolve_in_doubt)."""
+        err = Unavailable("the database connection was lost during the commit and its outcome is not known "
+                          "yet; retry with the same request_id")
+        for _, _, p in d.new:
+            if not p.future.done():
+                p.future.set_exception(err)
+        with self.lock:
+            self._in_doubt.append((d, ident))
+            self.stats["commits_in_doubt"] += 1
+
+    def _resolve_in_doubt(self) -> None:
+        """Settle the group commits held in doubt whose outcome Postgres can now tell (from the tick)."""
+        with self.lock:
+            held, self._in_doubt = self._in_doubt, []
+        for d, ident in held:
+            ok = self._commit_outcome([r.allocation_id for r, _, _ in d.new], ident)
+            if ok is None:
+                with self.lock:
+                    self._in_doubt.append((d, ident))
+                continue
+            log.warning("group commit of %d placements held in doubt: %s", len(d.new),
+                        "it took effect; its placements stand" if ok else "nothing was written; capacity returned")
+            self._settle(d, ok)
+
+    def _settle(self, d: "_Decided", ok: bool) -> None:
+        """After a batch's commit (``ok``) or its failure: the capacity view, the answers, the hand-offs."""
+        new = d.new
         placed = [row for row, _, _ in new if row.state is AllocState.PLACED]
         with self.lock:
             for key in d.keys:
@@ -577,29 +690,29 @@ class PlacementCore:
                 for row in placed:
                     self.engine.release(row.allocation_id)
             self.stats["batches"] += 1
+        # A batch held in doubt has answered its requests already (UNAVAILABLE, retry): done futures
+        # are left as they are.
         if ok:
             for row, _, p in new:
-                p.future.set_result(("new", row))
+                if not p.future.done():
+                    p.future.set_result(("new", row))
         else:
             err = Unavailable("could not commit the placement; nothing was booked, retry with the same request_id")
             for _, _, p in new:
-                p.future.set_exception(err)
+                if not p.future.done():
+                    p.future.set_exception(err)
             placed = []
         # After this batch's commit: an "existing" answer naming an allocation of an earlier batch
         # (committed before this one, or failed, which the servicer reports as retryable) is now final.
         for p, ans in d.answers:
+            if p.future.done():
+                continue
             if isinstance(ans, GpuaasError):
                 self.stats["rejected"] += 1
                 p.future.set_exception(ans)
             else:
                 p.future.set_result(ans)
         self._dispatch(placed)
-        st = self.stats
-        st["decide_s"] += d.decide_s
-        st["decide_cpu_s"] += d.decide_cpu_s
-        st["commit_s"] += t_committed - t_start
-        st["commit_cpu_s"] += c_committed - c_start
-        st["answer_s"] += time.perf_counter() - t_committed
 
     def _dispatch(self, rows: list[AllocRow], resent: bool = False) -> None:
         """Hand PLACED allocations to their shard, which prepares them on the nodes.
@@ -1130,6 +1243,8 @@ class PlacementCore:
         while not self._stop.wait(1.0):
             self.gc.tick()
             try:
+                if self._in_doubt:
+                    self._resolve_in_doubt()
                 if time.monotonic() - last_sample >= self.cfg.capacity_sample_s:
                     last_sample = time.monotonic()
                     self._record_capacity()
