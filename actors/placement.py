@@ -138,6 +138,48 @@ class _Decided:
         self.decide_cpu_s += other.decide_cpu_s
 
 
+def _backend_ident(conn: psycopg.Connection) -> tuple:
+    """Who ``conn`` is on the server: (process id, backend start), to end that backend if a commit's
+    answer is lost (_backend_gone). A process id alone may be reused after a restart. On a connection
+    that is not autocommit the read's transaction is ended, so the next ``transaction()`` is a real one."""
+    ident = conn.execute("SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()").fetchone()
+    if not conn.autocommit:
+        conn.rollback()
+    return ident
+
+
+def _backend_gone(conn: psycopg.Connection, ident: tuple | None, wait_s: float = 2.0) -> bool:
+    """End the backend ``ident`` (if it still runs) and wait until it is gone. A backend that lost its
+    client mid-commit may still be running the commit: reading "not written" before it finishes would
+    free capacity that a committed row then holds. False if it is still there after ``wait_s``."""
+    if ident is None:
+        return True
+    conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s AND backend_start = %s",
+                 ident)
+    deadline = time.monotonic() + wait_s
+    while conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s AND backend_start = %s", ident).fetchone():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _answer_lost(conn: psycopg.Connection | None, exc: BaseException) -> bool:
+    """Whether a failed write may have taken effect. No: there was no connection (nothing was sent), or
+    the server reported the error on a connection still alive (it rolled the transaction back). Yes:
+    otherwise (the connection broke, and with it the answer)."""
+    return conn is not None and not (isinstance(exc, psycopg.Error) and exc.sqlstate and not conn.broken)
+
+
+def _close_quietly(conn: psycopg.Connection | None) -> None:
+    """Close a connection being dropped. Dropping it without closing leaked it: the kept cursors of
+    store._execute_kept make a cycle that only a full collection frees, and the GC pacer holds those
+    off, so under a stream of failures the server ran out of connections."""
+    if conn is not None:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
 @dataclasses.dataclass
 class _Preemption:
     """A preemptor waiting for its victims' capacity (held for it by the engine)."""
@@ -196,6 +238,10 @@ class PlacementCore:
         self._inflight: dict[tuple[str, str], tuple[bytes, str]] = {}  # decided, commit not yet finished
         self._pipe_conn: psycopg.Connection | None = None  # the writer stage's own connection
         self._pipe_ident: tuple | None = None  # its backend on the server: (pid, backend_start)
+        self._conn_ident: tuple | None = None  # the same for _writer's connection
+        # Queued requests whose QUEUED → PLACED commit lost its answer while Postgres could not be asked:
+        # id → (row before, backend ident). Their capacity stays reserved until the tick settles them.
+        self._queued_in_doubt: dict[str, tuple[AllocRow, tuple | None]] = {}
         # Group commits whose answer was lost and whose outcome Postgres could not tell yet: (batch,
         # backend ident). Their capacity stays reserved until the tick settles them (_resolve_in_doubt).
         self._in_doubt: list[tuple["_Decided", tuple | None]] = []
@@ -252,8 +298,19 @@ class PlacementCore:
 
     def _writer(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed or self._conn.broken:
-            self._conn = psycopg.connect(self.app_url, connect_timeout=5)
+            _close_quietly(self._conn)
+            conn = psycopg.connect(self.app_url, connect_timeout=5)
+            try:
+                self._conn_ident = _backend_ident(conn)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
         return self._conn
+
+    def _drop_writer(self) -> None:
+        conn, self._conn = self._conn, None
+        _close_quietly(conn)
 
     def _pipe_writer(self) -> psycopg.Connection:
         """The writer stage's connection (new allocations); other writers hold self.lock and use _writer.
@@ -265,10 +322,7 @@ class PlacementCore:
             conn = psycopg.connect(self.app_url, autocommit=True, connect_timeout=5,
                                    options=store.GROUP_WRITER_OPTIONS)
             try:
-                # Who this connection is on the server, to end its backend if a commit's answer is lost
-                # (_commit_outcome): a process id alone may be reused after a restart.
-                self._pipe_ident = conn.execute("SELECT pid, backend_start FROM pg_stat_activity"
-                                                " WHERE pid = pg_backend_pid()").fetchone()
+                self._pipe_ident = _backend_ident(conn)
             except BaseException:
                 conn.close()
                 raise
@@ -277,17 +331,13 @@ class PlacementCore:
 
     @property
     def commits_held_in_doubt(self) -> int:
-        """Group commits held now whose outcome Postgres could not tell yet (_hold_in_doubt)."""
-        return len(self._in_doubt)
+        """Commits held now whose outcome Postgres could not tell yet: groups of new allocations
+        (_hold_in_doubt) and queued requests' placements (_commit_queued)."""
+        return len(self._in_doubt) + len(self._queued_in_doubt)
 
     def _drop_pipe_writer(self) -> None:
-        """Close the writer's connection after a failed commit. Dropping it without closing leaked it:
-        its kept cursors (store._execute_kept) make a cycle that only a full collection frees, and the
-        GC pacer holds those off, so under a stream of retries the server ran out of connections."""
         conn, self._pipe_conn = self._pipe_conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close()
+        _close_quietly(conn)
 
     def _commit_outcome(self, ids: list[str], ident: tuple | None) -> bool | None:
         """Whether a group commit whose answer was lost took effect: True (its rows are there), False
@@ -295,20 +345,11 @@ class PlacementCore:
         commit still lives and could yet finish it).
 
         A group is one transaction (one statement, or BEGIN … COPY … COMMIT), so its rows are all there
-        or none. Before reading them the backend that ran it (``ident``: process id and start time) is
-        ended, and found gone: a backend that lost its client mid-commit may still be running it, and
-        reading "not there" before it commits would free capacity that a committed row then holds."""
+        or none. They are read once the backend that ran it (``ident``) is gone (_backend_gone)."""
         try:
             with psycopg.connect(self.app_url, autocommit=True, connect_timeout=2) as conn:
-                if ident is not None:
-                    conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s"
-                                 " AND backend_start = %s", ident)
-                    deadline = time.monotonic() + 2.0
-                    while conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s AND backend_start = %s",
-                                       ident).fetchone():
-                        if time.monotonic() > deadline:
-                            return None
-                        time.sleep(0.02)
+                if not _backend_gone(conn, ident):
+                    return None
                 n = conn.execute("SELECT count(*) FROM control.allocations WHERE allocation_id = ANY(%s::uuid[])",
                                  (ids,)).fetchone()[0]
         except psycopg.Error as exc:
@@ -615,11 +656,8 @@ class PlacementCore:
                 store.insert_new_allocations(conn, [(r, e) for r, e, _ in new])
             except Exception as exc:  # noqa: BLE001 - find out whether it took effect before answering
                 ident, self._pipe_ident = self._pipe_ident, None
-                lost = conn is not None and not (isinstance(exc, psycopg.Error) and exc.sqlstate and not conn.broken)
+                lost = _answer_lost(conn, exc)
                 self._drop_pipe_writer()
-                # No connection: nothing was sent. An error the server reported on a live connection:
-                # it rolled the transaction back. Otherwise the answer was lost, and the commit may
-                # have taken effect.
                 ok = self._commit_outcome([r.allocation_id for r, _, _ in new], ident) if lost else False
                 log.error("group commit of %d placements failed: %s (%s)", len(new), exc,
                           {True: "it took effect after all", False: "nothing was written",
@@ -776,7 +814,8 @@ class PlacementCore:
                     results = store.transition_allocations(self._group_writer(), [(it[2], chain, {"at": at})
                                                                                   for it in taken.values()])
                 except Exception:
-                    self._group_conn = None
+                    conn, self._group_conn = self._group_conn, None
+                    _close_quietly(conn)
                     raise
         except Exception as exc:  # noqa: BLE001 - nothing committed (a version-checked statement of its own)
             with self._dispatch_cv:
@@ -887,6 +926,7 @@ class PlacementCore:
         try:
             return fn(self.reader())
         except psycopg.OperationalError:
+            _close_quietly(getattr(self._read_local, "conn", None))
             self._read_local.conn = None
             return fn(self.reader())
 
@@ -954,15 +994,73 @@ class PlacementCore:
                              (convert.gpu_milli_total(assignments),
                               assignments[0]["gpu_model"] if assignments else "", row.allocation_id))
         except Exception as exc:  # noqa: BLE001
-            log.warning("could not commit queued placement %s: %s", d.key, exc)
-            self.engine.release(d.key)
-            self.engine.enqueue(self._domain(row))
-            self._conn = None
-            return None
+            ident, lost = self._conn_ident, _answer_lost(self._conn, exc)
+            self._drop_writer()
+            now = self._queued_outcome(row, ident) if lost else None
+            if not lost or (now is not None and now.state is AllocState.QUEUED and now.version == row.version):
+                log.warning("could not commit queued placement %s: %s", d.key, exc)
+                self.engine.release(d.key)
+                self.engine.enqueue(self._domain(row))
+                return None
+            if now is None or not (now.state is AllocState.PLACED and now.version == row.version + 1):
+                # Not known yet: the reservation stays and the request leaves the line until the tick
+                # can ask Postgres (_resolve_queued_in_doubt). Placing it again could give it a second
+                # set of GPUs while its committed row holds the first.
+                log.warning("queued placement %s: commit outcome not known (%s); capacity held until it is",
+                            d.key, exc)
+                self.queued.pop(d.key, None)
+                self._queued_in_doubt[d.key] = (row, ident)
+                self.stats["commits_in_doubt"] += 1
+                return None
+            log.warning("queued placement %s: the commit took effect although its answer was lost (%s)", d.key, exc)
+            new = now
         self.queued.pop(d.key, None)
         self._preempt_tried.pop(d.key, None)
         self._preempt_note.pop(d.key, None)
         return new
+
+    def _queued_outcome(self, row: AllocRow, ident: tuple | None) -> AllocRow | None:
+        """The row of a queued request whose QUEUED → PLACED commit lost its answer, as Postgres holds it
+        once the backend that ran the commit is gone (PLACED one version on: it took effect; QUEUED at
+        the version it had: it did not). None: not known yet (unreachable, or the backend lives on)."""
+        try:
+            with psycopg.connect(self.app_url, autocommit=True, connect_timeout=2) as conn:
+                if not _backend_gone(conn, ident):
+                    return None
+                return store.load_allocation(conn, row.allocation_id)
+        except psycopg.Error as exc:
+            log.warning("outcome of the commit of queued placement %s not known yet: %s", row.allocation_id, exc)
+            return None
+
+    def _resolve_queued_in_doubt(self) -> None:
+        """Settle queued placements whose commit outcome was not known (from the tick): taken effect →
+        placed and handed off; not → the reservation is undone and the request goes back in line. A row
+        that has moved on since (a shard resumed the PLACED row and ran or ended it): the reservation
+        stays while the row holds capacity, and goes when it no longer does."""
+        placed = []
+        with self.lock:
+            for aid, (row, ident) in list(self._queued_in_doubt.items()):
+                now = self._queued_outcome(row, ident)
+                if now is None:
+                    continue
+                del self._queued_in_doubt[aid]
+                if now.state is AllocState.PLACED and now.version == row.version + 1:
+                    log.warning("queued placement %s held in doubt: it took effect; it stands", aid)
+                    placed.append(now)
+                elif now.state is AllocState.QUEUED and now.version == row.version:
+                    log.warning("queued placement %s held in doubt: nothing was written; back in line", aid)
+                    self.engine.release(aid)
+                    self.queued[aid] = row
+                    self.engine.enqueue(self._domain(row))
+                else:
+                    log.warning("queued placement %s held in doubt: it took effect and has moved on to %s",
+                                aid, now.state.name)
+                    if now.state not in HOLDS_CAPACITY and aid in self.engine.allocs:
+                        self.engine.release(aid)
+                    if now.state is AllocState.QUEUED:
+                        self.queued[aid] = now
+                        self.engine.enqueue(self._domain(now))
+        self._dispatch(placed)
 
     # ------------------------------------------------------------ preemption
 
@@ -1245,6 +1343,8 @@ class PlacementCore:
             try:
                 if self._in_doubt:
                     self._resolve_in_doubt()
+                if self._queued_in_doubt:
+                    self._resolve_queued_in_doubt()
                 if time.monotonic() - last_sample >= self.cfg.capacity_sample_s:
                     last_sample = time.monotonic()
                     self._record_capacity()
@@ -1266,7 +1366,7 @@ class PlacementCore:
                     self.reconcile_released()
             except Exception as exc:  # noqa: BLE001
                 log.warning("placement tick failed: %s", exc)
-                self._conn = None
+                self._drop_writer()
 
     # ------------------------------------------------------------ nodes
 

@@ -137,3 +137,57 @@ def test_refused_commits_close_their_connection(fresh_db, proxied):
             assert core._pipe_conn is None  # dropped, and closed (or its backend would still count below)
         assert backends() <= start
     assert core.stats["commit_failures"] == 12 and core.stats["commits_in_doubt"] == 0
+
+
+def _queue_then_lose_the_placing_commit(fresh_db, core: PlacementCore, proxy: PgProxy, refuse_s: float) -> str:
+    """Requests that wait in the queue (8 GPUs each; the warm-up holds one of n1's eight), each placed by
+    the queue when a node arrives: the first as usual (its connection is then open), the second on
+    n3, and the answer to that commit's COMMIT is lost."""
+    aids = []
+    for rid, node in (("r-queued-first", "n2"), ("r-queued", "n3")):
+        [fut] = core.submit("acme", [common_pb2.PlacementRequest(request_id=rid, gpu_count=8, wait=True)])
+        kind, row = fut.result(30)
+        assert kind == "new" and row.allocation_id in core.queued
+        if node == "n3":
+            proxy.arm("lose_answer", pattern=b"COMMIT")
+            if refuse_s:
+                proxy.refuse_for(refuse_s)
+        core.node_registered(node, f"127.0.0.1:{node[1:]}", "READY", 64_000, 512_000, {}, GPUS)
+        aids.append(row.allocation_id)
+        if node == "n2":
+            _placed_once(fresh_db, core, row.allocation_id, node)
+    return aids[-1]
+
+
+def _placed_once(fresh_db, core: PlacementCore, aid: str, node: str = "n3", timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (core.commits_held_in_doubt or aid in core.queued or aid not in held(core)) \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert core.commits_held_in_doubt == 0 and aid not in core.queued and aid in held(core)
+    with psycopg.connect(fresh_db.app) as conn:
+        state, version, assignments = conn.execute(
+            "SELECT state, version, assignments FROM control.allocations WHERE allocation_id = %s", (aid,)).fetchone()
+    with core.lock:
+        engine_nodes = {a.node_id for a in core.engine.allocs[aid].assignments}
+    # Placed once: one QUEUED → PLACED edge, on the GPUs the capacity view holds for it.
+    assert (state, version) == ("PLACED", 2) and {a["node_id"] for a in assignments} == engine_nodes == {node}
+    assert core.handoff_waits(aid)
+
+
+def test_a_queued_placement_whose_commit_answer_is_lost_is_placed_once(fresh_db, proxied):
+    core, proxy = proxied
+    aid = _queue_then_lose_the_placing_commit(fresh_db, core, proxy, refuse_s=0)
+    _placed_once(fresh_db, core, aid)
+    assert proxy.cuts == 1 and core.stats["commits_in_doubt"] == 0
+
+
+def test_a_queued_placement_in_doubt_keeps_its_gpus_until_postgres_says(fresh_db, proxied):
+    core, proxy = proxied
+    aid = _queue_then_lose_the_placing_commit(fresh_db, core, proxy, refuse_s=2.5)
+    deadline = time.monotonic() + 10
+    while not core.commits_held_in_doubt and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert core.commits_held_in_doubt == 1 and aid in held(core) and aid not in core.queued
+    _placed_once(fresh_db, core, aid)
+    assert proxy.cuts == 1 and core.stats["commits_in_doubt"] == 1

@@ -3,8 +3,8 @@ and the real server, which can lose the answer to a statement (after the server 
 committed it), lose the statement itself (never sent), and refuse new connections for a while.
 
 Only the connections whose startup message names ``marker`` (a run-time option the product sets on
-its group writers, ``store.GROUP_WRITER_OPTIONS``) are cut; others pass through, unless new
-connections are refused. Bytes are relayed as they come; the relay does not parse the protocol.
+its group writers, ``store.GROUP_WRITER_OPTIONS``) are cut, or a message holding a chosen pattern;
+others pass through, unless new connections are refused. Bytes are relayed as they come; the relay does not parse the protocol.
 An autocommit statement's answer is sent after its implicit commit (the server flushes at Sync), so
 losing "the next answer" loses the acknowledgement of a commit that took effect.
 """
@@ -25,6 +25,7 @@ class PgProxy:
         self.path = os.path.join(self.dir, f".s.PGSQL.{port}")
         self.marker = marker
         self.mode: str | None = None  # "lose_answer" | "lose_statement": for the next marked statement
+        self.pattern: bytes | None = None  # or for the next message holding these bytes (arm)
         self.refuse_until = 0.0       # monotonic time before which new connections are closed at once
         self.cuts = 0                 # connections cut so far
         self._lock = threading.Lock()
@@ -45,10 +46,12 @@ class PgProxy:
             return up.urlunsplit((p.scheme, p.netloc, p.path, up.urlencode(q), p.fragment))
         return " ".join(f"host={self.dir}" if kv.startswith("host=") else kv for kv in url.split())
 
-    def arm(self, mode: str) -> None:
+    def arm(self, mode: str, pattern: bytes | None = None) -> None:
+        """Cut the next statement of a marked connection, or, with ``pattern``, the next message of any
+        connection that holds those bytes (b"COMMIT": the end of an explicit transaction)."""
         assert mode in ("lose_answer", "lose_statement")
         with self._lock:
-            self.mode = mode
+            self.pattern, self.mode = pattern, mode
 
     def refuse_for(self, seconds: float) -> None:
         self.refuse_until = time.monotonic() + seconds
@@ -105,7 +108,7 @@ class PgProxy:
             if not conn["started"]:
                 conn["started"] = True
                 conn["marked"] = self.marker in data
-            elif conn["marked"] and self.mode is not None:
+            elif self.mode is not None and (self.pattern in data if self.pattern else conn["marked"]):
                 with self._lock:
                     mode, self.mode = self.mode, None
                 if mode == "lose_statement":
