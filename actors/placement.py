@@ -994,7 +994,10 @@ class PlacementCore:
                              (convert.gpu_milli_total(assignments),
                               assignments[0]["gpu_model"] if assignments else "", row.allocation_id))
         except Exception as exc:  # noqa: BLE001
-            ident, lost = self._conn_ident, _answer_lost(self._conn, exc)
+            # Inside the transaction block anything but a database error (a version that moved, say) rolls
+            # it back on the way out; a COMMIT whose answer is lost raises a database error.
+            ident = self._conn_ident
+            lost = isinstance(exc, psycopg.Error) and _answer_lost(self._conn, exc)
             self._drop_writer()
             now = self._queued_outcome(row, ident) if lost else None
             if not lost or (now is not None and now.state is AllocState.QUEUED and now.version == row.version):

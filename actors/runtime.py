@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures as cf
+import contextlib
 import gc
 import logging
 import random
@@ -246,7 +247,10 @@ class DbThread:
             with conn.transaction():
                 return fn(conn, *args, **kwargs)
         except psycopg.OperationalError as exc:
-            self._conn = None
+            conn, self._conn = self._conn, None
+            if conn is not None:  # closed, not just dropped: its kept cursors make a cycle (store._execute_kept)
+                with contextlib.suppress(Exception):
+                    conn.close()
             raise Unavailable(f"database unavailable: {exc}") from exc
 
     async def tx(self, fn, *args, **kwargs):
