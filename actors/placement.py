@@ -54,7 +54,7 @@ import psycopg
 from actors import convert, metrics, runtime, store
 from actors.store import AllocRow, utcnow
 from gpuaas.config import ControlPlaneConfig
-from gpuaas.errors import AlreadyExists, GpuaasError, ResourceExhausted, Unavailable
+from gpuaas.errors import AlreadyExists, FailedPrecondition, GpuaasError, ResourceExhausted, Unavailable
 from gpuaas.lifecycle import AllocEvent, AllocState, NodeState
 from gpuaas.lifecycle.allocation import HOLDS_CAPACITY
 from gpuaas.v1 import common_pb2
@@ -999,6 +999,10 @@ class PlacementCore:
             ident = self._conn_ident
             lost = isinstance(exc, psycopg.Error) and _answer_lost(self._conn, exc)
             self._drop_writer()
+            if isinstance(exc, FailedPrecondition):  # the row moved behind the queue (version checked)
+                self.engine.release(d.key)
+                self._queued_row_moved(row)
+                return None
             now = self._queued_outcome(row, ident) if lost else None
             if not lost or (now is not None and now.state is AllocState.QUEUED and now.version == row.version):
                 log.warning("could not commit queued placement %s: %s", d.key, exc)
@@ -1021,6 +1025,31 @@ class PlacementCore:
         self._preempt_tried.pop(d.key, None)
         self._preempt_note.pop(d.key, None)
         return new
+
+    def _queued_row_moved(self, row: AllocRow) -> AllocRow | None:
+        """A queued request's row is not at the version the queue holds (lock held; the request is out
+        of the engine's line): read it, and follow it. Still QUEUED: back in line with the row as it is.
+        Finished (a cancel whose answer was lost, then retried; a queue timeout): out of the queue for
+        good. Returns the row read (None: unreadable, and the request goes back in line as it was)."""
+        aid = row.allocation_id
+        try:
+            now = self._read(lambda c: store.load_allocation(c, aid))
+        except Exception as exc:  # noqa: BLE001 - the next pass tries again
+            log.warning("queued request %s: its row could not be read: %s", aid, exc)
+            now = None
+        if now is None or now.state is AllocState.QUEUED:
+            self.queued[aid] = now or row
+            self.engine.enqueue(self._domain(now or row))
+            return now
+        log.warning("queued request %s moved on to %s behind the queue; it leaves the queue", aid, now.state.name)
+        if now.state in HOLDS_CAPACITY:  # only this actor places a queued row: a rebuild sets this right
+            log.error("queued request %s is %s in Postgres but not held here", aid, now.state.name)
+        self.engine.dequeue(aid)
+        self.queued.pop(aid, None)
+        self.preempting.pop(aid, None)
+        self._preempt_tried.pop(aid, None)
+        self._preempt_note.pop(aid, None)
+        return now
 
     def _queued_outcome(self, row: AllocRow, ident: tuple | None) -> AllocRow | None:
         """The row of a queued request whose QUEUED → PLACED commit lost its answer, as Postgres holds it
@@ -1251,9 +1280,23 @@ class PlacementCore:
             row = self.queued.get(allocation_id)
             if row is None:
                 return None
-            conn = self._writer()
-            with conn.transaction():
-                new = store.transition_allocation(conn, row, event, queue_deadline=None)
+            for attempt in (1, 2):
+                conn = self._writer()
+                try:
+                    with conn.transaction():
+                        new = store.transition_allocation(conn, row, event, queue_deadline=None)
+                    break
+                except FailedPrecondition:
+                    # The row moved: most likely this very cancel, retried after its answer was lost. A
+                    # finished row leaves the queue, and is the answer; one still QUEUED is cancelled anew.
+                    self.engine.dequeue(allocation_id)
+                    now = self._queued_row_moved(row)
+                    if now is None or (now.state is AllocState.QUEUED and attempt == 2):
+                        raise
+                    if now.state is not AllocState.QUEUED:
+                        self.owner_tenant.pop(allocation_id, None)
+                        return now
+                    row = now
             self.engine.dequeue(allocation_id)  # also returns capacity held for it as a preemptor
             self.queued.pop(allocation_id, None)
             self.owner_tenant.pop(allocation_id, None)

@@ -191,3 +191,26 @@ def test_a_queued_placement_in_doubt_keeps_its_gpus_until_postgres_says(fresh_db
     assert core.commits_held_in_doubt == 1 and aid in held(core) and aid not in core.queued
     _placed_once(fresh_db, core, aid)
     assert proxy.cuts == 1 and core.stats["commits_in_doubt"] == 1
+
+
+def test_a_cancel_whose_answer_is_lost_is_answered_on_its_retry_and_never_placed(fresh_db, proxied):
+    """The cancel of a queued request commits, its answer is lost: the queue still holds the request.
+    The retried cancel finds the row CANCELLED and answers with it; the queue lets the request go, and
+    capacity that arrives later does not place it."""
+    core, proxy = proxied
+    [fut] = core.submit("acme", [common_pb2.PlacementRequest(request_id="r-cancel", gpu_count=8, wait=True)])
+    kind, row = fut.result(30)
+    aid = row.allocation_id
+    assert kind == "new" and aid in core.queued
+    proxy.arm("lose_answer", pattern=b"COMMIT")
+    with pytest.raises(psycopg.OperationalError):
+        core.cancel_queued(aid)
+    assert proxy.cuts == 1 and aid in core.queued  # committed in Postgres, not known here
+    again = core.cancel_queued(aid)
+    assert again is not None and again.state.name == "CANCELLED" and aid not in core.queued
+    core.node_registered("n2", "127.0.0.1:2", "READY", 64_000, 512_000, {}, GPUS)
+    time.sleep(2.5)  # two ticks: the queue would have placed it by now
+    with psycopg.connect(fresh_db.app) as conn:
+        assert conn.execute("SELECT state FROM control.allocations WHERE allocation_id = %s",
+                            (aid,)).fetchone()[0] == "CANCELLED"
+    assert aid not in held(core)
