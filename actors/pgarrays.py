@@ -29,6 +29,8 @@ import psycopg
 from psycopg import pq
 from psycopg.adapt import Dumper
 
+from ledger.chain import uuid_bytes
+
 _I4 = struct.Struct(">i").pack
 _NULL = _I4(-1)
 _PG_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)
@@ -37,13 +39,6 @@ _US = dt.timedelta(microseconds=1)
 # type name → (element oid, array oid), as in pg_type.
 _OIDS = {"uuid": (2950, 2951), "text": (25, 1009), "bytea": (17, 1001), "jsonb": (3802, 3807),
          "int8": (20, 1016), "int4": (23, 1007), "timestamptz": (1184, 1185)}
-
-
-def _uuid(v: str) -> bytes:
-    raw = bytes.fromhex(v.replace("-", ""))
-    if len(raw) != 16:
-        raise ValueError(f"not a uuid: {v!r}")
-    return raw
 
 
 def _text(v: str) -> bytes:
@@ -91,7 +86,7 @@ def _fixed(code: str, size: int, convert: Callable | None = None) -> Callable[[S
     return body
 
 
-_BODY = {"uuid": _varlen(_uuid), "text": _varlen(_text), "bytea": _varlen(_bytea), "jsonb": _varlen(_jsonb),
+_BODY = {"uuid": _varlen(uuid_bytes), "text": _varlen(_text), "bytea": _varlen(_bytea), "jsonb": _varlen(_jsonb),
          "int8": _fixed("q", 8), "int4": _fixed("i", 4), "timestamptz": _fixed("q", 8, _micros)}
 
 

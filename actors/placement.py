@@ -138,14 +138,20 @@ class _Decided:
         self.decide_cpu_s += other.decide_cpu_s
 
 
-def _backend_ident(conn: psycopg.Connection) -> tuple:
-    """Who ``conn`` is on the server: (process id, backend start), to end that backend if a commit's
-    answer is lost (_backend_gone). A process id alone may be reused after a restart. On a connection
-    that is not autocommit the read's transaction is ended, so the next ``transaction()`` is a real one."""
-    ident = conn.execute("SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()").fetchone()
-    if not conn.autocommit:
-        conn.rollback()
-    return ident
+def _connect_known(url: str, **kw) -> tuple[psycopg.Connection, tuple]:
+    """A new connection and who it is on the server: (process id, backend start), to end that backend
+    if a commit's answer is lost (_backend_gone); a process id alone may be reused after a restart. On
+    a connection that is not autocommit the read's transaction is ended, so that the next
+    ``transaction()`` is a real one and not a savepoint."""
+    conn = psycopg.connect(url, **kw)
+    try:
+        ident = conn.execute("SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()").fetchone()
+        if not conn.autocommit:
+            conn.rollback()
+    except BaseException:
+        conn.close()
+        raise
+    return conn, ident
 
 
 def _backend_gone(conn: psycopg.Connection, ident: tuple | None, wait_s: float = 2.0) -> bool:
@@ -299,13 +305,7 @@ class PlacementCore:
     def _writer(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed or self._conn.broken:
             _close_quietly(self._conn)
-            conn = psycopg.connect(self.app_url, connect_timeout=5)
-            try:
-                self._conn_ident = _backend_ident(conn)
-            except BaseException:
-                conn.close()
-                raise
-            self._conn = conn
+            self._conn, self._conn_ident = _connect_known(self.app_url, connect_timeout=5)
         return self._conn
 
     def _drop_writer(self) -> None:
@@ -319,14 +319,9 @@ class PlacementCore:
         or, past store.SMALL_INSERT_MAX, BEGIN … COPY … COMMIT (store.insert_new_allocations). It runs
         nothing else, so its statements keep one plan (store.GROUP_WRITER_OPTIONS)."""
         if self._pipe_conn is None or self._pipe_conn.closed or self._pipe_conn.broken:
-            conn = psycopg.connect(self.app_url, autocommit=True, connect_timeout=5,
-                                   options=store.GROUP_WRITER_OPTIONS)
-            try:
-                self._pipe_ident = _backend_ident(conn)
-            except BaseException:
-                conn.close()
-                raise
-            self._pipe_conn = conn
+            _close_quietly(self._pipe_conn)
+            self._pipe_conn, self._pipe_ident = _connect_known(self.app_url, autocommit=True, connect_timeout=5,
+                                                               options=store.GROUP_WRITER_OPTIONS)
         return self._pipe_conn
 
     @property

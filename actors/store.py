@@ -26,6 +26,7 @@ from gpuaas.lifecycle import (ALLOCATION_TABLE, GPU_TABLE, NODE_TABLE, AllocEven
                               GpuState, IllegalTransition, NodeEvent, NodeState)
 from actors import pgarrays
 from gpuaas.v1 import common_pb2, events_pb2
+from ledger.chain import uuid_bytes
 
 TOPIC_ALLOC = "allocation.transitioned"
 TOPIC_NODE = "node.transitioned"
@@ -254,10 +255,7 @@ class _UuidTextBinaryDumper(Dumper):
     oid = postgres.types["uuid"].oid
 
     def dump(self, obj: str) -> bytes:
-        raw = bytes.fromhex(obj.replace("-", ""))
-        if len(raw) != 16:
-            raise ValueError(f"not a uuid: {obj!r}")
-        return raw
+        return uuid_bytes(obj)
 
 
 class _JsonbTextBinaryDumper(Dumper):

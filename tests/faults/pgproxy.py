@@ -96,15 +96,8 @@ class PgProxy:
             s.close()
 
     def _up(self, conn: dict) -> None:
-        """Client → server."""
-        while True:
-            try:
-                data = conn["client"].recv(65536)
-            except OSError:
-                return
-            if not data:  # the client closed it
-                self._cut(conn, fault=False)
-                return
+        """Client → server: the startup message marks the connection; an armed fault picks its message."""
+        def inspect(data: bytes) -> bool:
             if not conn["started"]:
                 conn["started"] = True
                 conn["marked"] = self.marker in data
@@ -112,28 +105,29 @@ class PgProxy:
                 with self._lock:
                     mode, self.mode = self.mode, None
                 if mode == "lose_statement":
-                    self._cut(conn)
-                    return
+                    return False
                 conn["doomed"] = True  # lose_answer: send it, cut before its answer comes back
-            try:
-                conn["server"].sendall(data)
-            except OSError:
-                return
+            return True
+        self._pump(conn, "client", "server", inspect)
 
     def _down(self, conn: dict) -> None:
-        """Server → client."""
+        """Server → client: a doomed connection is cut when its answer arrives."""
+        self._pump(conn, "server", "client", lambda data: not conn["doomed"])
+
+    def _pump(self, conn: dict, src: str, dst: str, inspect) -> None:
+        """Relay ``src`` to ``dst`` until either closes, or ``inspect(data)`` says to cut here."""
         while True:
             try:
-                data = conn["server"].recv(65536)
+                data = conn[src].recv(65536)
             except OSError:
                 return
-            if not data:  # the server closed it
+            if not data:  # that side closed it
                 self._cut(conn, fault=False)
                 return
-            if conn["doomed"]:
+            if not inspect(data):
                 self._cut(conn)
                 return
             try:
-                conn["client"].sendall(data)
+                conn[dst].sendall(data)
             except OSError:
                 return
