@@ -32,6 +32,7 @@ import dataclasses
 import heapq
 import json
 import logging
+import re
 import time
 import uuid
 
@@ -290,7 +291,7 @@ class LedgerConsumer:
             return
         if (alloc, START) in known or alloc in meters:
             raise _Reject(f"allocation {alloc} entered RUNNING again (event {ev.event_id}): billing never restarts")
-        if alloc not in _valid_uuids([alloc]):
+        if not _CANONICAL_UUID.fullmatch(alloc):  # what _valid_uuids keeps as it is
             raise _Reject(f"allocation id {alloc!r} is not a UUID")
         at_us = _ts_us(ev.at)
         if not self.store.tenant_known(ev.tenant_id):
@@ -445,9 +446,19 @@ class _Stale(Exception):
     pass
 
 
+# The canonical text of a UUID, the form every allocation id takes (str(uuid.UUID(…))).
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def _valid_uuids(ids) -> set[str]:
+    """The canonical text of each id that is a UUID. Ids already canonical (all of ours) are taken as
+    they are: building a UUID object for each cost ~3 µs, against ~0.4 µs for the match, twice per
+    start of billing."""
     out = set()
     for s in ids:
+        if isinstance(s, str) and _CANONICAL_UUID.fullmatch(s):
+            out.add(s)
+            continue
         try:
             out.add(str(uuid.UUID(s)))
         except (ValueError, TypeError, AttributeError):

@@ -224,3 +224,22 @@ def test_the_due_index_names_the_earliest_open_interval_through_starts_stops_and
         else:
             assert net_milli_us(ledger_db.app, a) == int((end - s) * 1000) * GPU_S // 2 // 1000
     assert verify.verify(ledger_db.app).ok
+
+
+def test_allocation_ids_that_are_not_canonical_uuids_are_dead_lettered(ledger_db, outbox):
+    """Only the canonical text of a UUID (the form every allocation id takes) is metered; another
+    spelling of a UUID (upper case, no dashes: the event table's uuid column takes both) is
+    dead-lettered, and the batch moves on."""
+    import uuid
+
+    good = outbox.run("acme", 0, H100x2)
+    for bad in (str(uuid.uuid4()).upper(), str(uuid.uuid4()).replace("-", "")):
+        outbox.run("acme", 0, H100x2, alloc=bad)
+    with consumer(ledger_db) as c:
+        assert c.flush(5)["done"]
+        st = c.stats()
+    reasons = [d["reason"] for d in reports.dead_letters(ledger_db.app)]
+    assert sum("is not a UUID" in r for r in reasons) == 2 and st["dead_letters"] == 2
+    with psycopg.connect(ledger_db.app) as conn:
+        started = [str(a) for (a,) in conn.execute("SELECT allocation_id FROM ledger.meter_events")]
+    assert started == [good]
