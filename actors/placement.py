@@ -62,6 +62,9 @@ from gpuaas.v1 import common_pb2
 log = logging.getLogger("gpuaas.placement")
 
 SCHEDULABLE_NODE_STATES = frozenset({NodeState.READY})
+# Each statement that asks Postgres what became of a commit whose answer was lost (_outcome_connection).
+OUTCOME_STATEMENT_TIMEOUT_MS = 2000
+
 # Hand-offs to the allocation shards wait up to ControlPlaneConfig.dispatch_linger_s for company, then go
 # as one actor call per shard; this many waiting go at once.
 DISPATCH_FLUSH_ITEMS = 1024
@@ -334,6 +337,14 @@ class PlacementCore:
         conn, self._pipe_conn = self._pipe_conn, None
         _close_quietly(conn)
 
+    def _outcome_connection(self) -> psycopg.Connection:
+        """A short-lived connection to ask Postgres what became of a commit whose answer was lost. Its
+        waits are bounded (connecting, and each statement): the asker may be the writer, or hold the
+        capacity view's lock, and a database that accepts connections but does not answer must leave
+        the commit in doubt rather than stall them."""
+        return psycopg.connect(self.app_url, autocommit=True, connect_timeout=2,
+                               options=f"-c statement_timeout={OUTCOME_STATEMENT_TIMEOUT_MS}")
+
     def _commit_outcome(self, ids: list[str], ident: tuple | None) -> bool | None:
         """Whether a group commit whose answer was lost took effect: True (its rows are there), False
         (none is), or None (not known yet: the database is unreachable, or the backend that ran the
@@ -342,7 +353,7 @@ class PlacementCore:
         A group is one transaction (one statement, or BEGIN … COPY … COMMIT), so its rows are all there
         or none. They are read once the backend that ran it (``ident``) is gone (_backend_gone)."""
         try:
-            with psycopg.connect(self.app_url, autocommit=True, connect_timeout=2) as conn:
+            with self._outcome_connection() as conn:
                 if not _backend_gone(conn, ident):
                     return None
                 n = conn.execute("SELECT count(*) FROM control.allocations WHERE allocation_id = ANY(%s::uuid[])",
@@ -1051,7 +1062,7 @@ class PlacementCore:
         once the backend that ran the commit is gone (PLACED one version on: it took effect; QUEUED at
         the version it had: it did not). None: not known yet (unreachable, or the backend lives on)."""
         try:
-            with psycopg.connect(self.app_url, autocommit=True, connect_timeout=2) as conn:
+            with self._outcome_connection() as conn:
                 if not _backend_gone(conn, ident):
                     return None
                 return store.load_allocation(conn, row.allocation_id)
