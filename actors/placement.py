@@ -307,7 +307,8 @@ class PlacementCore:
 
     def _writer(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed or self._conn.broken:
-            _close_quietly(self._conn)
+            conn, self._conn = self._conn, None  # None while connecting: a failure here sent nothing
+            _close_quietly(conn)
             self._conn, self._conn_ident = _connect_known(self.app_url, connect_timeout=5)
         return self._conn
 
@@ -322,7 +323,8 @@ class PlacementCore:
         or, past store.SMALL_INSERT_MAX, BEGIN … COPY … COMMIT (store.insert_new_allocations). It runs
         nothing else, so its statements keep one plan (store.GROUP_WRITER_OPTIONS)."""
         if self._pipe_conn is None or self._pipe_conn.closed or self._pipe_conn.broken:
-            _close_quietly(self._pipe_conn)
+            conn, self._pipe_conn = self._pipe_conn, None
+            _close_quietly(conn)
             self._pipe_conn, self._pipe_ident = _connect_known(self.app_url, autocommit=True, connect_timeout=5,
                                                                options=store.GROUP_WRITER_OPTIONS)
         return self._pipe_conn
@@ -1002,13 +1004,13 @@ class PlacementCore:
         except Exception as exc:  # noqa: BLE001
             # Inside the transaction block anything but a database error (a version that moved, say) rolls
             # it back on the way out; a COMMIT whose answer is lost raises a database error.
-            ident = self._conn_ident
-            lost = isinstance(exc, psycopg.Error) and _answer_lost(self._conn, exc)
-            self._drop_writer()
             if isinstance(exc, FailedPrecondition):  # the row moved behind the queue (version checked)
                 self.engine.release(d.key)
                 self._queued_row_moved(row)
                 return None
+            ident = self._conn_ident
+            lost = isinstance(exc, psycopg.Error) and _answer_lost(self._conn, exc)
+            self._drop_writer()
             now = self._queued_outcome(row, ident) if lost else None
             if not lost or (now is not None and now.state is AllocState.QUEUED and now.version == row.version):
                 log.warning("could not commit queued placement %s: %s", d.key, exc)
@@ -1075,11 +1077,14 @@ class PlacementCore:
         placed and handed off; not → the reservation is undone and the request goes back in line. A row
         that has moved on since (a shard resumed the PLACED row and ran or ended it): the reservation
         stays while the row holds capacity, and goes when it no longer does."""
+        with self.lock:
+            held = list(self._queued_in_doubt.items())
+        # Asked without the lock: Postgres may be slow to answer, and placements need the lock meanwhile.
+        answers = [(aid, row, self._queued_outcome(row, ident)) for aid, (row, ident) in held]
         placed = []
         with self.lock:
-            for aid, (row, ident) in list(self._queued_in_doubt.items()):
-                now = self._queued_outcome(row, ident)
-                if now is None:
+            for aid, row, now in answers:
+                if now is None or aid not in self._queued_in_doubt:
                     continue
                 del self._queued_in_doubt[aid]
                 if now.state is AllocState.PLACED and now.version == row.version + 1:
