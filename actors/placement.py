@@ -696,6 +696,7 @@ class PlacementCore:
         for _, _, p in d.new:
             if not p.future.done():
                 p.future.set_exception(err)
+        self._answer_the_rest(d)  # they need not wait for the outcome
         with self.lock:
             self._in_doubt.append((d, ident))
             self.stats["commits_in_doubt"] += 1
@@ -748,8 +749,14 @@ class PlacementCore:
                 if not p.future.done():
                     p.future.set_exception(err)
             placed = []
-        # After this batch's commit: an "existing" answer naming an allocation of an earlier batch
-        # (committed before this one, or failed, which the servicer reports as retryable) is now final.
+        self._answer_the_rest(d)
+        self._dispatch(placed)
+
+    def _answer_the_rest(self, d: "_Decided") -> None:
+        """The batch's answers that are not its new allocations: refusals, and "existing" answers. After
+        the batch's commit (or once it is held in doubt) an "existing" answer naming an allocation of
+        this or an earlier batch is final: the servicer reads it from Postgres, and reports one that is
+        not there (its commit failed, or is in doubt) as retryable."""
         for p, ans in d.answers:
             if p.future.done():
                 continue
@@ -758,7 +765,6 @@ class PlacementCore:
                 p.future.set_exception(ans)
             else:
                 p.future.set_result(ans)
-        self._dispatch(placed)
 
     def _dispatch(self, rows: list[AllocRow], resent: bool = False) -> None:
         """Hand PLACED allocations to their shard, which prepares them on the nodes.

@@ -24,7 +24,7 @@ import pytest
 
 from actors.placement import PlacementCore
 from gpuaas.config import ControlPlaneConfig
-from gpuaas.errors import ResourceExhausted, Unavailable
+from gpuaas.errors import InvalidArgument, ResourceExhausted, Unavailable
 from gpuaas.v1 import common_pb2
 from tests.faults.pgproxy import PgProxy
 
@@ -101,8 +101,14 @@ def test_a_commit_in_doubt_holds_its_capacity_until_postgres_says(fresh_db, prox
     core, proxy = proxied
     proxy.arm("lose_answer")
     proxy.refuse_for(2.5)  # the outcome check cannot connect at once
+    # With a request refused outright in the same batch: its answer need not wait for the outcome.
+    doubt, refused = core.submit("acme", [common_pb2.PlacementRequest(request_id="r-doubt", gpu_count=7),
+                                          common_pb2.PlacementRequest(request_id="r-bad", gpu_count=-1)])
     with pytest.raises(Unavailable, match="outcome is not known"):
-        place(core, "r-doubt", gpus=7)
+        doubt.result(30)
+    assert refused.done()
+    with pytest.raises(InvalidArgument):
+        refused.result(0)
     assert core.commits_held_in_doubt == 1 and core.stats["commits_in_doubt"] == 1
     [(d, _)] = core._in_doubt
     [(row, _, _)] = d.new
