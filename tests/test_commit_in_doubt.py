@@ -220,3 +220,23 @@ def test_a_cancel_whose_answer_is_lost_is_answered_on_its_retry_and_never_placed
         assert conn.execute("SELECT state FROM control.allocations WHERE allocation_id = %s",
                             (aid,)).fetchone()[0] == "CANCELLED"
     assert aid not in held(core)
+
+
+def test_a_large_group_whose_commit_answer_is_lost_stands(fresh_db, proxied):
+    """Past store.SMALL_INSERT_MAX a group is BEGIN, three COPYs and COMMIT: the COMMIT's answer lost,
+    every placement of the group stands and is answered."""
+    from actors import store
+
+    core, proxy = proxied
+    n = store.SMALL_INSERT_MAX + 44
+    proxy.arm("lose_answer", pattern=b"COMMIT")
+    futs = core.submit("acme", [common_pb2.PlacementRequest(request_id=f"r-big-{i}", gpu_milli=10) for i in range(n)])
+    answers = [f.result(30) for f in futs]
+    assert proxy.cuts == 1
+    assert all(kind == "new" for kind, _ in answers)
+    ids = {row.allocation_id for _, row in answers}
+    with psycopg.connect(fresh_db.app) as conn:
+        stored = {str(a) for (a,) in conn.execute(
+            "SELECT allocation_id FROM control.allocations WHERE request_id LIKE 'r-big-%'")}
+    assert stored == ids and len(ids) == n and ids <= held(core)
+    assert core.stats["commit_failures"] == 0 and core.commits_held_in_doubt == 0
