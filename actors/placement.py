@@ -280,6 +280,7 @@ class PlacementCore:
         self._handoff_resent: set[str] = set()
         self._group_lock = threading.Lock()  # the release-before-hand-off connection (_group_writer)
         self._group_conn: psycopg.Connection | None = None
+        self._group_ident: tuple | None = None  # its backend on the server (_connect_known)
         # When the window of the hand-offs now waiting opened: when a hand-off found none waiting. A
         # window whose hand-offs were all withdrawn (released first) closes with them, so the next
         # hand-off opens its own full window rather than joining one about to close.
@@ -388,9 +389,11 @@ class PlacementCore:
         ``reader``, where a plan made without the values could be a poor one."""
         c = self._group_conn
         if c is None or c.closed or c.broken:
+            self._group_conn = None
+            _close_quietly(c)
             try:
-                c = psycopg.connect(self.app_url, autocommit=True, connect_timeout=5,
-                                    options=store.GROUP_WRITER_OPTIONS)
+                c, self._group_ident = _connect_known(self.app_url, autocommit=True, connect_timeout=5,
+                                                      options=store.GROUP_WRITER_OPTIONS)
             except psycopg.OperationalError as exc:
                 raise Unavailable(f"database unavailable: {exc.__class__.__name__}") from exc
             self._group_conn = c
@@ -810,8 +813,9 @@ class PlacementCore:
         allocation's hand-off is not waiting here (gone to its shard, another tenant's, not placed
         by this actor, or sent again after a rebuild: the previous incarnation may have sent it, and
         a shard may be preparing it) or its row moved since it was committed (a shard resumed it):
-        the shard's release path answers those. A failed commit puts the hand-offs back and raises Unavailable:
-        nothing was released, so a retry of the release is safe."""
+        the shard's release path answers those. A commit whose answer was lost is settled by what
+        Postgres holds (_released_outcome): taken effect, it stands and is answered. Any other failure
+        puts the hand-offs back and raises Unavailable; a retry of the release is safe either way."""
         taken: dict[str, tuple] = {}
         with self._dispatch_cv:
             for aid, tenant in items:
@@ -824,14 +828,23 @@ class PlacementCore:
         at = utcnow()
         try:
             with self._group_lock:
+                conn = None
                 try:
-                    results = store.transition_allocations(self._group_writer(), [(it[2], chain, {"at": at})
-                                                                                  for it in taken.values()])
-                except Exception:
-                    conn, self._group_conn = self._group_conn, None
+                    conn = self._group_writer()
+                    results = store.transition_allocations(conn, [(it[2], chain, {"at": at})
+                                                                  for it in taken.values()])
+                except Exception as exc:
+                    lost, ident = _answer_lost(conn, exc), self._group_ident
+                    self._group_conn = None
                     _close_quietly(conn)
-                    raise
-        except Exception as exc:  # noqa: BLE001 - nothing committed (a version-checked statement of its own)
+                    # One statement: every row released, or none. With the answer lost, ask Postgres.
+                    stored = self._released_outcome(taken, len(chain), ident) if lost else None
+                    if stored is None:
+                        raise
+                    log.warning("release of %d allocations before their hand-off: the commit took effect"
+                                " although its answer was lost (%s)", len(taken), exc)
+                    results = [stored[aid] for aid in taken]
+        except Exception as exc:  # noqa: BLE001 - not committed, or not known
             with self._dispatch_cv:
                 if not self._dispatch_pending:
                     self._dispatch_opened = time.monotonic()
@@ -839,7 +852,9 @@ class PlacementCore:
                     self._dispatch_pending.setdefault(aid, item)
                 self._dispatch_cv.notify()
             log.warning("release of %d allocations before their hand-off failed: %s", len(taken), exc)
-            raise Unavailable("could not commit the release; nothing was released, retry") from None
+            # Not known: the hand-offs go out; a shard takes a row that is no longer PLACED for nothing,
+            # and reconcile_released returns capacity still held for a finished one.
+            raise Unavailable("could not commit the release; retry") from None
         done = {}
         for aid, res in zip(taken, results):
             if isinstance(res, AllocRow):
@@ -850,6 +865,27 @@ class PlacementCore:
             self.stats["released_before_handoff"] += len(done)
             self.capacity_freed(list(done))
         return [done.get(aid) for aid, _ in items]
+
+    def _released_outcome(self, taken: dict, edges: int, ident: tuple | None) -> dict[str, AllocRow] | None:
+        """The rows of a release-before-hand-off commit whose answer was lost, as committed, if it took
+        effect (every row RELEASED at the version its ``edges`` lead to); else None: not taken effect,
+        not known yet, or anything else. The hand-offs then go out, and the shards and
+        reconcile_released sort out a row that is no longer PLACED."""
+        rows = {aid: it[2] for aid, it in taken.items()}
+        try:
+            with self._outcome_connection() as conn:
+                if not _backend_gone(conn, ident):
+                    return None
+                now = {r.allocation_id: r for r in store.load_allocations(
+                    conn, "allocation_id = ANY(%s::uuid[])", (list(rows),))}
+        except psycopg.Error as exc:
+            log.warning("outcome of a release of %d allocations before their hand-off not known yet: %s",
+                        len(rows), exc)
+            return None
+        if all(a in now and now[a].state is AllocState.RELEASED and now[a].version == r.version + edges
+               for a, r in rows.items()):
+            return now
+        return None
 
     def handoffs_waiting(self) -> int:
         """Committed PLACED allocations waiting for their hand-off window."""

@@ -240,3 +240,22 @@ def test_a_large_group_whose_commit_answer_is_lost_stands(fresh_db, proxied):
             "SELECT allocation_id FROM control.allocations WHERE request_id LIKE 'r-big-%'")}
     assert stored == ids and len(ids) == n and ids <= held(core)
     assert core.stats["commit_failures"] == 0 and core.commits_held_in_doubt == 0
+
+
+def test_a_release_before_the_hand_off_whose_answer_is_lost_is_answered_and_frees_the_gpus(fresh_db, proxied):
+    """A release settled by the placement actor (the allocation not handed off yet) commits, and its
+    answer is lost: the release is answered with the RELEASED row, the GPUs come back at once, and the
+    hand-off does not go out."""
+    core, proxy = proxied
+    for rid in ("r-warm-release", "r-release"):  # the first opens the release writer's connection
+        kind, row = place(core, rid, gpus=4)
+        assert kind == "new" and core.handoff_waits(row.allocation_id)
+        if rid == "r-release":
+            proxy.arm("lose_answer")
+        [back] = core.release_before_handoff([(row.allocation_id, "acme")])
+        assert back is not None and back.state.name == "RELEASED" and back.version == 4
+        assert row.allocation_id not in held(core) and not core.handoff_waits(row.allocation_id)
+    assert proxy.cuts == 1
+    with psycopg.connect(fresh_db.app) as conn:
+        assert conn.execute("SELECT state FROM control.allocations WHERE allocation_id = %s",
+                            (row.allocation_id,)).fetchone()[0] == "RELEASED"
