@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
-import contextlib
 import dataclasses
 import datetime as dt
 import logging
@@ -180,15 +179,6 @@ def _answer_lost(conn: psycopg.Connection | None, exc: BaseException) -> bool:
     return conn is not None and not (isinstance(exc, psycopg.Error) and exc.sqlstate and not conn.broken)
 
 
-def _close_quietly(conn: psycopg.Connection | None) -> None:
-    """Close a connection being dropped. Dropping it without closing leaked it: the kept cursors of
-    store._execute_kept make a cycle that only a full collection frees, and the GC pacer holds those
-    off, so under a stream of failures the server ran out of connections."""
-    if conn is not None:
-        with contextlib.suppress(Exception):
-            conn.close()
-
-
 @dataclasses.dataclass
 class _Preemption:
     """A preemptor waiting for its victims' capacity (held for it by the engine)."""
@@ -309,13 +299,13 @@ class PlacementCore:
     def _writer(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed or self._conn.broken:
             conn, self._conn = self._conn, None  # None while connecting: a failure here sent nothing
-            _close_quietly(conn)
+            runtime.close_quietly(conn)
             self._conn, self._conn_ident = _connect_known(self.app_url, connect_timeout=5)
         return self._conn
 
     def _drop_writer(self) -> None:
         conn, self._conn = self._conn, None
-        _close_quietly(conn)
+        runtime.close_quietly(conn)
 
     def _pipe_writer(self) -> psycopg.Connection:
         """The writer stage's connection (new allocations); other writers hold self.lock and use _writer.
@@ -325,7 +315,7 @@ class PlacementCore:
         nothing else, so its statements keep one plan (store.GROUP_WRITER_OPTIONS)."""
         if self._pipe_conn is None or self._pipe_conn.closed or self._pipe_conn.broken:
             conn, self._pipe_conn = self._pipe_conn, None
-            _close_quietly(conn)
+            runtime.close_quietly(conn)
             self._pipe_conn, self._pipe_ident = _connect_known(self.app_url, autocommit=True, connect_timeout=5,
                                                                options=store.GROUP_WRITER_OPTIONS)
         return self._pipe_conn
@@ -338,7 +328,7 @@ class PlacementCore:
 
     def _drop_pipe_writer(self) -> None:
         conn, self._pipe_conn = self._pipe_conn, None
-        _close_quietly(conn)
+        runtime.close_quietly(conn)
 
     def _outcome_connection(self) -> psycopg.Connection:
         """A short-lived connection to ask Postgres what became of a commit whose answer was lost. Its
@@ -390,7 +380,7 @@ class PlacementCore:
         c = self._group_conn
         if c is None or c.closed or c.broken:
             self._group_conn = None
-            _close_quietly(c)
+            runtime.close_quietly(c)
             try:
                 c, self._group_ident = _connect_known(self.app_url, autocommit=True, connect_timeout=5,
                                                       options=store.GROUP_WRITER_OPTIONS)
@@ -836,7 +826,7 @@ class PlacementCore:
                 except Exception as exc:
                     lost, ident = _answer_lost(conn, exc), self._group_ident
                     self._group_conn = None
-                    _close_quietly(conn)
+                    runtime.close_quietly(conn)
                     # One statement: every row released, or none. With the answer lost, ask Postgres.
                     stored = self._released_outcome(taken, len(chain), ident) if lost else None
                     if stored is None:
@@ -976,7 +966,7 @@ class PlacementCore:
         try:
             return fn(self.reader())
         except psycopg.OperationalError:
-            _close_quietly(getattr(self._read_local, "conn", None))
+            runtime.close_quietly(getattr(self._read_local, "conn", None))
             self._read_local.conn = None
             return fn(self.reader())
 

@@ -25,6 +25,16 @@ PLACEMENT = "placement"
 LEDGER = "ledger"
 
 
+def close_quietly(conn) -> None:
+    """Close a database connection being dropped (after a failure). Dropping it without closing leaked
+    it: the kept cursors of store._execute_kept make a reference cycle that only a full collection
+    frees, and GcPacer holds those off, so under a stream of failures the server ran out of
+    connections."""
+    if conn is not None:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
 def settle(futures, outcomes) -> None:
     """Answer each waiter of a batch with its own outcome: an exception instance fails it, anything
     else is its result. A future already done (given up, cancelled) is left as it is. Works for
@@ -248,9 +258,7 @@ class DbThread:
                 return fn(conn, *args, **kwargs)
         except psycopg.OperationalError as exc:
             conn, self._conn = self._conn, None
-            if conn is not None:  # closed, not just dropped: its kept cursors make a cycle (store._execute_kept)
-                with contextlib.suppress(Exception):
-                    conn.close()
+            close_quietly(conn)
             raise Unavailable(f"database unavailable: {exc}") from exc
 
     async def tx(self, fn, *args, **kwargs):

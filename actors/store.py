@@ -21,10 +21,10 @@ from google.protobuf import timestamp_pb2
 from psycopg import postgres, pq
 from psycopg.adapt import Dumper
 
+from actors import pgarrays
 from gpuaas.errors import FailedPrecondition
 from gpuaas.lifecycle import (ALLOCATION_TABLE, GPU_TABLE, NODE_TABLE, AllocEvent, AllocState, Billing, GpuEvent,
                               GpuState, IllegalTransition, NodeEvent, NodeState)
-from actors import pgarrays
 from gpuaas.v1 import common_pb2, events_pb2
 from ledger.chain import uuid_bytes
 
@@ -242,7 +242,7 @@ _COPY_EVENTS = ("COPY control.allocation_events (event_id, allocation_id, tenant
 _EVENT_TYPES = ("int8", "uuid", "text", "text", "text", "text", "text", "int8", "timestamptz")
 # The array parameters of the statements, in order (actors.pgarrays builds them): the events'
 # columns of _INSERT_SMALL and _TRANSITION_MANY, and the rows' columns of _TRANSITION_MANY.
-_SMALL_EVENT_TYPES = ("uuid", "text", "text", "text", "text", "text", "int8", "timestamptz", "bytea")
+_EVENT_ARRAY_TYPES = ("uuid", "text", "text", "text", "text", "text", "int8", "timestamptz", "bytea")
 _TRANSITION_TYPES = ("uuid", "int8", "text", "text", "int8", "timestamptz", "timestamptz", "timestamptz", "text",
                      "int4", "int4", "timestamptz", "timestamptz", "timestamptz")
 _COPY_OUTBOX = "COPY control.outbox (topic, key, payload) FROM STDIN (FORMAT BINARY)"
@@ -358,7 +358,7 @@ def insert_new_allocations(conn, items: Iterable[tuple[AllocRow, list[tuple[Allo
                                                                 aid, tenant, reason, at, TOPIC_ALLOC)).fetchone()[0]
         elif small:
             cols = [n_events, *pgarrays.arrays(_ALLOC_TYPES, list(zip(*alloc_buf))),
-                    *pgarrays.arrays(_SMALL_EVENT_TYPES, list(zip(*event_rows))), TOPIC_ALLOC]
+                    *pgarrays.arrays(_EVENT_ARRAY_TYPES, list(zip(*event_rows))), TOPIC_ALLOC]
             ids = _execute_kept(conn, _INSERT_SMALL, cols).fetchone()[0]
         else:
             cur = _binary_copy_cursor(conn)
@@ -476,7 +476,7 @@ def transition_allocations(conn, items: Sequence[tuple[AllocRow, AllocEvent, dic
               for _, _, _, steps, at in todo for r, n, ev in steps]
     done = {str(r[0]) for r in _execute_kept(
         conn, _TRANSITION_MANY, [*pgarrays.arrays(_TRANSITION_TYPES, list(zip(*cols))),
-                                 *pgarrays.arrays(_SMALL_EVENT_TYPES, list(zip(*events))), TOPIC_ALLOC])}
+                                 *pgarrays.arrays(_EVENT_ARRAY_TYPES, list(zip(*events))), TOPIC_ALLOC])}
     for i, row, new, _, _ in todo:
         if row.allocation_id in done:
             results[i] = new
