@@ -57,6 +57,7 @@ from gpuaas.errors import AlreadyExists, FailedPrecondition, GpuaasError, Resour
 from gpuaas.lifecycle import AllocEvent, AllocState, NodeState
 from gpuaas.lifecycle.allocation import HOLDS_CAPACITY
 from gpuaas.v1 import common_pb2
+from ledger import db as dbmod
 
 log = logging.getLogger("gpuaas.placement")
 
@@ -297,7 +298,7 @@ class PlacementCore:
     # ------------------------------------------------------------ database
 
     def _writer(self) -> psycopg.Connection:
-        if self._conn is None or self._conn.closed or self._conn.broken:
+        if not dbmod.usable(self._conn):  # also one the server has closed while it was idle
             conn, self._conn = self._conn, None  # None while connecting: a failure here sent nothing
             runtime.close_quietly(conn)
             self._conn, self._conn_ident = _connect_known(self.app_url, connect_timeout=5)
@@ -313,7 +314,7 @@ class PlacementCore:
         Autocommit: a group of new allocations is one statement, its own transaction (one round trip),
         or, past store.SMALL_INSERT_MAX, BEGIN … COPY … COMMIT (store.insert_new_allocations). It runs
         nothing else, so its statements keep one plan (store.GROUP_WRITER_OPTIONS)."""
-        if self._pipe_conn is None or self._pipe_conn.closed or self._pipe_conn.broken:
+        if not dbmod.usable(self._pipe_conn):
             conn, self._pipe_conn = self._pipe_conn, None
             runtime.close_quietly(conn)
             self._pipe_conn, self._pipe_ident = _connect_known(self.app_url, autocommit=True, connect_timeout=5,
@@ -363,7 +364,9 @@ class PlacementCore:
         """A per-thread autocommit connection (gRPC handler threads, the release combiner): reads, and
         writes that are one statement, so their own transaction (release_before_handoff)."""
         c = getattr(self._read_local, "conn", None)
-        if c is None or c.closed or c.broken:
+        if not dbmod.usable(c):
+            self._read_local.conn = None
+            runtime.close_quietly(c)
             try:
                 c = psycopg.connect(self.app_url, autocommit=True, connect_timeout=5)
             except psycopg.OperationalError as exc:
@@ -378,7 +381,7 @@ class PlacementCore:
         handler thread could take up to grpc_workers more of the server's connections. Reads stay on
         ``reader``, where a plan made without the values could be a poor one."""
         c = self._group_conn
-        if c is None or c.closed or c.broken:
+        if not dbmod.usable(c):
             self._group_conn = None
             runtime.close_quietly(c)
             try:

@@ -17,6 +17,7 @@ import psycopg
 
 from gpuaas.errors import Unavailable
 from gpuaas.v1 import node_pb2_grpc
+from ledger import db as dbmod
 
 log = logging.getLogger("gpuaas.actors")
 
@@ -243,7 +244,9 @@ class DbThread:
         self._conn: psycopg.Connection | None = None
 
     def _connection(self) -> psycopg.Connection:
-        if self._conn is None or self._conn.closed or self._conn.broken:
+        if not dbmod.usable(self._conn):  # also one the server has closed while it was idle
+            conn, self._conn = self._conn, None
+            close_quietly(conn)
             # Autocommit: ``tx`` opens its transaction explicitly, ``statement`` needs none.
             kw = {"options": self.options} if self.options else {}
             self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=5, **kw)

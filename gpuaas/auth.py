@@ -81,8 +81,13 @@ class Authenticator:
         self._conn = None
 
     def _lookup(self, digest: bytes) -> Principal | None:
+        from ledger.db import usable
+
         with self._lock:
-            if self._conn is None or self._conn.closed:
+            if not usable(self._conn):
+                if self._conn is not None:
+                    self._conn.close()
+                self._conn = None
                 self._conn = self._connect()
             row = self._conn.execute(
                 "SELECT token_id, tenant_id, scopes, expires_at FROM iam.api_tokens"

@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import os
 import pathlib
+import select
 import urllib.parse
 
 import platformdirs
@@ -104,3 +105,25 @@ def connect(url: str, **kwargs):
 
     kwargs.setdefault("autocommit", False)
     return psycopg.connect(url, **kwargs)
+
+
+def usable(conn) -> bool:
+    """Whether a kept connection can take the next statement, checked without a round trip.
+
+    A server that restarts, fails over or ends idle sessions closes the connections it holds, and an
+    idle client learns of it only by using one: the next statement fails, and a gRPC handler would
+    answer UNAVAILABLE for a request that never reached the database. An idle connection on which the
+    server has spoken (its farewell message, or the end of the socket) is not usable: nothing else
+    arrives unasked on a connection that does not LISTEN. One poll of the socket, about a microsecond;
+    a connection inside a transaction is taken as it is (its failure belongs to that transaction)."""
+    import psycopg
+
+    if conn is None or conn.closed or conn.broken:
+        return False
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        return True
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable

@@ -4,6 +4,9 @@ withdrawn, the capacity back at once. Real Postgres and the real capacity view; 
 without shards, with a hand-off window long enough that nothing leaves during a test."""
 from __future__ import annotations
 
+import concurrent.futures as cf
+import time
+
 import psycopg
 import pytest
 
@@ -86,11 +89,23 @@ def test_a_row_that_moved_since_its_commit_is_left_to_whoever_moved_it(fresh_db,
 def test_a_failed_commit_releases_nothing_and_puts_the_hand_off_back(fresh_db, core):
     a, b = place(core, "r-a"), place(core, "r-b")
     with core._group_lock:
-        conn = core._group_writer()  # the connection the release will use
-    with psycopg.connect(fresh_db.app, autocommit=True) as admin:
-        admin.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
-    with pytest.raises(Unavailable):
-        core.release_before_handoff([(a.allocation_id, "acme"), (b.allocation_id, "acme")])
+        pid = core._group_writer().info.backend_pid  # the connection the release will use
+    # The commit fails while it runs: its statement waits for a row lock held elsewhere, and its backend
+    # is ended there. (An idle connection ended beforehand is no failure: the writer sees it is closed
+    # and connects anew before sending anything, ledger.db.usable.)
+    with psycopg.connect(fresh_db.app) as blocker, psycopg.connect(fresh_db.app, autocommit=True) as admin:
+        blocker.execute("SELECT 1 FROM control.allocations WHERE allocation_id = %s FOR UPDATE", (a.allocation_id,))
+        with cf.ThreadPoolExecutor(1) as ex:
+            release = ex.submit(core.release_before_handoff, [(a.allocation_id, "acme"), (b.allocation_id, "acme")])
+            deadline = time.monotonic() + 10
+            while admin.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
+                                (pid,)).fetchone() != ("Lock",):
+                assert time.monotonic() < deadline, "the release never waited for the row lock"
+                time.sleep(0.01)
+            admin.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
+            with pytest.raises(Unavailable):
+                release.result(10)
+        blocker.rollback()
     assert core.handoff_waits(a.allocation_id) and core.handoff_waits(b.allocation_id)
     assert free_gpus(core) == 4 and core.stats["released_before_handoff"] == 0
     with psycopg.connect(fresh_db.app) as conn:

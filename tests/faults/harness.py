@@ -14,7 +14,9 @@ acknowledgement. The auditor then checks Postgres against that model:
   5. no usage before running_since or after stopped_at (net of reversals: a stop
      that arrives after an interval past it was closed reverses that interval and
      re-issues the part up to the stop);
-  6. the ledger's hash chains verify.
+  6. the ledger's hash chains verify;
+  7. no request goes unanswered: a client retrying the same request id gets an answer within its
+     retry window (60 s) once the fault is over (scenarios.py, ``_finish``).
 
 Everything random comes from one seed, printed in every failure message.
 """
@@ -234,6 +236,17 @@ def flush_ledger(ledger_actor, timeout_s: float = 60.0) -> None:
             time.sleep(0.5)
 
 
+def double_booked(conn) -> list[str]:
+    """GPUs that allocations holding capacity in Postgres book past 1000 milli, cluster-wide (also checked
+    while a scenario runs: a double booking that a later release undoes is one all the same)."""
+    return [f"double-booked GPU {node}/{gpu}: {milli} milli ({states[:300]})"
+            for node, gpu, milli, states in conn.execute(
+                "SELECT a->>'node_id', g::int, sum((a->>'gpu_milli')::int),"
+                " string_agg(al.state || ':' || al.reason, ', ') FROM control.allocations al,"
+                " jsonb_array_elements(al.assignments) a, jsonb_array_elements_text(a->'gpu_indices') g"
+                " WHERE " + HOLDS_SQL + " GROUP BY 1, 2 HAVING sum((a->>'gpu_milli')::int) > 1000")]
+
+
 def audit(owner_url: str, tenant: str, load: Workload | None = None, *, seed: int = 0) -> list[str]:
     """Check the invariants for ``tenant`` (and the whole cluster for double booking). Returns violations."""
     from ledger import verify
@@ -241,12 +254,7 @@ def audit(owner_url: str, tenant: str, load: Workload | None = None, *, seed: in
     v: list[str] = []
     with psycopg.connect(owner_url, autocommit=True) as conn:
         # 1. no GPU double-booked (cluster-wide)
-        for node, gpu, milli, states in conn.execute(
-                "SELECT a->>'node_id', g::int, sum((a->>'gpu_milli')::int),"
-                " string_agg(al.state || ':' || al.reason, ', ') FROM control.allocations al,"
-                " jsonb_array_elements(al.assignments) a, jsonb_array_elements_text(a->'gpu_indices') g"
-                " WHERE " + HOLDS_SQL + " GROUP BY 1, 2 HAVING sum((a->>'gpu_milli')::int) > 1000"):
-            v.append(f"double-booked GPU {node}/{gpu}: {milli} milli ({states[:300]})")
+        v += double_booked(conn)
         rows = {rid: (str(aid), state if holds else state + " (holds nothing)")
                 for rid, aid, state, holds in conn.execute(
                     "SELECT request_id, allocation_id, state, " + HOLDS_SQL.replace("al.", "")

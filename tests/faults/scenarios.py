@@ -19,7 +19,7 @@ import psycopg
 import ray
 
 from gpuaas.client import Client
-from tests.faults.harness import Workload, audit, flush_ledger, new_tenant
+from tests.faults.harness import Workload, audit, double_booked, flush_ledger, new_tenant
 
 
 @dataclasses.dataclass
@@ -111,6 +111,9 @@ def _finish(cp, admin, res: Result, load: Workload, tenant: str, settle_s: float
     load.stop()
     stragglers = load.settle(settle_s)
     res.violations += [f"[seed {res.seed}] not settled: {s}" for s in stragglers]
+    if load.stats.gave_up:
+        res.violations.append(f"[seed {res.seed}] {load.stats.gave_up} request(s) still unanswered after "
+                              f"{load.retry_window_s:.0f} s of retries with the same request id")
     flush_ledger(cp.ledger)
     res.violations += audit(cp.urls.owner, tenant, load, seed=res.seed)
     res.operations = load.stats.attempts + load.stats.released
@@ -219,6 +222,75 @@ def postgres_restart(cp, admin, seed: int, scale: int = 1, down_s: float = 2.0) 
     finally:
         probe.close()
     return _finish(cp, admin, res, load, tenant)
+
+
+def _lose_commit_answers(cp, hold_s: float) -> list[str]:
+    """Make Postgres commit and then drop the connection before the answer, for whatever the control
+    plane commits in the next ``hold_s``; returns the components whose answers were lost.
+
+    Real Postgres, nothing in between: with ``synchronous_standby_names`` naming a standby that does not
+    exist, a commit is written and flushed locally and then waits for the standby. A backend terminated
+    in that wait keeps its commit and closes the connection without an answer ("The transaction has
+    already committed locally"). Resetting the setting lets every other waiting commit finish normally."""
+    with psycopg.connect(cp.urls.owner, autocommit=True, connect_timeout=5) as conn:
+        conn.execute("ALTER SYSTEM SET synchronous_standby_names = 'gpuaas_fault_no_such_standby'")
+        conn.execute("SELECT pg_reload_conf()")
+        try:
+            deadline = time.monotonic() + 5.0
+            victims: list = []
+            while not victims and time.monotonic() < deadline:
+                time.sleep(hold_s)
+                victims = conn.execute(
+                    "SELECT pid, application_name FROM pg_stat_activity WHERE wait_event = 'SyncRep'"
+                    " AND datname = current_database() AND application_name LIKE 'gpuaas-%%'").fetchall()
+            for pid, _ in victims:
+                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        finally:
+            conn.execute("ALTER SYSTEM RESET synchronous_standby_names")
+            conn.execute("SELECT pg_reload_conf()")
+    return [app for _, app in victims]
+
+
+def commit_answer_lost(cp, admin, seed: int, scale: int = 1) -> Result:
+    """Commits take effect but their answers are lost, in every component at once, under load: each
+    writer settles by what Postgres holds. Nothing acknowledged is lost, nothing is booked twice or
+    billed twice, and the placement actor's capacity view comes back to what Postgres holds."""
+    res = Result("commit answers lost", seed)
+    rng = random.Random(seed)
+    with psycopg.connect(cp.urls.owner, autocommit=True, connect_timeout=5) as conn:
+        if not conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]:
+            res.notes["skipped"] = "needs a superuser owner URL (ALTER SYSTEM)"
+            return res
+    tenant, token = new_tenant(admin, cp.address)
+    load = _load(cp, token, tenant, seed, scale, threads=4)
+    cut: dict[str, int] = {}
+    try:
+        for _ in range(3 * scale):
+            time.sleep(rng.uniform(0.3, 1.0))
+            for app in _lose_commit_answers(cp, hold_s=rng.uniform(0.02, 0.2)):
+                cut[app] = cut.get(app, 0) + 1
+                res.faults += 1
+            # A commit taken for "nothing written" frees GPUs that its rows still book: the next
+            # placements book them again, until a release undoes it. Look while it would show.
+            for _ in range(3):
+                time.sleep(0.3)
+                with psycopg.connect(cp.urls.owner, autocommit=True, connect_timeout=5) as conn:
+                    res.violations += [f"[seed {seed}] while running: {x}" for x in double_booked(conn)]
+        res.notes["answers_lost_by_component"] = dict(sorted(cut.items()))
+        wait_for(lambda: serving(cp, token), 60, "service after the lost answers")
+        time.sleep(1.0)
+    except BaseException:
+        load.stop()
+        raise
+    _finish(cp, admin, res, load, tenant)
+    # Once settled, the tenant holds nothing in Postgres; the capacity view must free all of it too
+    # (a commit left in doubt for good would keep its GPUs reserved).
+    ids = [str(a) for (a,) in q(cp, "SELECT allocation_id FROM control.allocations WHERE tenant_id = %s", tenant)]
+    deadline = time.monotonic() + 30
+    while (held := ray.get(cp.placement.held.remote(ids), timeout=30)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    res.violations += [f"[seed {seed}] capacity still held for settled allocation {a}" for a in held[:20]]
+    return res
 
 
 def daemon_sigkill(cp, admin, seed: int, scale: int = 1) -> Result:
@@ -393,5 +465,5 @@ def preemption_load(cp, admin, seed: int, scale: int = 1) -> Result:
         stop_pool_node(cp, node)
 
 
-ALL = [placement_kill, shard_kill, postgres_restart, daemon_sigkill, daemon_freeze, cleanup_fails, lease_bulk,
-       preemption_load]
+ALL = [placement_kill, shard_kill, postgres_restart, commit_answer_lost, daemon_sigkill, daemon_freeze,
+       cleanup_fails, lease_bulk, preemption_load]

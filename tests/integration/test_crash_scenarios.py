@@ -19,5 +19,6 @@ def test_crash_scenario(control_plane, admin, scenario):
     seed = int(os.environ.get("GPUAAS_FAULT_SEED") or random.randrange(1, 1_000_000))
     print(f"fault scenario {scenario.__name__} seed={seed}")
     res = scenario(control_plane, admin, seed, 1)
+    print(f"fault scenario {scenario.__name__}: {res.row()}")
     assert res.faults > 0 or res.notes.get("skipped"), f"[seed {seed}] no fault was injected"
     assert not res.violations, f"[seed {seed}] {scenario.__name__}: " + "\n".join(res.violations[:20])
