@@ -293,6 +293,52 @@ def commit_answer_lost(cp, admin, seed: int, scale: int = 1) -> Result:
     return res
 
 
+def commit_stall(cp, admin, seed: int, scale: int = 1) -> Result:
+    """Every commit stalls for 2-6 s (a storage hiccup: Postgres waits for a standby that never
+    answers), then completes: no node is taken for lost, nothing RUNNING fails, and the audit holds."""
+    res = Result("commits stall", seed)
+    rng = random.Random(seed)
+    with psycopg.connect(cp.urls.owner, autocommit=True, connect_timeout=5) as conn:
+        if not conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]:
+            res.notes["skipped"] = "needs a superuser owner URL (ALTER SYSTEM)"
+            return res
+        t_start = conn.execute("SELECT now()").fetchone()[0]
+    tenant, token = new_tenant(admin, cp.address)
+    load = _load(cp, token, tenant, seed, scale, threads=4)
+    stalls = []
+    try:
+        for _ in range(scale):
+            time.sleep(rng.uniform(0.5, 1.5))
+            hold = rng.uniform(2.0, 6.0)
+            with psycopg.connect(cp.urls.owner, autocommit=True, connect_timeout=5) as conn:
+                conn.execute("ALTER SYSTEM SET synchronous_standby_names = 'gpuaas_fault_no_such_standby'")
+                conn.execute("SELECT pg_reload_conf()")
+                try:
+                    time.sleep(hold)
+                    waiting = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'"
+                                           " AND application_name LIKE 'gpuaas-%%'").fetchone()[0]
+                finally:
+                    conn.execute("ALTER SYSTEM RESET synchronous_standby_names")
+                    conn.execute("SELECT pg_reload_conf()")
+            stalls.append((round(hold, 2), waiting))
+            res.faults += 1
+            time.sleep(1.0)
+        res.notes["stalls_s_and_commits_waiting"] = stalls
+    except BaseException:
+        load.stop()
+        raise
+    _finish(cp, admin, res, load, tenant)
+    # The shared simulated nodes (a scenario's pool node goes away with its scenario, as it should).
+    lost = q(cp, "SELECT node_id, to_state FROM control.node_events WHERE at >= %s AND to_state IN"
+                 " ('SUSPECT', 'OFFLINE') AND node_id LIKE 'sim-node-%%'", t_start)
+    res.violations += [f"[seed {seed}] node {n} went {s} while only the database stalled" for n, s in lost]
+    failed = q(cp, "SELECT allocation_id, reason FROM control.allocations WHERE tenant_id = %s AND state = 'FAILED'",
+               tenant)
+    res.violations += [f"[seed {seed}] allocation {a} FAILED ({r}) while only the database stalled"
+                       for a, r in failed]
+    return res
+
+
 def daemon_sigkill(cp, admin, seed: int, scale: int = 1) -> Result:
     """SIGKILL a node daemon under load: OFFLINE, its allocations FAILED (billing stopped); it comes back."""
     res = Result("SIGKILL node daemon", seed)
@@ -465,5 +511,5 @@ def preemption_load(cp, admin, seed: int, scale: int = 1) -> Result:
         stop_pool_node(cp, node)
 
 
-ALL = [placement_kill, shard_kill, postgres_restart, commit_answer_lost, daemon_sigkill, daemon_freeze,
-       cleanup_fails, lease_bulk, preemption_load]
+ALL = [placement_kill, shard_kill, postgres_restart, commit_answer_lost, commit_stall, daemon_sigkill,
+       daemon_freeze, cleanup_fails, lease_bulk, preemption_load]
