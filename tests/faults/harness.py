@@ -64,7 +64,8 @@ class Workload:
     def __init__(self, address: str, token: str, tenant: str, *, seed: int, threads: int = 3,
                  ops_max: int = 10_000, duration_s: float = 30.0, node_selector: dict | None = None,
                  lease_s: int = 0, call_timeout_s: float = 10.0, retry_window_s: float = 60.0,
-                 hold_max: int = 3, release_p: float = 0.4, priority: int = 0, release_placed: bool = True):
+                 hold_max: int = 3, release_p: float = 0.4, priority: int = 0, release_placed: bool = True,
+                 wait_p: float = 0.0):
         self.address, self.token, self.tenant, self.seed = address, token, tenant, seed
         self.threads, self.ops_max, self.duration_s = threads, ops_max, duration_s
         self.node_selector, self.lease_s = node_selector or {}, lease_s
@@ -74,6 +75,9 @@ class Workload:
         # False: release an allocation only once it is past PLACED (prepare done), so a scenario
         # exercises its own fault rather than release-during-prepare.
         self.release_placed = release_placed
+        # The share of places that ask to wait in the queue when nothing fits (``wait``): acknowledged
+        # QUEUED, placed later by the placement actor's queue, or cancelled by their release.
+        self.wait_p = wait_p
         self.stats = Stats()
         self.acked: dict[str, str] = {}          # request id → allocation id
         self.sent: set[str] = set()              # every request id ever sent
@@ -145,6 +149,8 @@ class Workload:
                     fields["lease_s"] = self.lease_s
                 if self.priority:
                     fields["priority"] = self.priority
+                if self.wait_p and rng.random() < self.wait_p:
+                    fields["wait"] = True
                 with self._lock:
                     self.sent.add(rid)
                     self.stats.attempts += 1

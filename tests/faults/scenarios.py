@@ -262,7 +262,9 @@ def commit_answer_lost(cp, admin, seed: int, scale: int = 1) -> Result:
             res.notes["skipped"] = "needs a superuser owner URL (ALTER SYSTEM)"
             return res
     tenant, token = new_tenant(admin, cp.address)
-    load = _load(cp, token, tenant, seed, scale, threads=4)
+    # More held than the shared nodes fit, a third of it asking to wait: the queue's placing commits
+    # and cancels lose answers too.
+    load = _load(cp, token, tenant, seed, scale, threads=4, hold_max=6, wait_p=0.3)
     cut: dict[str, int] = {}
     try:
         for _ in range(3 * scale):
@@ -283,6 +285,11 @@ def commit_answer_lost(cp, admin, seed: int, scale: int = 1) -> Result:
         load.stop()
         raise
     _finish(cp, admin, res, load, tenant)
+    # Requests that waited in the queue (left QUEUED later than they entered it), by how they left it.
+    res.notes["waited_then"] = dict(q(
+        cp, "SELECT e2.to_state, count(*) FROM control.allocation_events e1 JOIN control.allocation_events e2"
+            " ON e2.allocation_id = e1.allocation_id AND e2.from_state = 'QUEUED' AND e2.at > e1.at"
+            " WHERE e1.tenant_id = %s AND e1.to_state = 'QUEUED' GROUP BY 1", tenant))
     # Once settled, the tenant holds nothing in Postgres; the capacity view must free all of it too
     # (a commit left in doubt for good would keep its GPUs reserved).
     ids = [str(a) for (a,) in q(cp, "SELECT allocation_id FROM control.allocations WHERE tenant_id = %s", tenant)]
