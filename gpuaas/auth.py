@@ -17,6 +17,7 @@ import threading
 import time
 
 from gpuaas.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from ledger.db import usable
 
 SCOPES = frozenset({"placement", "admin", "node"})
 CACHE_TTL_S = 5.0
@@ -81,8 +82,6 @@ class Authenticator:
         self._conn = None
 
     def _lookup(self, digest: bytes) -> Principal | None:
-        from ledger.db import usable
-
         with self._lock:
             if not usable(self._conn):
                 if self._conn is not None:

@@ -114,7 +114,7 @@ def usable(conn) -> bool:
     idle client learns of it only by using one: the next statement fails, and a gRPC handler would
     answer UNAVAILABLE for a request that never reached the database. An idle connection on which the
     server has spoken (its farewell message, or the end of the socket) is not usable: nothing else
-    arrives unasked on a connection that does not LISTEN. One poll of the socket, about a microsecond;
+    arrives unasked on a connection that does not LISTEN. One poll of the socket, a few microseconds;
     a connection inside a transaction is taken as it is (its failure belongs to that transaction)."""
     import psycopg
 
@@ -122,8 +122,10 @@ def usable(conn) -> bool:
         return False
     if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
         return True
+    # poll, not select: select refuses descriptors past 1023, and an actor's process holds many.
+    poller = select.poll()
     try:
-        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+        poller.register(conn.fileno(), select.POLLIN)
+        return not poller.poll(0)
     except (OSError, ValueError):
         return False
-    return not readable

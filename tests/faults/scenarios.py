@@ -6,6 +6,7 @@ scale (1 = CI), and returns a Result; ``violations`` must be empty.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -224,18 +225,34 @@ def postgres_restart(cp, admin, seed: int, scale: int = 1, down_s: float = 2.0) 
     return _finish(cp, admin, res, load, tenant)
 
 
+def _superuser(cp) -> bool:
+    """Whether the owner URL may ALTER SYSTEM (an external database's owner may not)."""
+    with psycopg.connect(cp.urls.owner, autocommit=True, connect_timeout=5) as conn:
+        return conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
+
+
+@contextlib.contextmanager
+def _commits_wait_for_a_missing_standby(conn):
+    """While inside, every commit is written and flushed locally and then waits for a synchronous
+    standby that does not exist (``synchronous_standby_names``); on the way out the setting is reset
+    and the waiting commits finish normally. Real Postgres, nothing in between."""
+    conn.execute("ALTER SYSTEM SET synchronous_standby_names = 'gpuaas_fault_no_such_standby'")
+    conn.execute("SELECT pg_reload_conf()")
+    try:
+        yield
+    finally:
+        conn.execute("ALTER SYSTEM RESET synchronous_standby_names")
+        conn.execute("SELECT pg_reload_conf()")
+
+
 def _lose_commit_answers(cp, hold_s: float) -> list[str]:
     """Make Postgres commit and then drop the connection before the answer, for whatever the control
     plane commits in the next ``hold_s``; returns the components whose answers were lost.
 
-    Real Postgres, nothing in between: with ``synchronous_standby_names`` naming a standby that does not
-    exist, a commit is written and flushed locally and then waits for the standby. A backend terminated
-    in that wait keeps its commit and closes the connection without an answer ("The transaction has
-    already committed locally"). Resetting the setting lets every other waiting commit finish normally."""
+    A backend terminated while its commit waits for the standby keeps its commit and closes the
+    connection without an answer ("The transaction has already committed locally")."""
     with psycopg.connect(cp.urls.owner, autocommit=True, connect_timeout=5) as conn:
-        conn.execute("ALTER SYSTEM SET synchronous_standby_names = 'gpuaas_fault_no_such_standby'")
-        conn.execute("SELECT pg_reload_conf()")
-        try:
+        with _commits_wait_for_a_missing_standby(conn):
             deadline = time.monotonic() + 5.0
             victims: list = []
             while not victims and time.monotonic() < deadline:
@@ -245,9 +262,6 @@ def _lose_commit_answers(cp, hold_s: float) -> list[str]:
                     " AND datname = current_database() AND application_name LIKE 'gpuaas-%%'").fetchall()
             for pid, _ in victims:
                 conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
-        finally:
-            conn.execute("ALTER SYSTEM RESET synchronous_standby_names")
-            conn.execute("SELECT pg_reload_conf()")
     return [app for _, app in victims]
 
 
@@ -257,10 +271,9 @@ def commit_answer_lost(cp, admin, seed: int, scale: int = 1) -> Result:
     billed twice, and the placement actor's capacity view comes back to what Postgres holds."""
     res = Result("commit answers lost", seed)
     rng = random.Random(seed)
-    with psycopg.connect(cp.urls.owner, autocommit=True, connect_timeout=5) as conn:
-        if not conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]:
-            res.notes["skipped"] = "needs a superuser owner URL (ALTER SYSTEM)"
-            return res
+    if not _superuser(cp):
+        res.notes["skipped"] = "needs a superuser owner URL (ALTER SYSTEM)"
+        return res
     tenant, token = new_tenant(admin, cp.address)
     # More held than the shared nodes fit, a third of it asking to wait: the queue's placing commits
     # and cancels lose answers too.
@@ -305,11 +318,10 @@ def commit_stall(cp, admin, seed: int, scale: int = 1) -> Result:
     answers), then completes: no node is taken for lost, nothing RUNNING fails, and the audit holds."""
     res = Result("commits stall", seed)
     rng = random.Random(seed)
-    with psycopg.connect(cp.urls.owner, autocommit=True, connect_timeout=5) as conn:
-        if not conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]:
-            res.notes["skipped"] = "needs a superuser owner URL (ALTER SYSTEM)"
-            return res
-        t_start = conn.execute("SELECT now()").fetchone()[0]
+    if not _superuser(cp):
+        res.notes["skipped"] = "needs a superuser owner URL (ALTER SYSTEM)"
+        return res
+    t_start = q(cp, "SELECT now()")[0][0]
     tenant, token = new_tenant(admin, cp.address)
     load = _load(cp, token, tenant, seed, scale, threads=4)
     stalls = []
@@ -318,15 +330,10 @@ def commit_stall(cp, admin, seed: int, scale: int = 1) -> Result:
             time.sleep(rng.uniform(0.5, 1.5))
             hold = rng.uniform(2.0, 6.0)
             with psycopg.connect(cp.urls.owner, autocommit=True, connect_timeout=5) as conn:
-                conn.execute("ALTER SYSTEM SET synchronous_standby_names = 'gpuaas_fault_no_such_standby'")
-                conn.execute("SELECT pg_reload_conf()")
-                try:
+                with _commits_wait_for_a_missing_standby(conn):
                     time.sleep(hold)
                     waiting = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'"
                                            " AND application_name LIKE 'gpuaas-%%'").fetchone()[0]
-                finally:
-                    conn.execute("ALTER SYSTEM RESET synchronous_standby_names")
-                    conn.execute("SELECT pg_reload_conf()")
             stalls.append((round(hold, 2), waiting))
             res.faults += 1
             time.sleep(1.0)
