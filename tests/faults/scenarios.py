@@ -183,15 +183,20 @@ def shard_kill(cp, admin, seed: int, scale: int = 1) -> Result:
     return _finish(cp, admin, res, load, tenant)
 
 
+def _embedded_server(cp):
+    """The embedded Postgres's handle (pgserver), or None with an external database."""
+    from ledger import db as dbmod
+
+    return dbmod._EMBEDDED.get(str(cp.data_dir.resolve())) if cp.urls.embedded and cp.data_dir else None
+
+
 def postgres_restart(cp, admin, seed: int, scale: int = 1, down_s: float = 2.0) -> Result:
     """Stop the embedded Postgres immediately under load; requests fail UNAVAILABLE fast; service resumes."""
-    from ledger import db as dbmod
     from pgserver._commands import pg_ctl
 
     res = Result("kill + restart Postgres", seed)
     rng = random.Random(seed)
-    server = (dbmod._EMBEDDED.get(str(cp.data_dir.resolve())) if cp.urls.embedded and cp.data_dir
-              else None)
+    server = _embedded_server(cp)
     if server is None:
         res.notes["skipped"] = "external database"
         return res
@@ -305,6 +310,63 @@ def commit_answer_lost(cp, admin, seed: int, scale: int = 1) -> Result:
             " WHERE e1.tenant_id = %s AND e1.to_state = 'QUEUED' GROUP BY 1", tenant))
     # Once settled, the tenant holds nothing in Postgres; the capacity view must free all of it too
     # (a commit left in doubt for good would keep its GPUs reserved).
+    ids = [str(a) for (a,) in q(cp, "SELECT allocation_id FROM control.allocations WHERE tenant_id = %s", tenant)]
+    deadline = time.monotonic() + 30
+    while (held := ray.get(cp.placement.held.remote(ids), timeout=30)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    res.violations += [f"[seed {seed}] capacity still held for settled allocation {a}" for a in held[:20]]
+    return res
+
+
+def commit_answer_lost_db_down(cp, admin, seed: int, scale: int = 1) -> Result:
+    """Commits take effect, and Postgres goes down before their answers and before anyone can ask
+    about them: the placement actor holds such commits in doubt (their GPUs reserved, their clients
+    told to retry with the same request id) and settles them once Postgres is back; the audit holds."""
+    from pgserver._commands import pg_ctl
+
+    res = Result("commit answers lost, database down", seed)
+    rng = random.Random(seed)
+    server = _embedded_server(cp)
+    if server is None or not _superuser(cp):
+        res.notes["skipped"] = "needs the embedded database (stopped and started here)"
+        return res
+    tenant, token = new_tenant(admin, cp.address)
+    load = _load(cp, token, tenant, seed, scale, threads=4)
+    in_doubt_before = ray.get(cp.placement.stats.remote(), timeout=30).get("commits_in_doubt", 0)
+    caught: dict[str, int] = {}
+    try:
+        for _ in range(scale):
+            time.sleep(rng.uniform(0.5, 1.5))
+            with psycopg.connect(cp.urls.owner, autocommit=True, connect_timeout=5) as conn:
+                conn.execute("ALTER SYSTEM SET synchronous_standby_names = 'gpuaas_fault_no_such_standby'")
+                conn.execute("SELECT pg_reload_conf()")
+                deadline, waiting = time.monotonic() + 5.0, []
+                while not waiting and time.monotonic() < deadline:
+                    time.sleep(rng.uniform(0.02, 0.1))
+                    waiting = conn.execute(
+                        "SELECT application_name FROM pg_stat_activity WHERE wait_event = 'SyncRep'"
+                        " AND application_name LIKE 'gpuaas-%%'").fetchall()
+                # Written to the configuration file, not reloaded: the running server keeps its commits
+                # waiting; the restarted one reads the file and waits for no standby.
+                conn.execute("ALTER SYSTEM RESET synchronous_standby_names")
+            # Down at once: every waiting commit is flushed (crash recovery keeps it), every connection
+            # drops before its answer, and for a while nobody can ask what became of it.
+            pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=server.pgdata, user=server.system_user)
+            for (app,) in waiting:
+                caught[app] = caught.get(app, 0) + 1
+            res.faults += len(waiting)
+            time.sleep(rng.uniform(1.0, 2.0))
+            with server._lock:
+                server.ensure_postgres_running()
+            wait_for(lambda: serving(cp, token), 60, "service after the database came back")
+            time.sleep(1.0)
+        res.notes["answers_lost_by_component"] = dict(sorted(caught.items()))
+    except BaseException:
+        load.stop()
+        raise
+    _finish(cp, admin, res, load, tenant)
+    res.notes["placement_commits_held_in_doubt"] = (
+        ray.get(cp.placement.stats.remote(), timeout=30).get("commits_in_doubt", 0) - in_doubt_before)
     ids = [str(a) for (a,) in q(cp, "SELECT allocation_id FROM control.allocations WHERE tenant_id = %s", tenant)]
     deadline = time.monotonic() + 30
     while (held := ray.get(cp.placement.held.remote(ids), timeout=30)) and time.monotonic() < deadline:
@@ -525,5 +587,5 @@ def preemption_load(cp, admin, seed: int, scale: int = 1) -> Result:
         stop_pool_node(cp, node)
 
 
-ALL = [placement_kill, shard_kill, postgres_restart, commit_answer_lost, commit_stall, daemon_sigkill,
-       daemon_freeze, cleanup_fails, lease_bulk, preemption_load]
+ALL = [placement_kill, shard_kill, postgres_restart, commit_answer_lost, commit_answer_lost_db_down, commit_stall,
+       daemon_sigkill, daemon_freeze, cleanup_fails, lease_bulk, preemption_load]
