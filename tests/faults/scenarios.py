@@ -270,6 +270,16 @@ def _lose_commit_answers(cp, hold_s: float) -> list[str]:
     return [app for _, app in victims]
 
 
+def _capacity_still_held(cp, tenant: str, seed: int, timeout_s: float = 30.0) -> list[str]:
+    """Once settled, the tenant holds nothing in Postgres; the capacity view must free all of it too
+    (a commit left in doubt for good would keep its GPUs reserved)."""
+    ids = [str(a) for (a,) in q(cp, "SELECT allocation_id FROM control.allocations WHERE tenant_id = %s", tenant)]
+    deadline = time.monotonic() + timeout_s
+    while (held := ray.get(cp.placement.held.remote(ids), timeout=30)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [f"[seed {seed}] capacity still held for settled allocation {a}" for a in held[:20]]
+
+
 def commit_answer_lost(cp, admin, seed: int, scale: int = 1) -> Result:
     """Commits take effect but their answers are lost, in every component at once, under load: each
     writer settles by what Postgres holds. Nothing acknowledged is lost, nothing is booked twice or
@@ -308,13 +318,7 @@ def commit_answer_lost(cp, admin, seed: int, scale: int = 1) -> Result:
         cp, "SELECT e2.to_state, count(*) FROM control.allocation_events e1 JOIN control.allocation_events e2"
             " ON e2.allocation_id = e1.allocation_id AND e2.from_state = 'QUEUED' AND e2.at > e1.at"
             " WHERE e1.tenant_id = %s AND e1.to_state = 'QUEUED' GROUP BY 1", tenant))
-    # Once settled, the tenant holds nothing in Postgres; the capacity view must free all of it too
-    # (a commit left in doubt for good would keep its GPUs reserved).
-    ids = [str(a) for (a,) in q(cp, "SELECT allocation_id FROM control.allocations WHERE tenant_id = %s", tenant)]
-    deadline = time.monotonic() + 30
-    while (held := ray.get(cp.placement.held.remote(ids), timeout=30)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    res.violations += [f"[seed {seed}] capacity still held for settled allocation {a}" for a in held[:20]]
+    res.violations += _capacity_still_held(cp, tenant, seed)
     return res
 
 
@@ -367,11 +371,7 @@ def commit_answer_lost_db_down(cp, admin, seed: int, scale: int = 1) -> Result:
     _finish(cp, admin, res, load, tenant)
     res.notes["placement_commits_held_in_doubt"] = (
         ray.get(cp.placement.stats.remote(), timeout=30).get("commits_in_doubt", 0) - in_doubt_before)
-    ids = [str(a) for (a,) in q(cp, "SELECT allocation_id FROM control.allocations WHERE tenant_id = %s", tenant)]
-    deadline = time.monotonic() + 30
-    while (held := ray.get(cp.placement.held.remote(ids), timeout=30)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    res.violations += [f"[seed {seed}] capacity still held for settled allocation {a}" for a in held[:20]]
+    res.violations += _capacity_still_held(cp, tenant, seed)
     return res
 
 
