@@ -2,9 +2,12 @@
 unusable before a statement is sent on it; a live one, idle or inside a transaction, is usable."""
 from __future__ import annotations
 
+import os
+import resource
 import time
 
 import psycopg
+import pytest
 
 from ledger.db import usable
 
@@ -47,3 +50,29 @@ def test_a_connection_inside_a_transaction_is_left_to_its_transaction(fresh_db):
         assert usable(conn)
     finally:
         conn.close()
+
+
+def test_a_connection_on_a_high_descriptor_is_checked_too(fresh_db):
+    """An actor's process holds many descriptors; ``select`` refuses those past 1023 (which would make
+    every kept connection look unusable, and a new one be opened for every statement)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        if hard != resource.RLIM_INFINITY and hard < 1200:
+            pytest.skip(f"this machine allows {hard} open files")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+    fillers = []
+    try:
+        while len(fillers) < 1100 and (not fillers or fillers[-1] < 1030):
+            fillers.append(os.dup(0 if not fillers else fillers[0]))
+        conn = psycopg.connect(fresh_db.app, autocommit=True)
+        try:
+            assert conn.fileno() > 1023
+            assert usable(conn)
+            _end(fresh_db.owner, conn.info.backend_pid)
+            assert _wait_unusable(conn)
+        finally:
+            conn.close()
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
