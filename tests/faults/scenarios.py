@@ -119,6 +119,7 @@ def _finish(cp, admin, res: Result, load: Workload, tenant: str, settle_s: float
     res.violations += audit(cp.urls.owner, tenant, load, seed=res.seed)
     res.operations = load.stats.attempts + load.stats.released
     res.notes.update(acked=load.stats.acked, retries=load.stats.retries, rejected=load.stats.rejected,
+                     other_errors=load.stats.other_errors,
                      slowest_call_s=round(load.stats.slowest_call_s, 2))
     return res
 
