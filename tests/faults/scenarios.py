@@ -238,17 +238,37 @@ def _superuser(cp) -> bool:
 
 
 @contextlib.contextmanager
-def _commits_wait_for_a_missing_standby(conn):
+def _commits_wait_for_a_missing_standby(conn, *, reload_on_exit: bool = True):
     """While inside, every commit is written and flushed locally and then waits for a synchronous
     standby that does not exist (``synchronous_standby_names``); on the way out the setting is reset
-    and the waiting commits finish normally. Real Postgres, nothing in between."""
+    and the waiting commits finish normally. Real Postgres, nothing in between.
+
+    ``reload_on_exit=False``: the reset is written to the configuration file but not reloaded, so the
+    running server keeps its commits waiting and only a restarted one reads it (the caller stops the
+    server next). On an exception the reset is reloaded all the same."""
     conn.execute("ALTER SYSTEM SET synchronous_standby_names = 'gpuaas_fault_no_such_standby'")
     conn.execute("SELECT pg_reload_conf()")
     try:
         yield
-    finally:
+    except BaseException:
         conn.execute("ALTER SYSTEM RESET synchronous_standby_names")
         conn.execute("SELECT pg_reload_conf()")
+        raise
+    conn.execute("ALTER SYSTEM RESET synchronous_standby_names")
+    if reload_on_exit:
+        conn.execute("SELECT pg_reload_conf()")
+
+
+def _commit_waiters(conn, hold_s: float) -> list[tuple[int, str]]:
+    """(pid, application_name) of the control plane's backends whose commit waits for the standby,
+    once at least one does (looking every ``hold_s``, for at most 5 s)."""
+    deadline, waiting = time.monotonic() + 5.0, []
+    while not waiting and time.monotonic() < deadline:
+        time.sleep(hold_s)
+        waiting = conn.execute(
+            "SELECT pid, application_name FROM pg_stat_activity WHERE wait_event = 'SyncRep'"
+            " AND datname = current_database() AND application_name LIKE 'gpuaas-%%'").fetchall()
+    return waiting
 
 
 def _lose_commit_answers(cp, hold_s: float) -> list[str]:
@@ -259,13 +279,7 @@ def _lose_commit_answers(cp, hold_s: float) -> list[str]:
     connection without an answer ("The transaction has already committed locally")."""
     with psycopg.connect(cp.urls.owner, autocommit=True, connect_timeout=5) as conn:
         with _commits_wait_for_a_missing_standby(conn):
-            deadline = time.monotonic() + 5.0
-            victims: list = []
-            while not victims and time.monotonic() < deadline:
-                time.sleep(hold_s)
-                victims = conn.execute(
-                    "SELECT pid, application_name FROM pg_stat_activity WHERE wait_event = 'SyncRep'"
-                    " AND datname = current_database() AND application_name LIKE 'gpuaas-%%'").fetchall()
+            victims = _commit_waiters(conn, hold_s)
             for pid, _ in victims:
                 conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
     return [app for _, app in victims]
@@ -343,21 +357,14 @@ def commit_answer_lost_db_down(cp, admin, seed: int, scale: int = 1) -> Result:
         for _ in range(scale):
             time.sleep(rng.uniform(0.5, 1.5))
             with psycopg.connect(cp.urls.owner, autocommit=True, connect_timeout=5) as conn:
-                conn.execute("ALTER SYSTEM SET synchronous_standby_names = 'gpuaas_fault_no_such_standby'")
-                conn.execute("SELECT pg_reload_conf()")
-                deadline, waiting = time.monotonic() + 5.0, []
-                while not waiting and time.monotonic() < deadline:
-                    time.sleep(rng.uniform(0.02, 0.1))
-                    waiting = conn.execute(
-                        "SELECT application_name FROM pg_stat_activity WHERE wait_event = 'SyncRep'"
-                        " AND application_name LIKE 'gpuaas-%%'").fetchall()
-                # Written to the configuration file, not reloaded: the running server keeps its commits
-                # waiting; the restarted one reads the file and waits for no standby.
-                conn.execute("ALTER SYSTEM RESET synchronous_standby_names")
+                # The reset is not reloaded: the running server keeps its commits waiting; the
+                # restarted one reads the file and waits for no standby.
+                with _commits_wait_for_a_missing_standby(conn, reload_on_exit=False):
+                    waiting = _commit_waiters(conn, rng.uniform(0.02, 0.1))
             # Down at once: every waiting commit is flushed (crash recovery keeps it), every connection
             # drops before its answer, and for a while nobody can ask what became of it.
             pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=server.pgdata, user=server.system_user)
-            for (app,) in waiting:
+            for _, app in waiting:
                 caught[app] = caught.get(app, 0) + 1
             res.faults += len(waiting)
             time.sleep(rng.uniform(1.0, 2.0))
