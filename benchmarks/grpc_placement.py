@@ -260,6 +260,7 @@ def main() -> int:
         client_probe = PauseProbe(name="client-pause-probe")
         client_gc = GcPacer(own_full_collections=False)  # counts and times this process's collections only
         timeline: list[list[float]] = []  # per repeat: each paced request's latency (ms), in send order
+        paced_started: list[float] = []  # per repeat: the paced schedule's start (Unix time), to line it up with other records
         settle_s: list[float] = []  # per repeat: wait for PLACED allocations to reach RUNNING before pacing
         # PlaceBatch from several client processes at once, first, on the empty fleet (after the other
         # phases it would find the fleet nearly full). Each round's releases, their cleanups and the
@@ -317,6 +318,7 @@ def main() -> int:
             gc.disable()
             client_gc_before = client_gc.stats["collection_s"]
             wall0 = time.time()
+            paced_started.append(wall0)
             try:
                 lat = paced_with_threads(clients, run, rep, n, interval, ns.threads * 4, rng)
             finally:
@@ -392,6 +394,7 @@ def main() -> int:
                "placement_actor_stats": stats, "rate": ns.rate, "threads": ns.threads,
                "nodes": ns.nodes, "gpus_per_node": ns.gpus_per_node, "dispatch_linger_s": cfg.dispatch_linger_s,
                "settle_before_paced_s": settle_s, "paced_latency_ms_in_send_order": timeline,
+               "paced_started_at": paced_started,
                "paced_pauses": pauses}
         high = (f", {res['place_unary_per_s_threads_high']:,.0f}/s from {ns.threads_high}" if high_rates else "")
         conc = (f", {res['place_batch_per_s_clients']:,.0f}/s from {ns.batch_clients} clients" if batch_conc_rates

@@ -75,7 +75,35 @@ def start_embedded(data_dir: pathlib.Path | None = None, *, scratch: bool = Fals
         data_dir.mkdir(parents=True, exist_ok=True)
         log.info("starting embedded PostgreSQL in %s", data_dir)
         _EMBEDDED[key] = pgserver.get_server(data_dir, cleanup_mode="delete" if scratch else "stop")
+        _tune_embedded(_EMBEDDED[key].get_uri())
     return _EMBEDDED[key]
+
+
+# Settings the embedded server runs with, beyond its defaults (an external database is its operator's).
+#
+# wal_init_zero: by default PostgreSQL fills each new 16 MB WAL segment with zeros, and the backend
+# that needs the segment does it while it holds the WAL write lock, so every commit in flight waits
+# for it. Measured here (commits of one row every 2 ms beside a bulk writer, 20 s): a 45-62 ms stall
+# at every new segment, about one per 0.7 s, p99.9 52.8 ms; with the setting off, p99.9 7.5 ms and
+# no stall, median and p99 unchanged. A placement is answered only after its commit, so each stall
+# is a burst of slow answers. A fresh or fast-growing WAL creates segments (checkpoints recycle old
+# ones later). Off, the segment is created at its full size without being written (on ext4 and
+# xfs, without its blocks); the cost is that a full disk shows up at a WAL write rather than at
+# segment creation, both of which stop the server.
+EMBEDDED_SETTINGS = {"wal_init_zero": "off"}
+
+
+def _tune_embedded(owner_url: str) -> None:
+    import psycopg
+
+    with psycopg.connect(owner_url, autocommit=True) as conn:
+        changed = False
+        for name, value in EMBEDDED_SETTINGS.items():
+            if conn.execute("SELECT current_setting(%s)", (name,)).fetchone()[0] != value:
+                conn.execute(f"ALTER SYSTEM SET {name} = '{value}'")
+                changed = True
+        if changed:
+            conn.execute("SELECT pg_reload_conf()")
 
 
 def stop_embedded(data_dir: pathlib.Path) -> None:
