@@ -103,6 +103,12 @@ class PlacementActor:
                     release_calls=[dict(c.stats) for c in self.placement_servicer.release_calls],
                     release_before_handoff_calls=dict(self.placement_servicer.release_before_handoff.stats))
 
+    def thread_cpu(self) -> dict[str, float]:
+        """CPU seconds so far of this process's threads, by name (runtime.thread_cpu_s)."""
+        from actors.runtime import thread_cpu_s
+
+        return thread_cpu_s()
+
     def place_latency(self, clear: bool = True) -> list[float]:
         """Unary Place handler latencies (s) recorded since the last clear, oldest first."""
         lat = self.core.place_latency

@@ -9,7 +9,8 @@ loopback; `gpuaas up` prints the address):
   microseconds). ``gpuaas_placement_commit_seconds``, the placement actor's group commits'
   wall time, is updated once per commit.
 * Everything else is read when scraped, from the state the components keep anyway:
-  placement outcomes and commits, the committer's time by stage, the queue, the placement
+  placement outcomes and commits, the committer's time by stage, the placement actor's
+  CPU by thread, the queue, the placement
   actor's garbage collections, capacity per GPU model (the same figures as
   ``ledger.capacity_samples``), allocations by state and the shards' prepare/release
   counters, and the ledger consumer's progress. A component that does not answer within
@@ -100,6 +101,17 @@ class ControlPlaneCollector:
             if f"{name}_cpu_s" in stats:
                 stage.add_metric([name, "cpu"], stats[f"{name}_cpu_s"])
         yield stage
+        # The whole process by thread (read from /proc when scraped): the committer and writer above,
+        # and what else shares the process's interpreter lock and cores with them: gRPC's handler pool
+        # and poller, the dispatcher, and gRPC's and Ray's native threads ("native:" + kernel name).
+        from actors.runtime import thread_cpu_s
+
+        threads = CounterMetricFamily("gpuaas_placement_thread_cpu_seconds",
+                                      "CPU time of the placement actor's process by thread name (a pool's "
+                                      "threads summed)", labels=["thread"])
+        for name, cpu_s in sorted(thread_cpu_s().items()):
+            threads.add_metric([name], cpu_s)
+        yield threads
         gc_stats = core.gc.stats
         gc_runs = CounterMetricFamily("gpuaas_placement_gc_collections",
                                       "Garbage collections in the placement actor's process, by generation "

@@ -49,6 +49,29 @@ def settle(futures, outcomes) -> None:
             fut.set_result(out)
 
 
+def thread_cpu_s() -> dict[str, float]:
+    """CPU seconds so far of this process's threads (from /proc), summed by name: a Python thread by
+    its name with any trailing pool index dropped ("ThreadPoolExecutor-0_3" counts as
+    "ThreadPoolExecutor-0"), a thread Python did not start (gRPC's core, Ray's) as "native:" and its
+    kernel name. Where a process's CPU goes, thread by thread: the placement actor's committer,
+    writer, dispatcher, gRPC handlers and gRPC's own threads share one interpreter lock."""
+    import os
+    import re
+
+    tick = os.sysconf("SC_CLK_TCK")
+    named = {t.native_id: re.sub(r"_\d+$", "", t.name) for t in threading.enumerate()}
+    out: dict[str, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            stat = open(f"/proc/self/task/{tid}/stat").read()
+        except OSError:
+            continue  # ended meanwhile
+        comm, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat.rsplit(")", 1)[1].split()
+        name = named.get(int(tid)) or "native:" + comm
+        out[name] = out.get(name, 0.0) + (int(rest[11]) + int(rest[12])) / tick
+    return out
+
+
 # Per process: every collection the interpreter ran, by generation, and the time it took.
 _COLLECTIONS = {"n": [0, 0, 0], "s": [0.0, 0.0, 0.0], "max_s": [0.0, 0.0, 0.0]}
 _collection_started: list[float] = []

@@ -308,6 +308,7 @@ def main() -> int:
             ray.get(cp.placement.place_latency.remote())  # clears the server's record
             ray.get(cp.placement.commit_log.remote())  # and its record of group commits
             gc_before = ray.get(cp.placement.stats.remote())["gc"]
+            threads_before = ray.get(cp.placement.thread_cpu.remote())
             # The client's own collections stay out of the measured latencies: a full collection of
             # this process (the Ray driver's objects and every earlier phase's) stopped its sender and
             # receiver threads for 64-68 ms in a paced phase here, counted as the server's latency.
@@ -329,6 +330,11 @@ def main() -> int:
             # Whole-process pauses during the phase, on both sides (runtime.PauseProbe): where a burst
             # of slow requests that the server's own timing does not show came from.
             after = ray.get(cp.placement.stats.remote())
+            threads_after = ray.get(cp.placement.thread_cpu.remote())
+            # The placement actor's CPU per paced placement, thread by thread: what its one interpreter
+            # lock and the two cores were busy with while the paced requests waited.
+            by_thread = {k: round((v - threads_before.get(k, 0.0)) / n * 1000, 3) for k, v in threads_after.items()}
+            by_thread = dict(sorted(((k, v) for k, v in by_thread.items() if v > 0), key=lambda x: -x[1]))
             commits = [c for c in ray.get(cp.placement.commit_log.remote()) if wall0 <= c[0] <= wall1 + 1]
             secs = [c[1] for c in commits]
             pauses.append({
@@ -340,6 +346,7 @@ def main() -> int:
                     "p99_ms": round(percentile(secs, 99) * 1000, 2) if secs else None,
                     "max_ms": round(max(secs) * 1000, 2) if secs else None,
                     "slow": [(round(t - wall0, 3), round(x * 1000, 1), n) for t, x, n in commits if x >= 0.01]},
+                "placement_actor_thread_cpu_ms_per_placement": by_thread,
                 "placement_actor": [(round(t - wall0, 3), round(s * 1000, 1)) for t, s in after["pauses"]["recent"]
                                     if wall0 <= t <= wall1],
                 "client": [(round(t - wall0, 3), round(s * 1000, 1)) for t, s in client_probe.recent
@@ -373,6 +380,9 @@ def main() -> int:
             print(f"       CPU per placement, all processes (placement actor): PlaceBatch {b_cpu['all']:.3f} ms "
                   f"({b_cpu.get('placement actor', 0):.3f}), unary {u_cpu['all']:.3f} ms "
                   f"({u_cpu.get('placement actor', 0):.3f})", flush=True)
+            print("       placement actor's CPU per paced placement by thread (ms): " + ", ".join(
+                f"{k} {v:.3f}" for k, v in list(pauses[-1]["placement_actor_thread_cpu_ms_per_placement"].items())[:6]),
+                flush=True)
             pc = pauses[-1]["placement_commits"]
             print(f"       group commits while paced: {pc['count']} ({pc['rows']} rows), p50 {pc['p50_ms']} ms, "
                   f"p99 {pc['p99_ms']} ms, longest {pc['max_ms']} ms, {len(pc['slow'])} of 10 ms or more", flush=True)

@@ -15,28 +15,13 @@ the two cores.
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import threading
 import time
 import urllib.parse
 import uuid
 
 import _common  # noqa: F401  (puts the repository on sys.path)
 from _common import add_batch_args, median, write_json
-
-
-def thread_cpu_s() -> dict[str, float]:
-    """CPU seconds so far of this process's threads, by thread name."""
-    tick = os.sysconf("SC_CLK_TCK")
-    out: dict[str, float] = {}
-    for t in threading.enumerate():
-        try:
-            st = open(f"/proc/self/task/{t.native_id}/stat").read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[t.name] = out.get(t.name, 0.0) + (int(st[11]) + int(st[12])) / tick
-    return out
 
 
 def main() -> int:
@@ -49,6 +34,7 @@ def main() -> int:
     import psycopg
 
     from actors.placement import PlacementCore
+    from actors.runtime import thread_cpu_s
     from gpuaas.config import ControlPlaneConfig
     from gpuaas.v1 import common_pb2
     from ledger import db as dbmod

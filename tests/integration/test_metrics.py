@@ -52,6 +52,10 @@ def test_calls_outcomes_capacity_and_allocations_are_scraped(control_plane, tena
     # The committer's time by stage: the placement was decided and committed, so both have run.
     assert _value(m, "gpuaas_placement_stage_seconds_total", stage="decide", clock="cpu") > 0
     assert _value(m, "gpuaas_placement_stage_seconds_total", stage="commit", clock="wall") > 0
+    # The process by thread: the committer and writer threads have used CPU, and nothing is negative.
+    threads = {dict(k[1])["thread"]: v for k, v in m.items() if k[0] == "gpuaas_placement_thread_cpu_seconds_total"}
+    assert {"placement-committer", "placement-writer", "MainThread"} <= set(threads)
+    assert all(v >= 0 for v in threads.values()) and sum(threads.values()) > 0
     # Each group commit of new allocations is timed: this one's commit is in the histogram.
     assert _value(m, "gpuaas_placement_commit_seconds_count") >= _value(before, "gpuaas_placement_commit_seconds_count") + 1
     assert _value(m, "gpuaas_placement_commit_seconds_sum") > _value(before, "gpuaas_placement_commit_seconds_sum")
