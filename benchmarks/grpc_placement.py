@@ -1,7 +1,10 @@
 """Durable placements through the running control plane, over gRPC.
 
 Starts a real control plane (embedded Postgres, local Ray, the actors,
-simulated node daemons), then, from this separate client process:
+simulated node daemons), then, from this separate client process, each phase
+after the previous phases' downstream work has drained (every allocation placed
+so far prepared and RUNNING; the waits are reported as ``settle_s``), so that
+each phase's rate and CPU are its own:
 - PlaceBatch: batches of small fractional requests; every placement is
   committed to Postgres (group commit) before the answer. The headline is one client
   sending its batches one after another (each waits for the last answer, so it is
@@ -17,9 +20,7 @@ simulated node daemons), then, from this separate client process:
   at that moment (``bare_unary_per_s``) and our share of it;
 - Place unary paced at a fixed rate (default 500/s): latency percentiles at the
   client and inside the server (handler start to answer), measured
-  after the previous phases' backlog has drained (every allocation placed so far
-  RUNNING; the wait is reported as settle_before_paced_s) and with the client's
-  threads already started, so they describe a steady 500/s.
+  with the client's threads already started, so they describe a steady 500/s.
 
     python benchmarks/grpc_placement.py --json results/grpc_placement.json
 
@@ -225,7 +226,7 @@ def main() -> int:
     ap.add_argument("--paced-seconds", type=float, default=6.0)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--settle-max-s", type=float, default=10.0,
-                    help="before the paced phase, wait at most this long for every PLACED allocation to be RUNNING")
+                    help="before each phase, wait at most this long for every PLACED allocation to be RUNNING")
     ap.add_argument("--dispatch-linger-s", type=float, default=None,
                     help="override ControlPlaneConfig.dispatch_linger_s (hand-off window to the allocation shards)")
     ap.add_argument("--json")
@@ -261,7 +262,7 @@ def main() -> int:
         client_gc = GcPacer(own_full_collections=False)  # counts and times this process's collections only
         timeline: list[list[float]] = []  # per repeat: each paced request's latency (ms), in send order
         paced_started: list[float] = []  # per repeat: the paced schedule's start (Unix time), to line it up with other records
-        settle_s: list[float] = []  # per repeat: wait for PLACED allocations to reach RUNNING before pacing
+        settle_s: list[dict] = []  # per repeat and phase: the wait for PLACED allocations to reach RUNNING first
         # PlaceBatch from several client processes at once, first, on the empty fleet (after the other
         # phases it would find the fleet nearly full). Each round's releases, their cleanups and the
         # ledger's reading of it all finish before the next round and before the other phases.
@@ -275,8 +276,18 @@ def main() -> int:
                     placed_pending(cp, ("PLACED", "RELEASING")) > 0
                     or ray.get(cp.ledger.stats.remote()).get("lag_rows", 0) > 0):
                 time.sleep(0.1)
+        def settle() -> float:
+            """Wait (at most --settle-max-s) until every allocation placed so far is prepared and RUNNING,
+            so that a phase does not pay for the previous phase's downstream work (hand-offs,
+            Prepares, PLACED -> RUNNING): each phase measures its own. Returns the wait."""
+            t = time.perf_counter()
+            while time.perf_counter() - t < ns.settle_max_s and placed_pending(cp) > 0:
+                time.sleep(0.05)
+            return round(time.perf_counter() - t, 2)
+
         for rep in range(ns.repeats):
             # --- PlaceBatch
+            settle_s.append({"before_batch": settle()})
             placed = 0
             apps, before = pg_apps(cp), processes()
             t0 = time.perf_counter()
@@ -290,7 +301,10 @@ def main() -> int:
             # CPU per placement by process (/proc) over the phase: where the machine's cores went. Work the
             # phase set off downstream and still running at its end (hand-offs, prepares) is partly left out.
             batch_cpu.append(cpu_per_op(before, processes(), {**apps, **pg_apps(cp)}, max(placed, 1)))
-            # --- unary, closed loop
+            # --- unary, closed loop. Before this wait was added, the loop started at once and ran beside
+            # the PlaceBatch phase's downstream work (10,000 hand-offs, Prepares and PLACED -> RUNNING),
+            # whose CPU then counted as the unary placements'.
+            settle_s[-1]["before_unary"] = settle()
             apps, before = pg_apps(cp), processes()
             unary_rates.append(closed_loop(clients, f"{run}-{rep}-u", ns.unary, rng))
             unary_cpu.append(cpu_per_op(before, processes(), {**apps, **pg_apps(cp)}, ns.unary))
@@ -299,10 +313,7 @@ def main() -> int:
             # downstream work finish (every allocation placed so far prepared and RUNNING), so the
             # paced phase does not measure the tail of the unary burst, and start the client's
             # threads before the clock does (thread start-up is the client's, not the server's).
-            settle_t0 = time.perf_counter()
-            while time.perf_counter() - settle_t0 < ns.settle_max_s and placed_pending(cp) > 0:
-                time.sleep(0.05)
-            settle_s.append(round(time.perf_counter() - settle_t0, 2))
+            settle_s[-1]["before_paced"] = settle()
             interval = 1.0 / ns.rate
             n = int(ns.rate * ns.paced_seconds)
             ray.get(cp.placement.place_latency.remote())  # clears the server's record
@@ -403,7 +414,7 @@ def main() -> int:
                         "p99_ms": p99s, "p50_ms": p50s, "server_p99_ms": srv_p99s, "server_p50_ms": srv_p50s},
                "placement_actor_stats": stats, "rate": ns.rate, "threads": ns.threads,
                "nodes": ns.nodes, "gpus_per_node": ns.gpus_per_node, "dispatch_linger_s": cfg.dispatch_linger_s,
-               "settle_before_paced_s": settle_s, "paced_latency_ms_in_send_order": timeline,
+               "settle_s": settle_s, "paced_latency_ms_in_send_order": timeline,
                "paced_started_at": paced_started,
                "paced_pauses": pauses}
         high = (f", {res['place_unary_per_s_threads_high']:,.0f}/s from {ns.threads_high}" if high_rates else "")
