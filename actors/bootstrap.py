@@ -75,7 +75,9 @@ class ControlPlane:
     def start(self, *, wait_nodes_s: float = 60.0) -> "ControlPlane":
         t0 = time.perf_counter()
         self.urls = dbmod.resolve(self.data_dir, scratch=self.scratch_data)
+        self._check_durable(self.urls.owner)
         applied = apply_migrations(self.urls.owner)
+        self._check_durable(self.urls.app)  # the runtime role may carry settings of its own
         log.info("database ready (%s); %d migration(s) applied", "embedded" if self.urls.embedded else "external",
                  len(applied))
         self._seed()
@@ -91,6 +93,20 @@ class ControlPlane:
         if self.sim.count:
             self.start_sim_nodes(self.sim.count, wait_s=wait_nodes_s)
         return self
+
+    def _check_durable(self, url: str) -> None:
+        """Refuse a database that would acknowledge commits it may lose, before anything is started
+        on it (ControlPlaneConfig.allow_non_durable_database: warn and go on)."""
+        problems = dbmod.durability_problems(url)
+        if not problems:
+            return
+        if not self.cfg.allow_non_durable_database:
+            raise dbmod.NonDurableDatabase(
+                "refusing a database that may lose acknowledged commits: " + "; ".join(problems)
+                + ". Turn the setting back on (ALTER SYSTEM, ALTER ROLE or ALTER DATABASE … RESET), or start "
+                "with allow_non_durable_database (gpuaas up --allow-non-durable-database) for a throwaway database")
+        for p in problems:
+            log.warning("database not durable, started anyway (allow_non_durable_database): %s", p)
 
     def _seed(self) -> None:
         """System tenant + tokens for the operator and the node daemons; default prices."""

@@ -36,7 +36,8 @@ def _config(ns):
 
     return ControlPlaneConfig(listen=ns.listen, policy=ns.policy, node_shards=ns.node_shards,
                               allocation_shards=ns.allocation_shards,
-                              metrics_listen=getattr(ns, "metrics_listen", "127.0.0.1:0"))
+                              metrics_listen=getattr(ns, "metrics_listen", "127.0.0.1:0"),
+                              allow_non_durable_database=getattr(ns, "allow_non_durable_database", False))
 
 
 def cmd_up(ns) -> int:
@@ -173,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--gpu-model", default="H100")
         p.add_argument("--metrics-listen", default="127.0.0.1:9464",
                        help="Prometheus endpoint HOST:PORT (/metrics); empty to turn it off")
+        p.add_argument("--allow-non-durable-database", action="store_true",
+                       help="start even if the database may lose acknowledged commits (fsync, synchronous_commit "
+                            "or full_page_writes off); for throwaway databases only")
 
     cp_args(sub.add_parser("up", help="run the control plane in the foreground"), 4)
     d = sub.add_parser("demo", help="run the end-to-end demo")

@@ -22,6 +22,11 @@ class ControlPlaneConfig:
     # ("Hand-off window").
     dispatch_linger_s: float = 0.1
     grpc_workers: int = 32
+    # Start even when the database would acknowledge a commit it may lose in a crash (fsync,
+    # synchronous_commit or full_page_writes off: ledger.db.DURABILITY_SETTINGS). Off, such a database
+    # is refused at start, since every answer of this control plane promises its commit. For
+    # throwaway databases only; each problem is logged as a warning.
+    allow_non_durable_database: bool = False
     # Prometheus endpoint (/metrics) of the placement actor, "host:port"; port 0 picks a free one,
     # "" turns it off. Loopback by default: expose it deliberately.
     metrics_listen: str = "127.0.0.1:0"

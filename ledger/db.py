@@ -128,6 +128,42 @@ def resolve(data_dir: pathlib.Path | None = None, *, scratch: bool = False) -> D
     return DatabaseUrls(owner=owner, app=app, embedded=True)
 
 
+# What "committed before the answer" rests on. Each is a server setting an operator can turn off for
+# speed (synchronous_commit also per role, per database or per session): the answer would then go out
+# before the commit is safe on disk, and a crash could lose a placement its client was told about, or a
+# ledger entry, with nothing to show for it. Allowed values; anything else is a problem.
+DURABILITY_SETTINGS = {
+    # off: PostgreSQL never asks the OS to flush; a crash of the machine can corrupt the database.
+    "fsync": ("on",),
+    # off: a commit is acknowledged before its WAL is flushed; up to three times wal_writer_delay
+    # of acknowledged commits are lost in a crash. local / remote_*: flushed locally first.
+    "synchronous_commit": ("on", "local", "remote_write", "remote_apply"),
+    # off: a page half-written at a crash cannot be repaired from the WAL.
+    "full_page_writes": ("on",),
+}
+
+
+class NonDurableDatabase(RuntimeError):
+    """The database acknowledges commits it may lose (DURABILITY_SETTINGS); ControlPlaneConfig.
+    allow_non_durable_database starts anyway, for throwaway databases."""
+
+
+def durability_problems(url: str) -> list[str]:
+    """What in a new session at ``url`` (so with its role's and database's own settings) would let a
+    commit be acknowledged and then lost: one sentence each, empty when nothing would."""
+    import psycopg
+
+    out = []
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        user = conn.info.user
+        for name, allowed in DURABILITY_SETTINGS.items():
+            value = conn.execute("SELECT current_setting(%s)", (name,)).fetchone()[0]
+            if value not in allowed:
+                out.append(f"{name} is {value!r} for {user!r} (wanted {' or '.join(allowed)}): "
+                           "a commit can be acknowledged and then lost in a crash")
+    return out
+
+
 def connect(url: str, **kwargs):
     import psycopg
 
