@@ -10,7 +10,8 @@ loopback; `gpuaas up` prints the address):
   wall time, is updated once per commit.
 * Everything else is read when scraped, from the state the components keep anyway:
   placement outcomes and commits, the committer's time by stage, the placement actor's
-  CPU by thread, the queue, the placement
+  CPU by thread, whether the database still makes commits durable (re-read at most once a
+  minute), the queue, the placement
   actor's garbage collections, capacity per GPU model (the same figures as
   ``ledger.capacity_samples``), allocations by state and the shards' prepare/release
   counters, and the ledger consumer's progress. A component that does not answer within
@@ -55,9 +56,34 @@ def observe_rpc(method: str, context, seconds: float | None) -> None:
 class ControlPlaneCollector:
     """Reads the placement core, the allocation shards and the ledger when Prometheus scrapes."""
 
+    # The database's durability settings are read at most this often (a new session each time).
+    DURABILITY_CHECK_S = 60.0
+
     def __init__(self, core, ledger_fn=None):
         self.core = core
         self.ledger_fn = ledger_fn  # () -> the ledger actor handle, or None
+        self._durability: tuple[float, list[str] | None] = (float("-inf"), None)  # (checked at, problems)
+
+    def _durability_problems(self) -> list[str] | None:
+        """The runtime role's durability problems (ledger.db.durability_problems), read again at most
+        every DURABILITY_CHECK_S; None when the database could not be asked. `gpuaas up` refuses a
+        database with problems, so this catches a setting changed while the control plane runs."""
+        import time
+
+        from ledger import db as dbmod
+
+        checked, problems = self._durability
+        if time.monotonic() - checked >= self.DURABILITY_CHECK_S:
+            try:
+                problems = dbmod.durability_problems(self.core.app_url)
+            except Exception as exc:  # noqa: BLE001 - unknown, not "durable"
+                log.warning("could not read the database's durability settings: %s", exc)
+                problems = None
+            if problems and problems != self._durability[1]:
+                for p in problems:
+                    log.error("the database may now lose acknowledged commits: %s", p)
+            self._durability = (time.monotonic(), problems)
+        return problems
 
     def collect(self):
         import ray
@@ -84,6 +110,14 @@ class ControlPlaneCollector:
                                   "Releases that overtook their allocation's hand-off to a shard, settled by the "
                                   "placement actor in one commit (no shard, no cleanup on a node)",
                                   value=stats.get("released_before_handoff", 0))
+        problems = self._durability_problems()
+        if problems is not None:
+            yield GaugeMetricFamily("gpuaas_database_durable",
+                                    "1 when the database makes each commit durable before acknowledging it "
+                                    "(fsync, synchronous_commit and full_page_writes on for the runtime role), 0 "
+                                    "when a setting changed since start lets it lose acknowledged commits; "
+                                    f"read at most every {self.DURABILITY_CHECK_S:.0f} s",
+                                    value=0 if problems else 1)
         yield GaugeMetricFamily("gpuaas_queue_depth", "Requests waiting in the placement queue",
                                 value=len(core.queued))
         yield GaugeMetricFamily("gpuaas_nodes", "Nodes in the placement actor's capacity view", value=len(core.nodes))

@@ -102,3 +102,31 @@ def test_gpuaas_up_takes_the_flag():
     assert cli._config(cli.build_parser().parse_args(["up"])).allow_non_durable_database is False
     assert cli._config(cli.build_parser().parse_args(["up", "--allow-non-durable-database"])
                        ).allow_non_durable_database is True
+
+
+def test_the_metrics_endpoint_sees_a_setting_changed_while_running(fresh_db, caplog):
+    """gpuaas_database_durable: 1 at start; 0 (and an error in the log) once the runtime role's sessions
+    would no longer flush before acknowledging, read from a new session at the next check."""
+    from actors import metrics
+    from actors.placement import PlacementCore
+
+    core = PlacementCore(app_url=fresh_db.app, config=ControlPlaneConfig(reconcile_s=0), alloc_shards=[],
+                         node_shards=[])
+    try:
+        collector = metrics.ControlPlaneCollector(core)
+        collector.DURABILITY_CHECK_S = 0.0  # read at every scrape
+
+        def durable() -> float:
+            (fam,) = [f for f in collector.collect() if f.name == "gpuaas_database_durable"]
+            return fam.samples[0].value
+
+        assert durable() == 1
+        _set_for_database(fresh_db.owner, "synchronous_commit", "off")
+        with caplog.at_level(logging.ERROR, logger="gpuaas.metrics"):
+            assert durable() == 0
+        assert any("may now lose acknowledged commits: synchronous_commit is 'off'" in r.getMessage()
+                   for r in caplog.records)
+        _set_for_database(fresh_db.owner, "synchronous_commit", None)
+        assert durable() == 1
+    finally:
+        core.shutdown()
