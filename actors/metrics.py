@@ -75,7 +75,7 @@ class ControlPlaneCollector:
         checked, problems = self._durability
         if time.monotonic() - checked >= self.DURABILITY_CHECK_S:
             try:
-                problems = dbmod.durability_problems(self.core.app_url)
+                problems = dbmod.durability_problems(self.core.app_url, timeout_s=int(SCRAPE_TIMEOUT_S))
             except Exception as exc:  # noqa: BLE001 - unknown, not "durable"
                 log.warning("could not read the database's durability settings: %s", exc)
                 problems = None

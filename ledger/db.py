@@ -83,9 +83,9 @@ def start_embedded(data_dir: pathlib.Path | None = None, *, scratch: bool = Fals
 #
 # wal_init_zero: by default PostgreSQL fills each new 16 MB WAL segment with zeros, and the backend
 # that needs the segment does it while it holds the WAL write lock, so every commit in flight waits
-# for it. Measured here (commits of one row every 2 ms beside a bulk writer, 20 s): a 45-62 ms stall
-# at every new segment, about one per 0.7 s, p99.9 52.8 ms; with the setting off, p99.9 7.5 ms and
-# no stall, median and p99 unchanged. A placement is answered only after its commit, so each stall
+# for it. benchmarks/commit_stalls.py (one-row commits every 2 ms beside a bulk writer, medians of
+# 3): commit p99.9 22.8 ms and max 27.5 ms with the default, 6.5 and 8.2 ms with it off, median and
+# p99 unchanged; in an earlier run the default stalled 45-62 ms at every new segment. A placement is answered only after its commit, so each stall
 # is a burst of slow answers. A fresh or fast-growing WAL creates segments (checkpoints recycle old
 # ones later). Off, the segment is created at its full size without being written (on ext4 and
 # xfs, without its blocks); the cost is that a full disk shows up at a WAL write rather than at
@@ -148,13 +148,13 @@ class NonDurableDatabase(RuntimeError):
     allow_non_durable_database starts anyway, for throwaway databases."""
 
 
-def durability_problems(url: str) -> list[str]:
+def durability_problems(url: str, *, timeout_s: int = 10) -> list[str]:
     """What in a new session at ``url`` (so with its role's and database's own settings) would let a
     commit be acknowledged and then lost: one sentence each, empty when nothing would."""
     import psycopg
 
     out = []
-    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+    with psycopg.connect(url, autocommit=True, connect_timeout=timeout_s) as conn:
         user = conn.info.user
         for name, allowed in DURABILITY_SETTINGS.items():
             value = conn.execute("SELECT current_setting(%s)", (name,)).fetchone()[0]
