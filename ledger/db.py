@@ -99,8 +99,10 @@ def _tune_embedded(owner_url: str) -> None:
     with psycopg.connect(owner_url, autocommit=True) as conn:
         changed = False
         for name, value in EMBEDDED_SETTINGS.items():
-            if conn.execute("SELECT current_setting(%s)", (name,)).fetchone()[0] != value:
+            was = conn.execute("SELECT current_setting(%s)", (name,)).fetchone()[0]
+            if was != value:
                 conn.execute(f"ALTER SYSTEM SET {name} = '{value}'")
+                log.info("embedded PostgreSQL: %s set to %s (was %s)", name, value, was)
                 changed = True
         if changed:
             conn.execute("SELECT pg_reload_conf()")
