@@ -7,6 +7,7 @@ migrations), so tests never see each other's rows.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import uuid
@@ -49,6 +50,22 @@ def fresh_db(pg_server):
     yield urls
     with psycopg.connect(pg_server.owner, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def server_setting(owner_url: str, name: str, value: str | None):
+    """A server-wide setting for the body of the ``with``: ALTER SYSTEM SET (RESET when ``value`` is
+    None) and a reload; afterwards RESET, a reload, and the embedded server's own settings put back.
+    Only on the embedded test server: an external one is not the tests' to reconfigure."""
+    with psycopg.connect(owner_url, autocommit=True) as conn:
+        conn.execute(f"ALTER SYSTEM RESET {name}" if value is None else f"ALTER SYSTEM SET {name} = '{value}'")
+        conn.execute("SELECT pg_reload_conf()")
+        try:
+            yield
+        finally:
+            conn.execute(f"ALTER SYSTEM RESET {name}")
+            conn.execute("SELECT pg_reload_conf()")
+            dbmod._tune_embedded(owner_url)
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import pytest
 from actors.bootstrap import ControlPlane
 from gpuaas.config import ControlPlaneConfig
 from ledger import db as dbmod
+from tests.conftest import server_setting
 
 
 def _db_name(url: str) -> str:
@@ -45,15 +46,9 @@ def test_synchronous_commit_off_for_the_database_is_named(fresh_db):
 def test_full_page_writes_off_on_the_server_is_named(fresh_db):
     if not fresh_db.embedded:
         pytest.skip("changes a server-wide setting: only on the embedded test server")
-    with psycopg.connect(fresh_db.owner, autocommit=True) as conn:
-        conn.execute("ALTER SYSTEM SET full_page_writes = off")
-        conn.execute("SELECT pg_reload_conf()")
-        try:
-            problems = dbmod.durability_problems(fresh_db.app)
-            assert [p.split(" for ")[0] for p in problems] == ["full_page_writes is 'off'"]
-        finally:
-            conn.execute("ALTER SYSTEM RESET full_page_writes")
-            conn.execute("SELECT pg_reload_conf()")
+    with server_setting(fresh_db.owner, "full_page_writes", "off"):
+        problems = dbmod.durability_problems(fresh_db.app)
+        assert [p.split(" for ")[0] for p in problems] == ["full_page_writes is 'off'"]
     assert dbmod.durability_problems(fresh_db.app) == []
 
 

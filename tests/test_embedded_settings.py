@@ -7,6 +7,7 @@ import psycopg
 import pytest
 
 from ledger import db as dbmod
+from tests.conftest import server_setting
 
 
 def _settings(url: str) -> dict[str, str]:
@@ -25,12 +26,7 @@ def test_embedded_server_runs_with_its_settings(fresh_db):
 def test_settings_are_applied_to_a_server_found_running_without_them(pg_server):
     if not pg_server.embedded:
         pytest.skip("an external database keeps its operator's settings")
-    with psycopg.connect(pg_server.owner, autocommit=True) as conn:
-        conn.execute("ALTER SYSTEM RESET wal_init_zero")
-        conn.execute("SELECT pg_reload_conf()")
-    try:
+    with server_setting(pg_server.owner, "wal_init_zero", None):
         assert _settings(pg_server.owner) == {"wal_init_zero": "on"}  # PostgreSQL's default is back
         dbmod._tune_embedded(pg_server.owner)
         assert _settings(pg_server.owner) == dbmod.EMBEDDED_SETTINGS
-    finally:
-        dbmod._tune_embedded(pg_server.owner)
