@@ -66,6 +66,10 @@ class PlacementActor:
         self.server.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set("gpuaas.v1.PlacementService", health_pb2.HealthCheckResponse.SERVING)
+        from actors.runtime import Readiness
+
+        # NOT_SERVING while the database does not answer: every write is committed before its answer.
+        self.readiness = Readiness(app_url, self._set_serving, interval_s=config.readiness_probe_s)
         log.info("control plane listening on %s (policy %s)", config.listen, config.policy)
         self._metrics_address, self._metrics_server = "", None
         if config.metrics_listen:
@@ -78,7 +82,12 @@ class PlacementActor:
                     return None
 
             self._metrics_address, self._metrics_server = metrics.serve(
-                config.metrics_listen, metrics.ControlPlaneCollector(self.core, ledger))
+                config.metrics_listen, metrics.ControlPlaneCollector(self.core, ledger, self.readiness))
+
+    def _set_serving(self, ready: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", "gpuaas.v1.PlacementService"):
+            self.health.set(service, status)
 
     def metrics_address(self) -> str:
         """host:port of the Prometheus endpoint (/metrics); "" when it is off."""
@@ -146,6 +155,7 @@ class PlacementActor:
     def stop(self) -> None:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
+        self.readiness.stop()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace=1.0).wait(2.0)
         self.core.shutdown()

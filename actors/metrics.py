@@ -10,7 +10,7 @@ loopback; `gpuaas up` prints the address):
   wall time, is updated once per commit.
 * Everything else is read when scraped, from the state the components keep anyway:
   placement outcomes and commits, the committer's time by stage, the placement actor's
-  CPU by thread, whether the database still makes commits durable (re-read at most once a
+  CPU by thread, readiness (whether the database answers), whether the database still makes commits durable (re-read at most once a
   minute), the queue, the placement
   actor's garbage collections, capacity per GPU model (the same figures as
   ``ledger.capacity_samples``), allocations by state and the shards' prepare/release
@@ -59,9 +59,10 @@ class ControlPlaneCollector:
     # The database's durability settings are read at most this often (a new session each time).
     DURABILITY_CHECK_S = 60.0
 
-    def __init__(self, core, ledger_fn=None):
+    def __init__(self, core, ledger_fn=None, readiness=None):
         self.core = core
         self.ledger_fn = ledger_fn  # () -> the ledger actor handle, or None
+        self.readiness = readiness  # runtime.Readiness, or None
         self._durability: tuple[float, list[str] | None] = (float("-inf"), None)  # (checked at, problems)
 
     def _durability_problems(self) -> list[str] | None:
@@ -110,6 +111,11 @@ class ControlPlaneCollector:
                                   "Releases that overtook their allocation's hand-off to a shard, settled by the "
                                   "placement actor in one commit (no shard, no cleanup on a node)",
                                   value=stats.get("released_before_handoff", 0))
+        if self.readiness is not None:
+            yield GaugeMetricFamily("gpuaas_ready", "1 while the database answers (the gRPC health status is "
+                                    "SERVING), 0 while it does not (NOT_SERVING)", value=int(self.readiness.ready))
+            yield CounterMetricFamily("gpuaas_readiness_changes", "Times the control plane turned ready or "
+                                      "not ready", value=self.readiness.changes)
         problems = self._durability_problems()
         if problems is not None:
             yield GaugeMetricFamily("gpuaas_database_durable",

@@ -256,6 +256,66 @@ class Combiner:
             settle([fut for _, fut in batch], results)
 
 
+class Readiness:
+    """Whether this control plane can commit now: its database answers. Every placement, release and
+    admin write is committed before its answer, so with the database gone the control plane can only
+    answer UNAVAILABLE; a load balancer's or a client's gRPC health check should see that and route
+    elsewhere or wait, rather than send requests to fail.
+
+    A thread ("placement-readiness") sends ``SELECT 1`` every ``interval_s`` on a connection of its own
+    (replaced when it breaks, connecting with ``timeout_s``). ``fail_after`` failures in a row make it
+    not ready (one lost connection during a failover is not an outage); one success makes it ready
+    again. ``on_change(ready)`` runs on each change (the gRPC health service's status), and each
+    change is logged. A read, so it answers while commits wait (a stalled disk, a missing synchronous
+    standby): the check is reachability, not commit latency. A server that accepts a connection and
+    then never answers holds the probe, and with it the last status, until it answers."""
+
+    def __init__(self, url: str, on_change, *, interval_s: float = 1.0, fail_after: int = 2, timeout_s: int = 2):
+        self.url, self.on_change = url, on_change
+        self.interval_s, self.fail_after, self.timeout_s = interval_s, fail_after, timeout_s
+        self.ready = True  # the control plane has just connected (migrations, seeding) when this starts
+        self.failures = 0
+        self.changes = 0
+        self.last_error = ""
+        self._conn = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="placement-readiness", daemon=True)
+        self._thread.start()
+
+    def _probe(self) -> None:
+        if not dbmod.usable(self._conn):
+            close_quietly(self._conn)
+            self._conn = None
+            self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=self.timeout_s)
+        self._conn.execute("SELECT 1").fetchone()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._probe()
+                self.failures = 0
+            except Exception as exc:  # noqa: BLE001 - any failure to answer counts
+                self.failures += 1
+                self.last_error = f"{type(exc).__name__}: {exc}".strip()
+                close_quietly(self._conn)
+                self._conn = None
+            ready = self.failures < self.fail_after
+            if ready != self.ready and not self._stop.is_set():
+                self.ready = ready
+                self.changes += 1
+                if ready:
+                    log.info("the database answers again: ready")
+                else:
+                    log.warning("the database has not answered %d checks in a row (%s): not ready, health "
+                                "NOT_SERVING", self.failures, self.last_error)
+                self.on_change(ready)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(self.interval_s + self.timeout_s + 5)
+        close_quietly(self._conn)
+
+
 class DbThread:
     """One connection on one thread: run store functions in a transaction from asyncio."""
 

@@ -108,6 +108,18 @@ def serving(cp, token: str) -> bool:
         c.close()
 
 
+def health_status(cp, service: str = "gpuaas.v1.PlacementService") -> str:
+    """The control plane's gRPC health status for ``service`` (what a load balancer's check sees)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(cp.address) as ch:
+        try:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=3)
+        except grpc.RpcError as err:
+            return err.code().name
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
 def _finish(cp, admin, res: Result, load: Workload, tenant: str, settle_s: float = 60.0) -> Result:
     load.stop()
     stragglers = load.settle(settle_s)
@@ -219,12 +231,23 @@ def postgres_restart(cp, admin, seed: int, scale: int = 1, down_s: float = 2.0) 
                 if err.code() != grpc.StatusCode.UNAVAILABLE or took > 10:
                     res.violations.append(f"[seed {seed}] with the database down: {err.code().name} after "
                                           f"{took:.1f}s (want UNAVAILABLE, fast)")
+            # Readiness: the health check says NOT_SERVING while the database is down (two failed
+            # checks a second apart), so a load balancer stops sending requests that can only fail.
+            try:
+                res.notes["health_not_serving_after_s"] = round(
+                    wait_for(lambda: health_status(cp) == "NOT_SERVING", 10, "health NOT_SERVING"), 2)
+            except AssertionError as err:
+                res.violations.append(f"[seed {seed}] {err} (health said {health_status(cp)})")
             time.sleep(max(0.0, down_s - (time.monotonic() - t0)))
             with server._lock:
                 server.ensure_postgres_running()
             t1 = time.monotonic()
             wait_for(lambda: serving(cp, token), 60, "service after the database came back")
             res.notes["db_back_to_serving_s"] = round(time.monotonic() - t1, 2)
+            try:
+                wait_for(lambda: health_status(cp) == "SERVING", 10, "health SERVING again")
+            except AssertionError as err:
+                res.violations.append(f"[seed {seed}] {err} (health said {health_status(cp)})")
             time.sleep(1.5)
     finally:
         probe.close()
@@ -385,7 +408,8 @@ def commit_answer_lost_db_down(cp, admin, seed: int, scale: int = 1) -> Result:
 
 def commit_stall(cp, admin, seed: int, scale: int = 1) -> Result:
     """Every commit stalls for 2-6 s (a storage hiccup: Postgres waits for a standby that never
-    answers), then completes: no node is taken for lost, nothing RUNNING fails, and the audit holds."""
+    answers), then completes: no node is taken for lost, nothing RUNNING fails, the health check stays
+    SERVING, and the audit holds."""
     res = Result("commits stall", seed)
     rng = random.Random(seed)
     if not _superuser(cp):
@@ -401,7 +425,15 @@ def commit_stall(cp, admin, seed: int, scale: int = 1) -> Result:
             hold = rng.uniform(2.0, 6.0)
             with psycopg.connect(cp.urls.owner, autocommit=True, connect_timeout=5) as conn:
                 with _commits_wait_for_a_missing_standby(conn):
-                    time.sleep(hold)
+                    # Slow commits are not an outage: the health check keeps saying SERVING.
+                    end = time.monotonic() + hold
+                    while time.monotonic() < end:
+                        status = health_status(cp)
+                        if status != "SERVING":
+                            res.violations.append(f"[seed {seed}] health said {status} while commits only stalled")
+                            break
+                        time.sleep(0.25)
+                    time.sleep(max(0.0, end - time.monotonic()))
                     waiting = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'"
                                            " AND application_name LIKE 'gpuaas-%%'").fetchone()[0]
             stalls.append((round(hold, 2), waiting))

@@ -52,6 +52,8 @@ def test_calls_outcomes_capacity_and_allocations_are_scraped(control_plane, tena
     # The committer's time by stage: the placement was decided and committed, so both have run.
     assert _value(m, "gpuaas_placement_stage_seconds_total", stage="decide", clock="cpu") > 0
     assert _value(m, "gpuaas_placement_stage_seconds_total", stage="commit", clock="wall") > 0
+    # The database answers: ready (the health status is SERVING).
+    assert m[("gpuaas_ready", ())] == 1 and ("gpuaas_readiness_changes_total", ()) in m
     # The embedded database makes commits durable before they are acknowledged.
     assert m[("gpuaas_database_durable", ())] == 1
     # The process by thread: the committer and writer threads have used CPU, and nothing is negative.
