@@ -42,7 +42,6 @@ import dataclasses
 import datetime as dt
 import logging
 import pickle
-import queue
 import re
 import threading
 import time
@@ -69,6 +68,11 @@ OUTCOME_STATEMENT_TIMEOUT_MS = 2000
 # as one actor call per shard; this many waiting go at once.
 DISPATCH_FLUSH_ITEMS = 1024
 QUEUE_REQUESTS_MAX = 200_000  # requests admitted but not yet decided; beyond this, UNAVAILABLE (back off)
+# One tenant's share of that: past it, that tenant's new requests are refused (UNAVAILABLE, back off)
+# while the others' are still admitted. Five full PlaceBatch calls (place_batch_items_max) fit.
+TENANT_QUEUE_REQUESTS_MAX = QUEUE_REQUESTS_MAX // 4
+# The committer takes at most this many requests of one tenant before the next tenant's turn.
+INTAKE_SLICE = 256
 
 # Preemption tuning.
 PREEMPT_RETRY_S = 0.5           # a queued request asks for victims at most this often (each search: one
@@ -117,6 +121,60 @@ class _Pending:
 PREEMPTED_BY = "preempted by "
 _PREEMPTED_BY = re.compile(re.escape(PREEMPTED_BY) +
                            r"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
+
+
+class _Intake:
+    """Requests admitted and not yet decided: one FIFO per tenant, taken by the committer in turns.
+
+    A tenant's large PlaceBatch no longer holds up everyone behind it: each take goes round the tenants
+    with requests waiting, at most ``slice_items`` of one tenant per turn, until it has ``max_items``.
+    A unary Place of another tenant that arrives behind 10,000 requests is decided in the next take,
+    not after all of them. Within a tenant the order is kept (a batch's items are decided and answered
+    in order). Admission is all or nothing per call: past ``total_max`` requests waiting, or past
+    ``tenant_max`` of the caller's own, the call is refused (its caller backs off), so neither a burst
+    nor one tenant can grow the queue without bound or fill it for the others."""
+
+    def __init__(self, total_max: int, tenant_max: int, slice_items: int):
+        self.total_max, self.tenant_max, self.slice_items = total_max, tenant_max, slice_items
+        self._cv = threading.Condition()
+        self._by_tenant: dict[str, collections.deque] = {}
+        self._turns: collections.deque[str] = collections.deque()  # tenants with requests waiting, in turn
+        self.waiting = 0
+
+    def admit(self, tenant: str, items: list) -> str:
+        """Queue ``items`` (one call's requests, all of ``tenant``); "" when admitted, else why not."""
+        with self._cv:
+            mine = self._by_tenant.get(tenant)
+            if self.waiting + len(items) > self.total_max:
+                return "placement queue is full; retry shortly"
+            if (len(mine) if mine else 0) + len(items) > self.tenant_max:
+                return (f"tenant {tenant!r} has {len(mine) if mine else 0} placement requests waiting to be "
+                        f"decided (at most {self.tenant_max}); retry when they are answered")
+            if mine is None:
+                mine = self._by_tenant[tenant] = collections.deque()
+                self._turns.append(tenant)
+            mine.extend(items)
+            self.waiting += len(items)
+            self._cv.notify()
+            return ""
+
+    def take(self, max_items: int, timeout_s: float) -> list:
+        """Up to ``max_items`` requests, tenants in turn; waits up to ``timeout_s`` for the first."""
+        with self._cv:
+            if not self.waiting and not self._cv.wait_for(lambda: self.waiting, timeout_s):
+                return []
+            out: list = []
+            while self._turns and len(out) < max_items:
+                tenant = self._turns.popleft()
+                mine = self._by_tenant[tenant]
+                k = min(self.slice_items, max_items - len(out), len(mine))
+                out.extend(mine.popleft() for _ in range(k))
+                if mine:
+                    self._turns.append(tenant)
+                else:
+                    del self._by_tenant[tenant]
+            self.waiting -= len(out)
+            return out
 
 
 @dataclasses.dataclass
@@ -228,11 +286,9 @@ class PlacementCore:
         # (dropped when its capacity comes back or it is cancelled): the API's ownership check for a
         # release without a read of Postgres. A tenant never changes, so an entry is never wrong.
         self.owner_tenant: dict[str, str] = {}
-        # Requests as they arrive, one list per RPC; the committer decides them into the open batch,
-        # which the writer takes whole at each commit (the next batch is decided while one commits).
-        self._q: queue.Queue[list[_Pending]] = queue.Queue()
-        self._queued_requests = 0  # admitted, not yet taken by the committer (bounds _q)
-        self._admit_lock = threading.Lock()
+        # Requests as they arrive, per tenant; the committer decides them, tenants in turn, into the open
+        # batch, which the writer takes whole at each commit (the next batch is decided while one commits).
+        self._intake = _Intake(QUEUE_REQUESTS_MAX, TENANT_QUEUE_REQUESTS_MAX, INTAKE_SLICE)
         self._open = _Decided()                 # decided, waiting for the writer (under _open_cv)
         self._open_cv = threading.Condition()
         self._inflight: dict[tuple[str, str], tuple[bytes, str]] = {}  # decided, commit not yet finished
@@ -516,34 +572,18 @@ class PlacementCore:
             items = [_Pending(tenant, requests[0], cf.Future())]
         else:
             items = [_Pending(tenant, r, cf.Future(), f"requests[{i}]") for i, r in enumerate(requests)]
-        with self._admit_lock:
-            admitted = self._queued_requests + n <= QUEUE_REQUESTS_MAX
-            if admitted:
-                self._queued_requests += n
-        if admitted:
-            self._q.put(items)
-        else:
+        refused = self._intake.admit(tenant, items)
+        if refused:
             for p in items:
-                p.future.set_exception(Unavailable("placement queue is full; retry shortly"))
+                p.future.set_exception(Unavailable(refused))
         return [p.future for p in items]
-
-    def _take(self, items: list[_Pending]) -> list[_Pending]:
-        with self._admit_lock:
-            self._queued_requests -= len(items)
-        return items
 
     def _commit_loop(self) -> None:
         """Stage 1 of the committer: decide requests as they arrive, into the open batch."""
         while not self._stop.is_set():
-            try:
-                batch = list(self._take(self._q.get(timeout=0.2)))
-            except queue.Empty:
+            batch = self._intake.take(self.cfg.batch_size_max, 0.2)
+            if not batch:
                 continue
-            while len(batch) < self.cfg.batch_size_max:
-                try:
-                    batch.extend(self._take(self._q.get_nowait()))
-                except queue.Empty:
-                    break
             try:
                 decided = self._decide(batch)
             except Exception as exc:  # noqa: BLE001 - a bug must not kill the committer
