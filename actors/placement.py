@@ -143,6 +143,8 @@ class _Intake:
 
     def admit(self, tenant: str, items: list) -> str:
         """Queue ``items`` (one call's requests, all of ``tenant``); "" when admitted, else why not."""
+        if not items:
+            return ""
         with self._cv:
             mine = self._by_tenant.get(tenant)
             if self.waiting + len(items) > self.total_max:

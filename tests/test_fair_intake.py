@@ -56,6 +56,12 @@ def test_admission_is_bounded_in_total_and_per_tenant_all_or_nothing():
     assert _admit(intake, _items("a", 6, start=5)) == ""  # room again once taken
 
 
+def test_an_empty_call_leaves_no_turn_behind():
+    intake = _Intake(total_max=10, tenant_max=10, slice_items=4)
+    assert intake.admit("a", []) == ""
+    assert intake.waiting == 0 and not intake._turns and not intake._by_tenant
+
+
 def test_take_waits_for_the_first_request():
     intake = _Intake(total_max=10, tenant_max=10, slice_items=4)
     got: list = []
