@@ -262,25 +262,32 @@ class Readiness:
     answer UNAVAILABLE; a load balancer's or a client's gRPC health check should see that and route
     elsewhere or wait, rather than send requests to fail.
 
-    A thread ("placement-readiness") sends ``SELECT 1`` every ``interval_s`` on a connection of its own
-    (replaced when it breaks, connecting with ``timeout_s``). ``fail_after`` failures in a row make it
-    not ready (one lost connection during a failover is not an outage); one success makes it ready
-    again. ``on_change(ready)`` runs on each change (the gRPC health service's status), and each
-    change is logged. A read, so it answers while commits wait (a stalled disk, a missing synchronous
-    standby): the check is reachability, not commit latency. A server that accepts a connection and
-    then never answers holds the probe, and with it the last status, until it answers."""
+    One thread ("placement-readiness") sends ``SELECT 1`` every ``interval_s`` on a connection of its
+    own (replaced when it breaks, connecting with ``timeout_s``). Another ("placement-readiness-judge")
+    looks at the age of the last answer every ``interval_s``: older than ``fail_after`` intervals and a
+    half, the control plane is not ready; answered again, ready. Age rather than a count of failures,
+    so that a probe held by a server that accepted the connection and never answers (a frozen
+    process, a network partition that resets nothing) counts as the outage it is. One lost
+    connection (a failover, a restart) is replaced at the next check and changes nothing.
+    ``on_change(ready)`` runs on each change (the gRPC health service's status), and each change is
+    logged. The probe is a read: slow commits (a stalled disk, a missing synchronous standby) do not
+    count; the check is reachability, not commit latency."""
 
     def __init__(self, url: str, on_change, *, interval_s: float = 1.0, fail_after: int = 2, timeout_s: int = 2):
         self.url, self.on_change = url, on_change
-        self.interval_s, self.fail_after, self.timeout_s = interval_s, fail_after, timeout_s
+        self.interval_s, self.timeout_s = interval_s, timeout_s
+        self.stale_s = (fail_after + 0.5) * interval_s
         self.ready = True  # the control plane has just connected (migrations, seeding) when this starts
-        self.failures = 0
+        self.last_ok = time.monotonic()
+        self.failures = 0  # checks failed in a row
         self.changes = 0
         self.last_error = ""
         self._conn = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="placement-readiness", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._probe_loop, name="placement-readiness", daemon=True),
+                         threading.Thread(target=self._judge_loop, name="placement-readiness-judge", daemon=True)]
+        for t in self._threads:
+            t.start()
 
     def _probe(self) -> None:
         if not dbmod.usable(self._conn):
@@ -289,31 +296,41 @@ class Readiness:
             self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=self.timeout_s)
         self._conn.execute("SELECT 1").fetchone()
 
-    def _loop(self) -> None:
+    def _probe_loop(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
                 self._probe()
                 self.failures = 0
+                self.last_ok = time.monotonic()
             except Exception as exc:  # noqa: BLE001 - any failure to answer counts
                 self.failures += 1
                 self.last_error = f"{type(exc).__name__}: {exc}".strip()
                 close_quietly(self._conn)
                 self._conn = None
-            ready = self.failures < self.fail_after
-            if ready != self.ready and not self._stop.is_set():
-                self.ready = ready
-                self.changes += 1
-                if ready:
-                    log.info("the database answers again: ready")
-                else:
-                    log.warning("the database has not answered %d checks in a row (%s): not ready, health "
-                                "NOT_SERVING", self.failures, self.last_error)
-                self.on_change(ready)
+
+    def _judge_loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            age = time.monotonic() - self.last_ok
+            ready = age < self.stale_s
+            if ready == self.ready or self._stop.is_set():
+                continue
+            self.ready = ready
+            self.changes += 1
+            if ready:
+                log.info("the database answers again: ready")
+            else:
+                log.warning("the database has not answered for %.1f s (%s): not ready, health NOT_SERVING",
+                            age, self.last_error or "no answer yet to the last check")
+            self.on_change(ready)
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(self.interval_s + self.timeout_s + 5)
-        close_quietly(self._conn)
+        for t in self._threads:
+            t.join(self.interval_s + 1)
+        # A probe held by a server that does not answer is left behind with its connection: closing a
+        # connection under a statement waiting on it in another thread is not safe.
+        if not self._threads[0].is_alive():
+            close_quietly(self._conn)
 
 
 class DbThread:

@@ -22,8 +22,8 @@ class ControlPlaneConfig:
     # ("Hand-off window").
     dispatch_linger_s: float = 0.1
     grpc_workers: int = 32
-    # How often the placement actor checks that its database answers (runtime.Readiness); two failed
-    # checks in a row turn its gRPC health status NOT_SERVING until one succeeds.
+    # How often the placement actor checks that its database answers (runtime.Readiness); no answer for
+    # two intervals and a half turns its gRPC health status NOT_SERVING until the next answer.
     readiness_probe_s: float = 1.0
     # Start even when the database would acknowledge a commit it may lose in a crash (fsync,
     # synchronous_commit or full_page_writes off: ledger.db.DURABILITY_SETTINGS). Off, such a database

@@ -1,13 +1,17 @@
-"""runtime.Readiness against a real PostgreSQL: ready while the database answers; not ready after
-``fail_after`` failed checks in a row (its connection ended and new ones refused); ready again at the
-first check that succeeds; each change reported once."""
+"""runtime.Readiness against a real PostgreSQL: ready while the database answers; not ready once it
+has not answered for ``fail_after`` intervals and a half (its connection ended and new ones refused,
+or its backend frozen so the check hangs); ready again once a check is answered; each change reported
+once; one lost connection changes nothing."""
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 import urllib.parse
 
 import psycopg
+import pytest
 
 from actors.runtime import Readiness
 
@@ -65,5 +69,26 @@ def test_one_failed_check_is_not_an_outage(fresh_db):
         assert _wait(lambda: (c := r._conn) is not None and not c.closed and c.info.backend_pid not in (0, pid))
         time.sleep(0.2)
         assert r.ready and seen == []
+    finally:
+        r.stop()
+
+
+def test_a_check_the_server_never_answers_is_an_outage(fresh_db):
+    """The probe's backend is frozen (SIGSTOP): its SELECT 1 hangs rather than fails. Not ready once the
+    last answer is old enough; ready again when the backend runs on and answers."""
+    if not fresh_db.embedded:
+        pytest.skip("signals the server's backend process: only on the embedded test server")
+    seen: list[bool] = []
+    r = Readiness(fresh_db.app, seen.append, interval_s=0.05, fail_after=2, timeout_s=2)
+    try:
+        assert _wait(lambda: (c := r._conn) is not None and not c.closed and c.info.backend_pid)
+        pid = r._conn.info.backend_pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            assert _wait(lambda: seen == [False]), f"never turned not ready: {seen}"
+            assert r.failures == 0  # nothing failed: the check is still waiting for its answer
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert _wait(lambda: seen == [False, True]), f"never ready again: {seen}"
     finally:
         r.stop()

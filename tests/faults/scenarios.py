@@ -231,8 +231,8 @@ def postgres_restart(cp, admin, seed: int, scale: int = 1, down_s: float = 2.0) 
                 if err.code() != grpc.StatusCode.UNAVAILABLE or took > 10:
                     res.violations.append(f"[seed {seed}] with the database down: {err.code().name} after "
                                           f"{took:.1f}s (want UNAVAILABLE, fast)")
-            # Readiness: the health check says NOT_SERVING while the database is down (two failed
-            # checks a second apart), so a load balancer stops sending requests that can only fail.
+            # Readiness: the health check says NOT_SERVING while the database is down (no answer to its
+            # checks for 2.5 s), so a load balancer stops sending requests that can only fail.
             try:
                 res.notes["health_not_serving_after_s"] = round(
                     wait_for(lambda: health_status(cp) == "NOT_SERVING", 10, "health NOT_SERVING"), 2)
