@@ -11,7 +11,7 @@ loopback; `gpuaas up` prints the address):
 * Everything else is read when scraped, from the state the components keep anyway:
   placement outcomes and commits, the committer's time by stage, the placement actor's
   CPU by thread, readiness (whether the database answers), whether the database still makes commits durable (re-read at most once a
-  minute), the queue, the placement
+  minute), the intake and the queue, the placement
   actor's garbage collections, capacity per GPU model (the same figures as
   ``ledger.capacity_samples``), allocations by state and the shards' prepare/release
   counters, and the ledger consumer's progress. A component that does not answer within
@@ -126,6 +126,17 @@ class ControlPlaneCollector:
                                     value=0 if problems else 1)
         yield GaugeMetricFamily("gpuaas_queue_depth", "Requests waiting in the placement queue",
                                 value=len(core.queued))
+        intake = core._intake
+        yield GaugeMetricFamily("gpuaas_intake_requests_waiting", "Requests admitted and not yet decided "
+                                "(the placement actor's intake, one queue per tenant)", value=intake.waiting)
+        yield GaugeMetricFamily("gpuaas_intake_tenants_waiting", "Tenants with requests in the intake (they take "
+                                "turns)", value=intake.tenants_waiting())
+        refused = CounterMetricFamily("gpuaas_intake_refused", "Calls refused at the intake (UNAVAILABLE, back "
+                                      "off), by the bound they hit: all requests waiting, or the tenant's share",
+                                      labels=["bound"])
+        for bound, n in intake.refused.items():
+            refused.add_metric([bound], n)
+        yield refused
         yield GaugeMetricFamily("gpuaas_nodes", "Nodes in the placement actor's capacity view", value=len(core.nodes))
         yield GaugeMetricFamily("gpuaas_handoffs_waiting",
                                 "Committed placements not yet handed to their allocation shard (dispatch_linger_s)",

@@ -140,6 +140,7 @@ class _Intake:
         self._by_tenant: dict[str, collections.deque] = {}
         self._turns: collections.deque[str] = collections.deque()  # tenants with requests waiting, in turn
         self.waiting = 0
+        self.refused = {"total": 0, "tenant": 0}  # calls refused, by the bound they hit
 
     def admit(self, tenant: str, items: list) -> str:
         """Queue ``items`` (one call's requests, all of ``tenant``); "" when admitted, else why not."""
@@ -148,8 +149,10 @@ class _Intake:
         with self._cv:
             mine = self._by_tenant.get(tenant)
             if self.waiting + len(items) > self.total_max:
+                self.refused["total"] += 1
                 return "placement queue is full; retry shortly"
             if (len(mine) if mine else 0) + len(items) > self.tenant_max:
+                self.refused["tenant"] += 1
                 return (f"tenant {tenant!r} has {len(mine) if mine else 0} placement requests waiting to be "
                         f"decided (at most {self.tenant_max}); retry when they are answered")
             if mine is None:
@@ -159,6 +162,9 @@ class _Intake:
             self.waiting += len(items)
             self._cv.notify()
             return ""
+
+    def tenants_waiting(self) -> int:
+        return len(self._turns)
 
     def take(self, max_items: int, timeout_s: float) -> list:
         """Up to ``max_items`` requests, tenants in turn; waits up to ``timeout_s`` for the first."""

@@ -54,6 +54,7 @@ def test_admission_is_bounded_in_total_and_per_tenant_all_or_nothing():
     assert _admit(intake, _items("c", 1)) == "placement queue is full; retry shortly"
     intake.take(max_items=10, timeout_s=0)
     assert _admit(intake, _items("a", 6, start=5)) == ""  # room again once taken
+    assert intake.refused == {"total": 1, "tenant": 1}
 
 
 def test_an_empty_call_leaves_no_turn_behind():

@@ -52,6 +52,9 @@ def test_calls_outcomes_capacity_and_allocations_are_scraped(control_plane, tena
     # The committer's time by stage: the placement was decided and committed, so both have run.
     assert _value(m, "gpuaas_placement_stage_seconds_total", stage="decide", clock="cpu") > 0
     assert _value(m, "gpuaas_placement_stage_seconds_total", stage="commit", clock="wall") > 0
+    # The intake: nothing waits once the placement is answered, and nothing was refused.
+    assert ("gpuaas_intake_requests_waiting", ()) in m and ("gpuaas_intake_tenants_waiting", ()) in m
+    assert _value(m, "gpuaas_intake_refused_total", bound="tenant") == 0
     # The database answers: ready (the health status is SERVING).
     assert m[("gpuaas_ready", ())] == 1 and ("gpuaas_readiness_changes_total", ()) in m
     # The embedded database makes commits durable before they are acknowledged.
