@@ -111,6 +111,24 @@ def _admin_client(ns):
     return Client(ns.address, token)
 
 
+def _health(address: str) -> int:
+    """The control plane's gRPC health status (no token needed), for a probe: prints it, 0 when SERVING
+    (its database answers), 1 otherwise, including when nothing answers at ``address``."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        try:
+            resp = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service="gpuaas.v1.PlacementService"), timeout=5)
+        except grpc.RpcError as err:
+            print(f"{address}: {err.code().name}")
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    print(f"{address}: {status}")
+    return 0 if resp.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def cmd_admin(ns, rest) -> int:
     from gpuaas.client import state_name
 
@@ -119,6 +137,8 @@ def cmd_admin(ns, rest) -> int:
         from ledger import verify
 
         return verify.main(rest)
+    if what == ["health"]:
+        return _health(ns.address)
     with _admin_client(ns) as c:
         if what == ["nodes", "list"]:
             from gpuaas.v1 import common_pb2
@@ -189,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("name")
     sub.add_parser("analytics", help="reports and SQL over the analytics copy", add_help=False)
     a = sub.add_parser("admin", help="operator commands")
-    a.add_argument("what", nargs="+", help="nodes list | nodes cordon|uncordon|drain|clear NODE | gpus clear NODE INDEX"
+    a.add_argument("what", nargs="+", help="health | nodes list | nodes cordon|uncordon|drain|clear NODE"
+                                          " | gpus clear NODE INDEX"
                                           " | allocations resolve ID"
                                           " | tenants create ID | tokens create TENANT | ledger verify")
     a.add_argument("--address", default=os.environ.get("GPUAAS_ADDRESS", "127.0.0.1:50051"))

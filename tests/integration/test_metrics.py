@@ -102,3 +102,23 @@ def test_every_component_names_its_postgres_connections(control_plane):
     expected = {"gpuaas-placement", "gpuaas-ledger", "gpuaas-node-shard-0"} | {
         f"gpuaas-allocation-shard-{i}" for i in range(control_plane.cfg.allocation_shards)}
     assert expected <= names, f"missing {sorted(expected - names)}; seen {sorted(names)}"
+
+
+def test_admin_health_is_a_probe(control_plane):
+    """`gpuaas admin health`: the control plane's gRPC health status, no token needed; exit 0 while it
+    is SERVING, 1 for anything else, including nothing listening at the address."""
+    import socket
+    import subprocess
+    import sys
+
+    def run(address: str):
+        p = subprocess.run([sys.executable, "-m", "gpuaas.cli", "admin", "health", "--address", address],
+                           capture_output=True, text=True, timeout=60)
+        return p.returncode, p.stdout.strip()
+
+    assert run(control_plane.address) == (0, f"{control_plane.address}: SERVING")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    code, out = run(dead)
+    assert code == 1 and out == f"{dead}: UNAVAILABLE"
