@@ -126,7 +126,7 @@ class ControlPlaneCollector:
                                     value=0 if problems else 1)
         yield GaugeMetricFamily("gpuaas_queue_depth", "Requests waiting in the placement queue",
                                 value=len(core.queued))
-        intake = core._intake
+        intake = core.intake
         yield GaugeMetricFamily("gpuaas_intake_requests_waiting", "Requests admitted and not yet decided "
                                 "(the placement actor's intake, one queue per tenant)", value=intake.waiting)
         yield GaugeMetricFamily("gpuaas_intake_tenants_waiting", "Tenants with requests in the intake (they take "

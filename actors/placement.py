@@ -296,7 +296,7 @@ class PlacementCore:
         self.owner_tenant: dict[str, str] = {}
         # Requests as they arrive, per tenant; the committer decides them, tenants in turn, into the open
         # batch, which the writer takes whole at each commit (the next batch is decided while one commits).
-        self._intake = _Intake(QUEUE_REQUESTS_MAX, TENANT_QUEUE_REQUESTS_MAX, INTAKE_SLICE)
+        self.intake = _Intake(QUEUE_REQUESTS_MAX, TENANT_QUEUE_REQUESTS_MAX, INTAKE_SLICE)
         self._open = _Decided()                 # decided, waiting for the writer (under _open_cv)
         self._open_cv = threading.Condition()
         self._inflight: dict[tuple[str, str], tuple[bytes, str]] = {}  # decided, commit not yet finished
@@ -580,7 +580,7 @@ class PlacementCore:
             items = [_Pending(tenant, requests[0], cf.Future())]
         else:
             items = [_Pending(tenant, r, cf.Future(), f"requests[{i}]") for i, r in enumerate(requests)]
-        refused = self._intake.admit(tenant, items)
+        refused = self.intake.admit(tenant, items)
         if refused:
             for p in items:
                 p.future.set_exception(Unavailable(refused))
@@ -589,7 +589,7 @@ class PlacementCore:
     def _commit_loop(self) -> None:
         """Stage 1 of the committer: decide requests as they arrive, into the open batch."""
         while not self._stop.is_set():
-            batch = self._intake.take(self.cfg.batch_size_max, 0.2)
+            batch = self.intake.take(self.cfg.batch_size_max, 0.2)
             if not batch:
                 continue
             try:

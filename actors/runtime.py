@@ -7,7 +7,9 @@ import concurrent.futures as cf
 import contextlib
 import gc
 import logging
+import os
 import random
+import re
 import sys
 import threading
 import time
@@ -55,9 +57,6 @@ def thread_cpu_s() -> dict[str, float]:
     "ThreadPoolExecutor-0"), a thread Python did not start (gRPC's core, Ray's) as "native:" and its
     kernel name. Where a process's CPU goes, thread by thread: the placement actor's committer,
     writer, dispatcher, gRPC handlers and gRPC's own threads share one interpreter lock."""
-    import os
-    import re
-
     tick = os.sysconf("SC_CLK_TCK")
     named = {t.native_id: re.sub(r"_\d+$", "", t.name) for t in threading.enumerate()}
     out: dict[str, float] = {}

@@ -112,21 +112,13 @@ def _admin_client(ns):
 
 
 def _health(address: str) -> int:
-    """The control plane's gRPC health status (no token needed), for a probe: prints it, 0 when SERVING
-    (its database answers), 1 otherwise, including when nothing answers at ``address``."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    """The control plane's gRPC health status, for a probe: prints it, 0 when SERVING (its database
+    answers), 1 otherwise, including when nothing answers at ``address``."""
+    from gpuaas.client import health_status
 
-    with grpc.insecure_channel(address) as ch:
-        try:
-            resp = health_pb2_grpc.HealthStub(ch).Check(
-                health_pb2.HealthCheckRequest(service="gpuaas.v1.PlacementService"), timeout=5)
-        except grpc.RpcError as err:
-            print(f"{address}: {err.code().name}")
-            return 1
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    status = health_status(address)
     print(f"{address}: {status}")
-    return 0 if resp.status == health_pb2.HealthCheckResponse.SERVING else 1
+    return 0 if status == "SERVING" else 1
 
 
 def cmd_admin(ns, rest) -> int:

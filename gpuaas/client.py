@@ -11,6 +11,20 @@ from gpuaas.v1 import admin_pb2, admin_pb2_grpc, common_pb2, placement_pb2, plac
 State = common_pb2.AllocationState
 
 
+def health_status(address: str, service: str = "gpuaas.v1.PlacementService", timeout_s: float = 5.0) -> str:
+    """The control plane's gRPC health status for ``service`` (no token needed): "SERVING",
+    "NOT_SERVING", …, or the call's status code name when nothing answers ("UNAVAILABLE")."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        try:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service),
+                                                        timeout=timeout_s)
+        except grpc.RpcError as err:
+            return err.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
 def state_name(value: int) -> str:
     return common_pb2.AllocationState.Name(value).removeprefix("ALLOCATION_STATE_")
 

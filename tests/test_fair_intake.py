@@ -110,16 +110,14 @@ def test_the_core_answers_another_tenants_request_before_a_big_batch_ahead_of_it
         core.shutdown()
 
 
-def test_a_tenant_over_its_share_is_refused_while_others_are_admitted(fresh_db, monkeypatch):
-    from actors import placement
-
+def test_a_tenant_over_its_share_is_refused_while_others_are_admitted(fresh_db):
     core = PlacementCore(app_url=fresh_db.app, alloc_shards=[], node_shards=[],
                          config=ControlPlaneConfig(reconcile_s=0, dispatch_linger_s=600))
     try:
         core.node_registered("n0", "127.0.0.1:20000", "READY", 10**9, 10**9, {}, GPUS)
         # Nothing is decided while the committer's intake is held: fill tenant "a" up to its share.
-        core._intake.tenant_max = 3
-        with core._intake._cv:
+        core.intake.tenant_max = 3
+        with core.intake._cv:
             fa = core.submit("a", [common_pb2.PlacementRequest(request_id=f"a{i}", gpu_milli=1) for i in range(3)])
             [refused] = core.submit("a", [common_pb2.PlacementRequest(request_id="a3", gpu_milli=1)])
             [fb] = core.submit("b", [common_pb2.PlacementRequest(request_id="b0", gpu_milli=1)])

@@ -20,6 +20,7 @@ import psycopg
 import ray
 
 from gpuaas.client import Client
+from gpuaas.client import health_status as client_health_status
 from tests.faults.harness import Workload, audit, double_booked, flush_ledger, new_tenant
 
 
@@ -108,16 +109,9 @@ def serving(cp, token: str) -> bool:
         c.close()
 
 
-def health_status(cp, service: str = "gpuaas.v1.PlacementService") -> str:
-    """The control plane's gRPC health status for ``service`` (what a load balancer's check sees)."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    with grpc.insecure_channel(cp.address) as ch:
-        try:
-            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=3)
-        except grpc.RpcError as err:
-            return err.code().name
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+def health_status(cp) -> str:
+    """The control plane's gRPC health status (what a load balancer's check sees)."""
+    return client_health_status(cp.address, timeout_s=3)
 
 
 def _finish(cp, admin, res: Result, load: Workload, tenant: str, settle_s: float = 60.0) -> Result:
