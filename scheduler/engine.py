@@ -196,12 +196,21 @@ class Engine:
             return Decision(req.key, False, (), f"allocation {req.key!r} already exists", {Reason.DUPLICATE_KEY: 1})
         if self.holds and req.key in self.holds:
             self._drop_hold(req.key)  # the preemptor consumes the capacity held for it
-        if len(self.queue):
+        if self.queue._items:  # the hot path reads the dict itself: no __len__ call when nothing waits
             self.queue.remove(req.key)
         if self.index is not None and req.replicas == 1:
             hit = self.index.place(req)
             if hit is not None:
-                return self._commit_one(req, hit, now_s)
+                a, n = hit
+                gi = a.gpu_indices
+                asg = (a,)
+                self.allocs[req.key] = _Alloc(req, asg, (n,), (self.index.model[n] if gi else -1,),
+                                              0.0 if now_s is None else float(now_s), a.gpu_milli * len(gi))
+                return Decision(req.key, True, asg, "", {})
+        elif self.index is not None and req.topology is Topology.ANY:
+            placed = self._index_gang(req)
+            if placed is not None:
+                return self._commit(req, placed, now_s)
         elif self.fragindex is not None and self.fragindex.eligible(req):
             hit = self.scorer.fast(self.fragindex, req, self._rank_array())
             if hit is not None:
@@ -213,6 +222,21 @@ class Engine:
         if preempt and Reason.QUOTA_EXCEEDED not in reasons:
             return self._preempt(req, d, now_s)
         return d
+
+    def _index_gang(self, req: Request) -> list[Assignment] | None:
+        """A gang with no topology constraint, on the fast index: each replica placed as the same request
+        with one replica would be (best fit), reserving as it goes, as _plan_each does; all or none.
+        None when some replica is not found within the index's scan: what it took is given back and the
+        pipeline decides (and explains a failure: "only i of r replicas fit")."""
+        done: list[tuple[Assignment, int]] = []
+        for _ in range(req.replicas):
+            hit = self.index.place(req)
+            if hit is None:
+                for a, n in reversed(done):
+                    self._give_raw(n, a, req.tenant)
+                return None
+            done.append(hit)
+        return [a for a, _ in done]
 
     def place_batch(self, reqs: Iterable[Request], *, now_s: float | None = None) -> list[Decision]:
         return [self.place(r, now_s=now_s) for r in reqs]
@@ -263,7 +287,8 @@ class Engine:
             a = al.assignments[0]
             n = al.nodes[0]
             gi = a.gpu_indices
-            self.cluster.give(n, gi, a.gpu_milli, a.cpu_milli, a.memory_mib)
+            if self.index is None or not self.index.give(n, gi, a.gpu_milli, a.cpu_milli, a.memory_mib):
+                self.cluster.give(n, gi, a.gpu_milli, a.cpu_milli, a.memory_mib)
             d = a.gpu_milli * len(gi)
             if d:
                 k = (tenant, al.models[0])
@@ -425,15 +450,6 @@ class Engine:
         assignments = tuple(assignments)
         self._record(req, assignments, now_s)
         return Decision(req.key, True, assignments, "", {})
-
-    def _commit_one(self, req: Request, a: Assignment, now_s) -> Decision:
-        """_commit for one replica placed on an indexed node (its model is the index's)."""
-        asg = (a,)
-        gi = a.gpu_indices
-        n = self.cluster.index[a.node_id]
-        self.allocs[req.key] = _Alloc(req, asg, (n,), (self.index.model[n] if gi else -1,),
-                                      0.0 if now_s is None else float(now_s), a.gpu_milli * len(gi))
-        return Decision(req.key, True, asg, "", {})
 
     # ------------------------------------------------------------ internals: planning
 

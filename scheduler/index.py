@@ -130,8 +130,9 @@ class FastIndex:
 
     # ------------------------------------------------------------ placement
 
-    def place(self, req) -> Assignment | None:
-        """Best fit through the buckets; reserves and returns the assignment, or None to fall back."""
+    def place(self, req) -> tuple[Assignment, int] | None:
+        """Best fit through the buckets; reserves and returns (the assignment, its node slot), or None to
+        fall back."""
         milli = req.gpu_milli
         if 0 < milli < MILLI:
             num = 1
@@ -201,14 +202,14 @@ class FastIndex:
                 return None
         return pick_islands(gs, isl, num, island)
 
-    def _take(self, n: int, gpus: tuple[int, ...], milli: int, req) -> Assignment:
+    def _take(self, n: int, gpus: tuple[int, ...], milli: int, req) -> tuple[Assignment, int]:
         """Reserve what ``place`` found (its fit is already checked) and charge the tenant."""
         c = self.c
         cpu, mem = req.cpu_milli, req.memory_mib
         a = Assignment(c.ids[n], gpus, milli, cpu, mem)
         if c._np is not None or len(c.listeners) != 1:
             self.engine._take_raw(n, a, req.tenant)
-            return a
+            return a, n
         c.cpu_free[n] -= cpu
         c.mem_free[n] -= mem
         row = c.gpu_free[n]
@@ -216,16 +217,57 @@ class FastIndex:
             row[g] -= milli
         if c._lazy is not None:
             c._dirty.add(n)  # Cluster.take's bookkeeping of the mirrors, inlined
-        self.gpus_changed(n, gpus, -milli)
+        m = self.model[n]
+        if milli == MILLI and n not in self.sick:  # gpus_changed's whole-GPU case, inlined
+            k0 = self.full[n]
+            w = self.whole[m]
+            del w[k0][n]
+            w[k0 - len(gpus)][n] = None
+            self.full[n] = k0 - len(gpus)
+        else:
+            self.gpus_changed(n, gpus, -milli)
         eng = self.engine
         d = milli * len(gpus)
         t = req.tenant
-        k = (t, self.model[n])
+        k = (t, m)
         used = eng.used
         used[k] = used.get(k, 0) + d
         ut = eng.used_total
         ut[t] = ut.get(t, 0) + d
-        return a
+        return a, n
+
+    def give(self, n: int, gpus: tuple[int, ...], milli: int, cpu: int, mem: int) -> bool:
+        """Cluster.give for an indexed node when this index is the cluster's only listener and no numpy
+        mirror is live, with the same checks; False (nothing done) otherwise, for Cluster.give to do."""
+        c = self.c
+        if c._np is not None or len(c.listeners) != 1:
+            return False
+        m = self.model.get(n)
+        if m is None:
+            return False
+        row = c.gpu_free[n]
+        cf = c.cpu_free[n] + cpu
+        mf = c.mem_free[n] + mem
+        if cf > c.cpu_cap[n] or mf > c.mem_cap[n]:
+            return False  # Cluster.give raises for it
+        for g in gpus:
+            if row[g] + milli > MILLI:
+                return False
+        c.cpu_free[n] = cf
+        c.mem_free[n] = mf
+        for g in gpus:
+            row[g] += milli
+        if c._lazy is not None:
+            c._dirty.add(n)
+        if milli == MILLI and n not in self.sick:
+            k0 = self.full[n]
+            w = self.whole[m]
+            del w[k0][n]
+            w[k0 + len(gpus)][n] = None
+            self.full[n] = k0 + len(gpus)
+        else:
+            self.gpus_changed(n, gpus, milli)
+        return True
 
 
 def _match(labels: dict, sel) -> bool:
