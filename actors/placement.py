@@ -1576,8 +1576,7 @@ def allocation_pb(row: AllocRow, address_of=lambda n: "", explanation: str = "",
         a.request.CopyFrom(request)
     else:
         a.request.ParseFromString(row.request)
-    for x in row.assignments:
-        a.assignments.append(store.assignment_pb(x, address_of(x["node_id"])))
+    store.add_assignments(a.assignments, row.assignments, address_of)
     store.set_ts(a.created_at, row.created_at)
     if row.updated_at == row.created_at:
         a.updated_at.CopyFrom(a.created_at)
