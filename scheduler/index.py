@@ -33,6 +33,7 @@ class FastIndex:
         self.full: dict[int, int] = {}       # node → its k (indexed nodes only)
         self.model: dict[int, int] = {}      # node → its single model
         self.sick: set[int] = set()          # indexed nodes with an unhealthy GPU (slow bucket moves)
+        self.one_island: set[int] = set()    # indexed nodes whose GPUs all share one NVLink island
 
     # ------------------------------------------------------------ maintenance
 
@@ -51,6 +52,7 @@ class FastIndex:
             return
         k = self.full.pop(n)
         self.sick.discard(n)
+        self.one_island.discard(n)
         self.whole[m][k].pop(n, None)
         for g, f in enumerate(self.c.gpu_free[n]):
             if 0 < f < MILLI:
@@ -79,6 +81,8 @@ class FastIndex:
         self.full[n] = k
         if not all(healthy):
             self.sick.add(n)
+        if len(set(c.gpu_island[n])) == 1:
+            self.one_island.add(n)
         self.whole[m][k][n] = None
 
     def gpus_changed(self, n: int, gpus, delta: int) -> None:
@@ -123,6 +127,7 @@ class FastIndex:
         for n in range(len(self.c.ids)):
             shadow.node_changed(n)
         assert shadow.full == self.full, "fast index: whole-GPU buckets drifted"
+        assert shadow.sick == self.sick and shadow.one_island == self.one_island, "fast index: node sets drifted"
         mine = [[set(b) for b in bs] for bs in self.share]
         theirs = [[set(b) for b in bs] for bs in shadow.share]
         assert mine[:len(theirs)] == theirs and all(not any(bs) for bs in mine[len(theirs):]), \
@@ -186,7 +191,18 @@ class FastIndex:
         """``num`` of node n's free healthy GPUs (on one NVLink island when ``island``: None when no
         island of the node has that many free)."""
         c = self.c
-        row, healthy, isl = c.gpu_free[n], c.gpu_healthy[n], c.gpu_island[n]
+        row = c.gpu_free[n]
+        if n in self.one_island and n not in self.sick:
+            # The common node: any free GPUs will do, and the first ``num`` are found in C (the node's
+            # bucket says it has at least ``num`` entirely free).
+            if num == 1:
+                return (row.index(MILLI),)
+            out, g = [], -1
+            for _ in range(num):
+                g = row.index(MILLI, g + 1)
+                out.append(g)
+            return tuple(out)
+        healthy, isl = c.gpu_healthy[n], c.gpu_island[n]
         gs = [g for g in range(len(row)) if row[g] == MILLI and healthy[g]]
         if num == len(gs) and not island:
             return tuple(gs)
