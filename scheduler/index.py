@@ -8,10 +8,12 @@ k, k+1, …; a share looks at the share buckets from its size upwards and then
 at a free GPU on the node with the fewest free GPUs. A k-GPU request on one
 NVLink island takes the first node in that order with k free GPUs on one of its
 islands. Each reservation and release moves a node or a GPU between buckets in
-O(1). The scan is bounded (``SCAN_MAX``); past it, or when the request needs the
-general pipeline (several replicas, selectors on every node, CPU-only), the
-engine falls back to the exhaustive filter → score path, which is also what
-explains a failure.
+O(1). A gang with no topology constraint takes the index replica by replica,
+each reserved before the next is looked for, and is given back whole when one
+is not found (Engine._index_gang). The scan is bounded (``SCAN_MAX``); past it,
+or when the request needs the general pipeline (a gang on one node, rack or
+spread, CPU-only), the engine falls back to the exhaustive filter → score path,
+which is also what explains a failure.
 Nodes with GPUs of several models are left to that path.
 """
 from __future__ import annotations
