@@ -163,7 +163,9 @@ class Cluster:
         for lst in self.listeners:
             lst.gpus_changed(n, gpus, -milli)
 
-    def give(self, n: int, gpus: tuple[int, ...], milli: int, cpu: int, mem: int) -> None:
+    def give_lists(self, n: int, gpus: tuple[int, ...], milli: int, cpu: int, mem: int) -> None:
+        """give()'s check and its update of the lists, no more: the fast index's release calls it and
+        does the rest itself (scheduler/index.py, FastIndex.give)."""
         row = self.gpu_free[n]
         cf = self.cpu_free[n] + cpu
         mf = self.mem_free[n] + mem
@@ -176,6 +178,9 @@ class Cluster:
         self.mem_free[n] = mf
         for g in gpus:
             row[g] += milli
+
+    def give(self, n: int, gpus: tuple[int, ...], milli: int, cpu: int, mem: int) -> None:
+        self.give_lists(n, gpus, milli, cpu, mem)
         a = self._np
         if a is not None:
             a["cpu_free"][n] += cpu

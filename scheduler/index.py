@@ -235,19 +235,11 @@ class FastIndex:
             row[g] -= milli
         if c._lazy is not None:
             c._dirty.add(n)  # Cluster.take's bookkeeping of the mirrors, inlined
-        m = self.model[n]
-        if milli == MILLI and n not in self.sick:  # gpus_changed's whole-GPU case, inlined
-            k0 = self.full[n]
-            w = self.whole[m]
-            del w[k0][n]
-            w[k0 - len(gpus)][n] = None
-            self.full[n] = k0 - len(gpus)
-        else:
-            self.gpus_changed(n, gpus, -milli)
+        self.gpus_changed(n, gpus, -milli)
         eng = self.engine
         d = milli * len(gpus)
         t = req.tenant
-        k = (t, m)
+        k = (t, self.model[n])
         used = eng.used
         used[k] = used.get(k, 0) + d
         ut = eng.used_total
@@ -255,36 +247,16 @@ class FastIndex:
         return a, n
 
     def give(self, n: int, gpus: tuple[int, ...], milli: int, cpu: int, mem: int) -> bool:
-        """Cluster.give for an indexed node when this index is the cluster's only listener and no numpy
-        mirror is live, with the same checks; False (nothing done) otherwise, for Cluster.give to do."""
+        """Cluster.give for an indexed node while this index is the cluster's only listener and no numpy
+        mirror is live (the listener loop and the mirror checks skipped); False, with nothing done,
+        otherwise, for Cluster.give to do."""
         c = self.c
-        if c._np is not None or len(c.listeners) != 1:
+        if c._np is not None or len(c.listeners) != 1 or n not in self.model:
             return False
-        m = self.model.get(n)
-        if m is None:
-            return False
-        row = c.gpu_free[n]
-        cf = c.cpu_free[n] + cpu
-        mf = c.mem_free[n] + mem
-        if cf > c.cpu_cap[n] or mf > c.mem_cap[n]:
-            return False  # Cluster.give raises for it
-        for g in gpus:
-            if row[g] + milli > MILLI:
-                return False
-        c.cpu_free[n] = cf
-        c.mem_free[n] = mf
-        for g in gpus:
-            row[g] += milli
+        c.give_lists(n, gpus, milli, cpu, mem)  # raises, as Cluster.give does, on a release past capacity
         if c._lazy is not None:
             c._dirty.add(n)
-        if milli == MILLI and n not in self.sick:
-            k0 = self.full[n]
-            w = self.whole[m]
-            del w[k0][n]
-            w[k0 + len(gpus)][n] = None
-            self.full[n] = k0 + len(gpus)
-        else:
-            self.gpus_changed(n, gpus, milli)
+        self.gpus_changed(n, gpus, milli)
         return True
 
 
