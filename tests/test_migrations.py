@@ -48,3 +48,21 @@ def test_opaque_columns_carry_no_planner_statistics(fresh_db):
         analyzed = {c for (c,) in conn.execute(
             "SELECT attname FROM pg_stats WHERE schemaname = 'control' AND tablename = 'outbox'")}
         assert "key" in analyzed and "payload" not in analyzed
+
+
+def test_one_index_per_event_keyed_by_allocation_and_lookups_still_use_it(fresh_db):
+    """Migration 0010 leaves one index led by allocation_id on control.allocation_events, the unique
+    (allocation_id, version), and a lookup of an allocation's events in order still reads it."""
+    with psycopg.connect(fresh_db.owner, autocommit=True) as conn:
+        led = [name for name, cols in conn.execute(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'control'"
+            " AND tablename = 'allocation_events'") if "(allocation_id" in cols]
+        assert led == ["allocation_events_version_uq"]
+        conn.execute("INSERT INTO control.allocation_events (allocation_id, tenant_id, to_state, event, version, at)"
+                     " SELECT gen_random_uuid(), 't', 'QUEUED', 'accepted', 1, now() FROM generate_series(1, 5000)")
+        conn.execute("ANALYZE control.allocation_events")
+        aid = conn.execute("SELECT allocation_id FROM control.allocation_events LIMIT 1").fetchone()[0]
+        plan = "\n".join(r[0] for r in conn.execute(
+            "EXPLAIN SELECT event_id, version FROM control.allocation_events WHERE allocation_id = %s"
+            " ORDER BY event_id", (aid,)))
+        assert "allocation_events_version_uq" in plan, plan
