@@ -149,7 +149,9 @@ def add_assignments(into, assignments: list[dict], address_of=None) -> None:
 
 def _transition_payload(row: AllocRow, src: AllocState | None, event: AllocEvent, event_id: int,
                         at: dt.datetime, stamp: timestamp_pb2.Timestamp | None = None) -> bytes:
-    """``stamp``: ``at`` already converted (a group of transitions usually shares one time)."""
+    """The outbox message of one edge, built whole: the reference that the group writers' cheaper
+    builders (insert_new_allocations, transition_allocations: one message per chain, fields set per
+    edge) are tested against. ``stamp``: ``at`` already converted."""
     return events_pb2.AllocationTransitioned(
         event_id=event_id, allocation_id=row.allocation_id, tenant_id=row.tenant_id,
         from_state=src.value if src else 0, to_state=row.state.value, event=event.value, reason=row.reason,

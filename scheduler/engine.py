@@ -196,7 +196,7 @@ class Engine:
             return Decision(req.key, False, (), f"allocation {req.key!r} already exists", {Reason.DUPLICATE_KEY: 1})
         if self.holds and req.key in self.holds:
             self._drop_hold(req.key)  # the preemptor consumes the capacity held for it
-        if self.queue._items:  # the hot path reads the dict itself: no __len__ call when nothing waits
+        if len(self.queue):
             self.queue.remove(req.key)
         if self.index is not None and req.replicas == 1:
             hit = self.index.place(req)

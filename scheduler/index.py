@@ -208,7 +208,7 @@ class FastIndex:
         gs = [g for g in range(len(row)) if row[g] == MILLI and healthy[g]]
         if num == len(gs) and not island:
             return tuple(gs)
-        if isl[0] == isl[-1] and len(set(isl)) == 1:
+        if n in self.one_island:  # a sick node with one island: the first of its free healthy GPUs
             return tuple(gs[:num])
         from scheduler.engine import pick_islands
 
